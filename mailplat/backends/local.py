@@ -1,0 +1,59 @@
+"""The ``local`` delivery backend: every recipient's mail into the mailbox backend."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from mailplat.config import ConfigError
+from mailplat.interfaces import (
+    BackendContext,
+    DeliveryFailure,
+    Envelope,
+    IDeliveryBackend,
+    PermanentFailure,
+    SpooledMessage,
+    TemporaryFailure,
+)
+from mailplat.plugins import call
+
+__all__ = ["LocalDelivery", "build"]
+
+log = Logger()
+
+
+@implementer(IDeliveryBackend)
+class LocalDelivery:
+    """Delivers to all recipients at once; succeeds only if every one succeeded."""
+
+    def __init__(self, mailbox: Any) -> None:
+        self.mailbox = mailbox
+
+    async def deliver(self, envelope: Envelope, message: SpooledMessage) -> None:
+        results = await defer.DeferredList(
+            [call(self.mailbox.deliver, account, message) for account in envelope.recipients],
+            consumeErrors=True,
+        )
+        failures = [(account, result) for account, (ok, result) in zip(envelope.recipients, results) if not ok]
+        for account, failure in failures:
+            if failure.check(DeliveryFailure):
+                log.warn("{queue_id}: delivery to {rcpt} failed: {text}", queue_id=envelope.queue_id, rcpt=account.address, text=failure.value.text)
+            else:
+                log.failure("{queue_id}: delivery to {rcpt} failed", failure, queue_id=envelope.queue_id, rcpt=account.address)
+        if not failures:
+            return
+        if all(f.check(PermanentFailure) for _, f in failures) and len(failures) == len(results):
+            raise PermanentFailure(failures[0][1].value.text)
+        raise TemporaryFailure("local delivery failed; try again later")
+
+
+def build(options: dict[str, Any], context: BackendContext) -> LocalDelivery:
+    if options:
+        raise ConfigError(next(iter(options)), "unknown key", "the local delivery backend takes no options")
+    mailbox = context.providers.get("mailbox")
+    if mailbox is None:
+        raise ConfigError("backend", "local delivery needs a [mailbox] backend", 'add [mailbox] backend = "maildir"')
+    return LocalDelivery(mailbox)

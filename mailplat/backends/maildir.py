@@ -1,0 +1,178 @@
+"""The ``maildir`` mailbox backend: ``<path>/<domain>/<local-part>/{tmp,new,cur}``.
+
+Delivery follows the maildir protocol: write into ``tmp/``, fsync the file,
+rename into ``new/``, fsync the folder.  Messages are stored with CRLF line
+ends exactly as received, so the size in the name (``,S=``) is also the size
+a POP3 client is told.  All disk work runs in the reactor's thread pool.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import itertools
+import os
+import shutil
+import socket
+import time
+from typing import IO, Any
+
+from twisted.internet.threads import deferToThreadPool
+from zope.interface import implementer
+
+from mailplat.addresses import AddressError, validate_address
+from mailplat.config import ConfigError
+from mailplat.fsutil import fsync_directory, makedirs_durable
+from mailplat.interfaces import (
+    Account,
+    BackendContext,
+    IMailboxBackend,
+    IMaildrop,
+    MaildropEntry,
+    MaildropInUse,
+    PermanentFailure,
+    SpooledMessage,
+    TemporaryFailure,
+)
+
+__all__ = ["Maildir", "build"]
+
+_COPY_BUFFER = 1 << 20
+
+
+def _safe_hostname() -> str:
+    # The maildir spec: '/' and ':' in the host part are written as octal.
+    return socket.gethostname().replace("/", r"\057").replace(":", r"\072")
+
+
+@implementer(IMailboxBackend)
+class Maildir:
+    """One folder per account under ``root``, created on first delivery."""
+
+    def __init__(self, root: str, reactor: Any) -> None:
+        self.root = os.path.abspath(root)
+        self.reactor = reactor
+        self._host = _safe_hostname()
+        self._counter = itertools.count()
+
+    def folder(self, account: Account) -> str:
+        """The account's maildir; only validated addresses ever become paths."""
+        try:
+            address = validate_address(account.address)
+        except AddressError as e:
+            raise PermanentFailure(f"invalid mailbox name: {e}")
+        local, _, domain = address.lower().rpartition("@")
+        path = os.path.join(self.root, domain, local)
+        if os.path.dirname(os.path.dirname(path)) != self.root:
+            raise PermanentFailure("invalid mailbox name")
+        return path
+
+    def _thread(self, f: Any, *args: Any) -> Any:
+        return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args)
+
+    def unique_name(self, size: int) -> str:
+        now = time.time()
+        return f"{int(now)}.M{int(now % 1 * 1e6)}P{os.getpid()}Q{next(self._counter)}.{self._host},S={size}"
+
+    def deliver(self, account: Account, message: SpooledMessage) -> Any:
+        folder = self.folder(account)
+        return self._thread(self._deliver, folder, message)
+
+    def _deliver(self, folder: str, message: SpooledMessage) -> str:
+        try:
+            for sub in ("tmp", "new", "cur"):
+                if not os.path.isdir(os.path.join(folder, sub)):
+                    makedirs_durable(os.path.join(folder, sub))
+            # RFC 5321 4.4: the final delivery records the envelope sender.
+            header = f"Return-Path: <{message.sender}>\r\n".encode("utf-8")
+            name = self.unique_name(len(header) + message.size)
+            tmp = os.path.join(folder, "tmp", name)
+            with open(tmp, "xb") as out, message.open() as src:
+                out.write(header)
+                shutil.copyfileobj(src, out, _COPY_BUFFER)
+                out.flush()
+                os.fsync(out.fileno())
+            os.rename(tmp, os.path.join(folder, "new", name))
+            fsync_directory(os.path.join(folder, "new"))
+            return name
+        except OSError as e:
+            raise TemporaryFailure(f"cannot write to the mailbox: {e.strerror}")
+
+    def open(self, account: Account) -> Any:
+        folder = self.folder(account)
+        return self._thread(MaildirDrop.open, folder)
+
+
+@implementer(IMaildrop)
+class MaildirDrop:
+    """A locked snapshot of a maildir for one retrieval session."""
+
+    def __init__(self, folder: str, lock: IO[bytes], files: dict[str, str], entries: list[MaildropEntry]) -> None:
+        self.folder = folder
+        self._lock = lock
+        self._files = files
+        self._entries = entries
+
+    @classmethod
+    def open(cls, folder: str) -> MaildirDrop:
+        for sub in ("tmp", "new", "cur"):
+            os.makedirs(os.path.join(folder, sub), mode=0o700, exist_ok=True)
+        lock = open(os.path.join(folder, "mailplat.lock"), "ab")
+        try:
+            # flock is per open file: it excludes other processes and other
+            # sessions of this one alike.
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise MaildropInUse("the maildrop is in use by another session")
+        files: dict[str, str] = {}
+        found: list[tuple[float, str, int]] = []
+        for sub in ("cur", "new"):
+            directory = os.path.join(folder, sub)
+            for entry in os.scandir(directory):
+                if entry.name.startswith(".") or not entry.is_file():
+                    continue
+                uid = entry.name.split(":", 1)[0]
+                files[uid] = entry.path
+                st = entry.stat()
+                found.append((st.st_mtime, uid, st.st_size))
+        found.sort()
+        return cls(folder, lock, files, [MaildropEntry(uid, size) for _, uid, size in found])
+
+    def entries(self) -> list[MaildropEntry]:
+        return list(self._entries)
+
+    def read(self, uid: str) -> IO[bytes]:
+        return open(self._files[uid], "rb")
+
+    def commit(self, deleted: list[str]) -> None:
+        try:
+            for uid in deleted:
+                try:
+                    os.unlink(self._files[uid])
+                except FileNotFoundError:
+                    pass
+            for sub in ("cur", "new"):
+                fsync_directory(os.path.join(self.folder, sub))
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if not self._lock.closed:
+            self._lock.close()
+
+
+def build(options: dict[str, Any], context: BackendContext) -> Maildir:
+    path = options.pop("path", None)
+    if not isinstance(path, str) or not path:
+        raise ConfigError("path", "is required: the folder holding the maildirs", 'e.g. path = "mail" (relative to this file)')
+    if options:
+        raise ConfigError(next(iter(options)), "unknown key", "maildir knows: path")
+    root = context.resolve_path(path)
+    if not context.admin:
+        try:
+            makedirs_durable(root)
+        except OSError as e:
+            raise ConfigError("path", f"cannot create {root}: {e.strerror}", "choose a folder mailplat may write to")
+        if not os.access(root, os.W_OK | os.X_OK):
+            raise ConfigError("path", f"{root} is not writable", "let the user mailplat runs as write to it")
+    return Maildir(root, context.reactor)

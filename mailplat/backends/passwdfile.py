@@ -1,0 +1,173 @@
+"""The ``passwd-file`` auth backend: users in a text file, Dovecot-style.
+
+Each line is ``address:{SCHEME}hash`` (further ``:`` fields are ignored, as
+Dovecot's extra fields would be).  The file is re-read whenever it changes,
+and `mailplat user` rewrites it atomically, so a running server never sees
+half a file.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from mailplat.addresses import AddressError, validate_address
+from mailplat.config import ConfigError
+from mailplat.fsutil import fsync_directory
+from mailplat.interfaces import Account, BackendContext, IAuthBackend, IUserManager
+from mailplat.passwords import UnsupportedScheme, hash_password, scheme_of, verify_password
+
+__all__ = ["PasswdFile", "build"]
+
+log = Logger()
+
+
+class PasswdFileError(ValueError):
+    """A line of the users file that cannot be used."""
+
+
+def parse(text: str, path: str, allow_plain: bool) -> dict[str, str]:
+    """address -> stored hash; PasswdFileError names the line of any mistake."""
+    users: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        address, sep, rest = line.partition(":")
+        stored = rest.split(":", 1)[0]
+        where = f"{path}:{number}"
+        if not sep or not stored:
+            raise PasswdFileError(f"{where}: expected address:{{SCHEME}}hash")
+        address = address.strip().lower()
+        try:
+            validate_address(address)
+            scheme = scheme_of(stored)
+        except (AddressError, UnsupportedScheme) as e:
+            raise PasswdFileError(f"{where}: {e}")
+        if scheme == "PLAIN" and not allow_plain:
+            raise PasswdFileError(f"{where}: {{PLAIN}} passwords are refused; hash it with `mailplat user passwd {address}`, or set allow_plain = true")
+        if address in users:
+            raise PasswdFileError(f"{where}: {address} is listed twice")
+        users[address] = stored
+    return users
+
+
+@implementer(IAuthBackend, IUserManager)
+class PasswdFile:
+    """Users from one file, re-read when its inode, size or mtime changes."""
+
+    def __init__(self, path: str, reactor: Any, allow_plain: bool = False) -> None:
+        self.path = path
+        self.reactor = reactor
+        self.allow_plain = allow_plain
+        self._stamp: tuple[int, int, int] | None = None
+        self._users: dict[str, str] = {}
+
+    # -- reading ------------------------------------------------------------
+
+    def users(self) -> dict[str, str]:
+        """The current users; a stat per call is the price of never restarting."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            self._stamp, self._users = None, {}
+            return self._users
+        stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+        if stamp != self._stamp:
+            try:
+                with open(self.path, encoding="utf-8") as f:
+                    self._users = parse(f.read(), self.path, self.allow_plain)
+            except (PasswdFileError, UnicodeDecodeError) as e:
+                if self._stamp is None:
+                    raise
+                log.error("users file not reloaded, keeping the previous one: {error}", error=str(e))
+            self._stamp = stamp
+        return self._users
+
+    def lookup(self, address: str) -> Account | None:
+        address = address.lower()
+        return Account(address) if address in self.users() else None
+
+    def authenticate(self, address: str, password: str) -> Any:
+        address = address.lower()
+        stored = self.users().get(address)
+        pool = self.reactor.getThreadPool()
+
+        def check() -> Account | None:
+            # argon2 is slow on purpose: never on the reactor thread.
+            ok = verify_password(stored, password, self.allow_plain)
+            return Account(address) if ok and stored is not None else None
+
+        return deferToThreadPool(self.reactor, pool, check)
+
+    # -- editing (IUserManager) ---------------------------------------------
+
+    def add_user(self, address: str, password: str) -> None:
+        address = validate_address(address.strip().lower())
+        users = dict(self.users())
+        if address in users:
+            raise ValueError(f"{address} already exists; use `user passwd` to change its password")
+        users[address] = hash_password(password)
+        self._write(users)
+
+    def set_password(self, address: str, password: str) -> None:
+        address = address.strip().lower()
+        users = dict(self.users())
+        if address not in users:
+            raise KeyError(address)
+        users[address] = hash_password(password)
+        self._write(users)
+
+    def delete_user(self, address: str) -> None:
+        address = address.strip().lower()
+        users = dict(self.users())
+        if address not in users:
+            raise KeyError(address)
+        del users[address]
+        self._write(users)
+
+    def list_users(self) -> list[str]:
+        return sorted(self.users())
+
+    def _write(self, users: dict[str, str]) -> None:
+        """Write a temporary file, fsync it, rename it over the old one, fsync the folder."""
+        folder = os.path.dirname(self.path) or "."
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".users-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write("# mailplat users: address:{SCHEME}hash; edit with `mailplat user`\n")
+                for address in sorted(users):
+                    f.write(f"{address}:{users[address]}\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, self.path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        fsync_directory(folder)
+
+
+def build(options: dict[str, Any], context: BackendContext) -> PasswdFile:
+    path = options.pop("path", None)
+    if not isinstance(path, str) or not path:
+        raise ConfigError("path", "is required: the users file", 'e.g. path = "users.passwd" (relative to this file)')
+    allow_plain = options.pop("allow_plain", False)
+    if not isinstance(allow_plain, bool):
+        raise ConfigError("allow_plain", "must be true or false", "allow_plain = false")
+    if options:
+        raise ConfigError(next(iter(options)), "unknown key", "passwd-file knows: path, allow_plain")
+    backend = PasswdFile(context.resolve_path(path), context.reactor, allow_plain)
+    if not context.admin and not os.path.isfile(backend.path):
+        raise ConfigError("path", f"no such file: {backend.path}", "create it by adding a user: mailplat --config FILE user add ADDRESS")
+    try:
+        backend.users()
+    except (PasswdFileError, UnicodeDecodeError, OSError) as e:
+        raise ConfigError("path", str(e), "fix that line, or rewrite it with `mailplat user passwd`")
+    return backend

@@ -1,0 +1,129 @@
+"""The ``mailplat`` admin command: users and configuration checks."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import sys
+from typing import Any
+
+from mailplat.addresses import AddressError, validate_address
+from mailplat.config import ConfigError, Settings, load
+from mailplat.interfaces import IUserManager
+
+__all__ = ["main"]
+
+
+class CommandError(Exception):
+    """A mistake in how the command was used; printed as one line, exit 1."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mailplat", description="Administer a mailplat installation.")
+    parser.add_argument("--config", default=os.environ.get("MAILPLAT_CONFIG"), help="the mailplat.toml file (default: $MAILPLAT_CONFIG)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    user = commands.add_parser("user", help="add, change or remove users").add_subparsers(dest="action", required=True)
+    for action, text in (("add", "create a user"), ("passwd", "change a user's password")):
+        p = user.add_parser(action, help=text)
+        p.add_argument("address")
+        p.add_argument("--password-stdin", action="store_true", help="read the password as one line from standard input")
+    user.add_parser("del", help="remove a user (the mail stays on disk)").add_argument("address")
+    user.add_parser("list", help="list the users")
+
+    commands.add_parser("check-config", help="validate the configuration and print the effective settings")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if not args.config:
+            raise CommandError("give --config FILE or set MAILPLAT_CONFIG")
+        settings = load(args.config)
+        if args.command == "check-config":
+            return check_config(settings)
+        return user_command(settings, args)
+    except ConfigError as e:
+        print(f"mailplat: {e}", file=sys.stderr)
+        return 1
+    except CommandError as e:
+        print(f"mailplat: {e}", file=sys.stderr)
+        return 1
+
+
+def check_config(settings: Settings) -> int:
+    """Build every backend as the server would; print the effective settings."""
+    from twisted.internet import reactor
+
+    from mailplat.service import build_providers
+
+    build_providers(settings, reactor)
+    sys.stdout.write(settings.describe())
+    print(f"# {settings.path}: OK", file=sys.stderr)
+    return 0
+
+
+def _user_manager(settings: Settings) -> Any:
+    from twisted.internet import reactor
+
+    from mailplat.plugins import build_backend
+    from mailplat.interfaces import BackendContext
+
+    context = BackendContext(settings.hostname, settings.domains, settings.config_dir, settings.data_dir, reactor, admin=True)
+    auth = build_backend(settings.auth, context, settings.path)
+    if not IUserManager.providedBy(auth):
+        raise CommandError(f"the {settings.auth.name} auth backend cannot edit users; manage them where that backend keeps them")
+    return auth
+
+
+def _read_password(from_stdin: bool) -> str:
+    if from_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            raise CommandError("the two passwords differ; nothing changed")
+    if not password:
+        raise CommandError("the password is empty; nothing changed")
+    return password
+
+
+def user_command(settings: Settings, args: argparse.Namespace) -> int:
+    users = _user_manager(settings)
+    if args.action == "list":
+        for address in users.list_users():
+            print(address)
+        return 0
+    address = args.address.strip().lower()
+    try:
+        validate_address(address)
+    except AddressError as e:
+        raise CommandError(f"{args.address!r}: {e}")
+    domain = address.rpartition("@")[2]
+    if args.action == "add":
+        if domain not in settings.domains:
+            raise CommandError(f"{domain} is not one of the domains in {settings.path}; add it to domains first")
+        password = _read_password(args.password_stdin)
+        try:
+            users.add_user(address, password)
+        except ValueError as e:
+            raise CommandError(str(e))
+        print(f"added {address}")
+    elif args.action == "passwd":
+        if address not in users.list_users():
+            raise CommandError(f"no such user: {address}")
+        users.set_password(address, _read_password(args.password_stdin))
+        print(f"changed the password of {address}")
+    elif args.action == "del":
+        try:
+            users.delete_user(address)
+        except KeyError:
+            raise CommandError(f"no such user: {address}")
+        print(f"removed {address} (its mail stays on disk)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

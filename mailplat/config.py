@@ -1,0 +1,380 @@
+"""The TOML configuration file, loaded into typed and validated settings.
+
+Every mistake is a :class:`ConfigError` naming the file, the key, the problem
+and the fix, so an operator never has to read a traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import socket
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any
+
+from mailplat.addresses import AddressError, validate_address, validate_domain
+
+__all__ = [
+    "BackendSettings",
+    "ConfigError",
+    "ListenerNames",
+    "Settings",
+    "SMTPLimits",
+    "TLSSettings",
+    "load",
+]
+
+# The listener names of [listen], in the order they are started.
+ListenerNames = ("smtp", "submission", "submissions", "pop3", "pop3s")
+
+
+class ConfigError(Exception):
+    """A mistake in the configuration: which file, which key, what, and the fix.
+
+    A backend's ``build`` raises it with only ``key`` (its option name); the
+    loader adds the file and the section.
+    """
+
+    def __init__(self, key: str, problem: str, fix: str = "", file: str = "") -> None:
+        super().__init__(key, problem, fix, file)
+        self.key = key
+        self.problem = problem
+        self.fix = fix
+        self.file = file
+
+    def within(self, file: str, section: str) -> ConfigError:
+        """This error, placed in ``file`` under ``[section]``."""
+        key = self.key
+        if section and not key.startswith("["):
+            key = f"[{section}] {key}" if key else f"[{section}]"
+        return ConfigError(key, self.problem, self.fix, self.file or file)
+
+    def __str__(self) -> str:
+        where = ": ".join(part for part in (self.file, self.key) if part)
+        text = f"{where}: {self.problem}" if where else self.problem
+        if self.fix:
+            text += f"; fix: {self.fix}"
+        return text
+
+
+@dataclass(frozen=True)
+class BackendSettings:
+    """A ``backend = ...`` table: the name and the options for the backend."""
+
+    section: str
+    name: str
+    options: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class TLSSettings:
+    certificate: str
+    key: str
+
+
+@dataclass(frozen=True)
+class SMTPLimits:
+    """[smtp]: every limit a client could otherwise abuse, with safe defaults."""
+
+    max_message_size: int = 50 * 1024 * 1024
+    max_recipients: int = 100
+    max_command_line: int = 512
+    max_text_line: int = 1000
+    idle_timeout: float = 300.0
+    max_connections: int = 1000
+    max_connections_per_ip: int = 50
+    max_errors: int = 20
+    max_received_headers: int = 30
+
+
+@dataclass(frozen=True)
+class Settings:
+    path: str
+    hostname: str
+    data_dir: str
+    domains: tuple[str, ...]
+    listen: dict[str, str]
+    tls: TLSSettings | None
+    auth: BackendSettings
+    mailbox: BackendSettings
+    delivery: BackendSettings
+    aliases: dict[str, tuple[str, ...]]
+    smarthost: str
+    smtp: SMTPLimits = field(default_factory=SMTPLimits)
+
+    @property
+    def config_dir(self) -> str:
+        return os.path.dirname(os.path.abspath(self.path))
+
+    def describe(self) -> str:
+        """The effective settings, as TOML an operator can read back."""
+        lines = [
+            f"# effective configuration of {self.path}",
+            f"hostname = {_toml(self.hostname)}",
+            f"data_dir = {_toml(self.data_dir)}",
+            f"domains = {_toml(list(self.domains))}",
+            "",
+            "[listen]",
+            *(f"{name} = {_toml(value)}" for name, value in self.listen.items()),
+        ]
+        if self.tls:
+            lines += ["", "[tls]", f"certificate = {_toml(self.tls.certificate)}", f"key = {_toml(self.tls.key)}"]
+        for backend in (self.auth, self.mailbox, self.delivery):
+            lines += ["", f"[{backend.section}]", f"backend = {_toml(backend.name)}"]
+            lines += [f"{k} = {_toml(v)}" for k, v in backend.options.items()]
+        lines += ["", "[aliases]"]
+        lines += [f"{_toml(k)} = {_toml(list(v))}" for k, v in self.aliases.items()]
+        lines += ["", "[relay]", f"smarthost = {_toml(self.smarthost)}", "", "[smtp]"]
+        lines += [f"{k} = {_toml(v)}" for k, v in vars(self.smtp).items()]
+        return "\n".join(lines) + "\n"
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'
+
+
+# --- reading ---------------------------------------------------------------
+
+
+class _Reader:
+    """Pops keys off one table, so whatever is left over is an unknown key."""
+
+    def __init__(self, file: str, section: str, table: dict[str, Any]) -> None:
+        self.file = file
+        self.section = section
+        self.table = dict(table)
+
+    def error(self, key: str, problem: str, fix: str = "") -> ConfigError:
+        return ConfigError(key, problem, fix).within(self.file, self.section)
+
+    def take(self, key: str, kind: type | tuple[type, ...], default: Any = ..., example: str = "") -> Any:
+        if key not in self.table:
+            if default is ...:
+                raise self.error(key, "is required", f"add e.g. {key} = {example}")
+            return default
+        value = self.table.pop(key)
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        # TOML booleans are ints to Python; never let true pass as a number.
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            wanted = " or ".join(_TYPE_NAMES.get(k, k.__name__) for k in kinds)
+            raise self.error(
+                key,
+                f"must be {wanted}, not {_TYPE_NAMES.get(type(value), type(value).__name__)} {value!r}",
+                f"e.g. {key} = {example}" if example else "",
+            )
+        return value
+
+    def positive(self, key: str, default: float, kind: type = int) -> Any:
+        kinds: tuple[type, ...] = (int, float) if kind is float else (int,)
+        value = self.take(key, kinds, default, example=str(default))
+        if value <= 0:
+            raise self.error(key, f"must be greater than 0, not {value!r}", f"e.g. {key} = {default}")
+        return kind(value)
+
+    def finish(self, known: list[str]) -> None:
+        for key in self.table:
+            hint = difflib.get_close_matches(key, known, n=1)
+            where = f"[{self.section}] " if self.section else ""
+            fix = f"did you mean {hint[0]!r}?" if hint else f"known keys here: {', '.join(known)}"
+            raise ConfigError(f"{where}{key}", "unknown key", fix, self.file)
+
+
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list", dict: "a table"}
+
+
+def load(path: str) -> Settings:
+    """Read and check the configuration file; raise ConfigError on any mistake."""
+    path = os.path.abspath(path)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError("", "no such file", "give the path of a mailplat.toml with --config or MAILPLAT_CONFIG", path)
+    except OSError as e:
+        raise ConfigError("", f"cannot read: {e.strerror}", "check the path and its permissions", path)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError("", f"not valid TOML: {e}", "see https://toml.io for the syntax", path)
+    return _parse(path, data)
+
+
+def _parse(path: str, data: dict[str, Any]) -> Settings:
+    config_dir = os.path.dirname(path)
+
+    def relative(p: str) -> str:
+        return os.path.normpath(os.path.join(config_dir, os.path.expanduser(p)))
+
+    top = _Reader(path, "", data)
+    hostname = top.take("hostname", str, socket.getfqdn(), example='"mail.example.org"').strip().lower()
+    try:
+        validate_domain(hostname)
+    except AddressError as e:
+        raise top.error("hostname", str(e), 'e.g. hostname = "mail.example.org"')
+    data_dir = relative(top.take("data_dir", str, "var", example='"var"'))
+
+    raw_domains = top.take("domains", list, example='["example.org"]')
+    if not raw_domains:
+        raise top.error("domains", "is empty: mailplat would accept no mail", 'list your domains, e.g. domains = ["example.org"]')
+    domains: list[str] = []
+    for entry in raw_domains:
+        if not isinstance(entry, str):
+            raise top.error("domains", f"must be a list of strings; {entry!r} is not", 'e.g. domains = ["example.org"]')
+        domain = entry.strip().lower()
+        try:
+            validate_domain(domain)
+        except AddressError as e:
+            raise top.error("domains", f"{entry!r}: {e}", 'e.g. domains = ["example.org"]')
+        if domain in domains:
+            raise top.error("domains", f"{entry!r} is listed twice", "remove the second entry")
+        domains.append(domain)
+
+    listen = _listen(_Reader(path, "listen", top.take("listen", dict, {})))
+    tls = _tls(_Reader(path, "tls", top.take("tls", dict)), relative) if "tls" in top.table else None
+    needs_tls = [name for name in ("submission", "submissions", "pop3", "pop3s") if name in listen]
+    if tls is None and needs_tls:
+        raise ConfigError(
+            f"[listen] {needs_tls[0]}", "needs a TLS certificate: passwords never cross the wire in clear",
+            'add a [tls] table with certificate = "..." and key = "..."', path,
+        )
+
+    auth = _backend(path, "auth", top.take("auth", dict, example='{ backend = "passwd-file" }'))
+    mailbox = _backend(path, "mailbox", top.take("mailbox", dict, example='{ backend = "maildir" }'))
+    delivery = _backend(path, "delivery", top.take("delivery", dict, {"backend": "local"}))
+    aliases = _aliases(_Reader(path, "aliases", top.take("aliases", dict, {})), domains)
+
+    relay = _Reader(path, "relay", top.take("relay", dict, {}))
+    smarthost = relay.take("smarthost", str, "", example='"smtp.example.net:587"')
+    if smarthost and not _is_host_port(smarthost):
+        raise relay.error("smarthost", f"{smarthost!r} is not host:port", 'e.g. smarthost = "smtp.example.net:587"')
+    relay.finish(["smarthost"])
+
+    smtp = _smtp_limits(_Reader(path, "smtp", top.take("smtp", dict, {})))
+    top.finish(["hostname", "data_dir", "domains", "listen", "tls", "auth", "mailbox", "delivery", "aliases", "relay", "smtp"])
+    return Settings(
+        path=path, hostname=hostname, data_dir=data_dir, domains=tuple(domains), listen=listen, tls=tls,
+        auth=auth, mailbox=mailbox, delivery=delivery, aliases=aliases, smarthost=smarthost, smtp=smtp,
+    )
+
+
+def _listen(table: _Reader) -> dict[str, str]:
+    from twisted.internet import endpoints, reactor
+
+    listen: dict[str, str] = {}
+    for name in ListenerNames:
+        value = table.take(name, str, None, example='"tcp:25"')
+        if value is None:
+            continue
+        try:
+            # Parsing builds the endpoint object without listening on it.
+            endpoints.serverFromString(reactor, value)
+        except Exception as e:  # Twisted raises ValueError, TypeError, KeyError...
+            raise table.error(
+                name, f"{value!r} is not a Twisted endpoint: {e}",
+                'e.g. "tcp:25" or "tcp:2525:interface=127.0.0.1"; TLS comes from [tls], not the endpoint',
+            )
+        listen[name] = value
+    table.finish(list(ListenerNames))
+    return listen
+
+
+def _tls(table: _Reader, relative: Any) -> TLSSettings:
+    paths = {}
+    for key, example in (("certificate", '"tls/fullchain.pem"'), ("key", '"tls/privkey.pem"')):
+        value = relative(table.take(key, str, example=example))
+        if not os.path.isfile(value):
+            raise table.error(key, f"no such file: {value}", f"point it at a PEM file, e.g. {key} = {example} (relative to this file)")
+        if not os.access(value, os.R_OK):
+            raise table.error(key, f"cannot read {value}", "let the user mailplat runs as read it")
+        paths[key] = value
+    table.finish(["certificate", "key"])
+    from mailplat.tls import load_server_context
+
+    try:
+        load_server_context(paths["certificate"], paths["key"])
+    except Exception as e:
+        raise table.error("certificate", f"the certificate and key do not load: {e}", "give a PEM certificate chain and its matching private key")
+    return TLSSettings(paths["certificate"], paths["key"])
+
+
+def _backend(path: str, section: str, table: dict[str, Any]) -> BackendSettings:
+    options = dict(table)
+    name = options.pop("backend", None)
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"[{section}] backend", "is required and must be a backend name", f'e.g. backend = "{_DEFAULT_BACKENDS[section]}"', path)
+    return BackendSettings(section, name, options)
+
+
+_DEFAULT_BACKENDS = {"auth": "passwd-file", "mailbox": "maildir", "delivery": "local"}
+
+
+def _aliases(table: _Reader, domains: list[str]) -> dict[str, tuple[str, ...]]:
+    aliases: dict[str, tuple[str, ...]] = {}
+    for source in list(table.table):
+        targets = table.take(source, (str, list), example='"alice@example.org"')
+        targets = [targets] if isinstance(targets, str) else targets
+        key = source.strip().lower()
+        try:
+            if key.startswith("@"):
+                validate_domain(key[1:])
+                domain = key[1:]
+            else:
+                domain = validate_address(key).split("@")[1]
+        except AddressError as e:
+            raise table.error(_quote(source), str(e), 'e.g. "postmaster@example.org" = "alice@example.org", or "@example.org" for a catch-all')
+        if domain not in domains:
+            raise table.error(_quote(source), f"{domain} is not one of the domains", f"add {domain!r} to domains, or remove the alias")
+        if key in aliases:
+            raise table.error(_quote(source), "is listed twice (addresses are case-insensitive)", "keep one entry")
+        if not targets:
+            raise table.error(_quote(source), "has no targets", 'give one address or a list, e.g. ["alice@example.org"]')
+        checked = []
+        for target in targets:
+            try:
+                address = validate_address(str(target).strip().lower())
+            except AddressError as e:
+                raise table.error(_quote(source), f"target {target!r}: {e}", 'e.g. "alice@example.org"')
+            if address.split("@")[1] not in domains:
+                raise table.error(
+                    _quote(source), f"target {address} is not in one of the domains; forwarding to other domains is not supported",
+                    "point the alias at a local mailbox",
+                )
+            checked.append(address)
+        aliases[key] = tuple(checked)
+    return aliases
+
+
+def _quote(key: str) -> str:
+    return f'"{key}"'
+
+
+def _smtp_limits(table: _Reader) -> SMTPLimits:
+    d = SMTPLimits()
+    limits = SMTPLimits(
+        max_message_size=table.positive("max_message_size", d.max_message_size),
+        max_recipients=table.positive("max_recipients", d.max_recipients),
+        max_command_line=table.positive("max_command_line", d.max_command_line),
+        max_text_line=table.positive("max_text_line", d.max_text_line),
+        idle_timeout=table.positive("idle_timeout", d.idle_timeout, float),
+        max_connections=table.positive("max_connections", d.max_connections),
+        max_connections_per_ip=table.positive("max_connections_per_ip", d.max_connections_per_ip),
+        max_errors=table.positive("max_errors", d.max_errors),
+        max_received_headers=table.positive("max_received_headers", d.max_received_headers),
+    )
+    if limits.max_command_line < 512:
+        raise table.error("max_command_line", "must be at least 512 (RFC 5321 4.5.3.1.4)", "max_command_line = 512")
+    if limits.max_text_line < 1000:
+        raise table.error("max_text_line", "must be at least 1000 (RFC 5321 4.5.3.1.6)", "max_text_line = 1000")
+    table.finish(list(vars(d)))
+    return limits
+
+
+def _is_host_port(value: str) -> bool:
+    host, sep, port = value.rpartition(":")
+    return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)

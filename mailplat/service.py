@@ -1,0 +1,144 @@
+"""Wiring: settings -> backends -> listeners, as one twistd MultiService.
+
+Also the twistd plugin's ``Options`` and ``makeService`` (see
+``twisted/plugins/mailplat_twistd.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import endpoints
+from twisted.logger import Logger
+from twisted.python import usage
+
+from mailplat.addresses import AliasResolver
+from mailplat.config import ConfigError, Settings, load
+from mailplat.fsutil import makedirs_durable
+from mailplat.interfaces import BackendContext
+from mailplat.plugins import build_backend, call
+from mailplat.smtp.receiving import Spool
+from mailplat.smtp.server import SMTPFactory
+from mailplat.tls import load_server_context
+
+__all__ = ["Listener", "Options", "build_providers", "makeService", "make_service"]
+
+log = Logger()
+
+
+def build_providers(settings: Settings, reactor: Any, admin: bool = False) -> dict[str, Any]:
+    """Build and verify every configured backend: auth, mailbox, delivery."""
+    context = BackendContext(
+        hostname=settings.hostname,
+        domains=settings.domains,
+        config_dir=settings.config_dir,
+        data_dir=settings.data_dir,
+        reactor=reactor,
+        admin=admin,
+    )
+    for section in (settings.auth, settings.mailbox, settings.delivery):
+        context.providers[section.section] = build_backend(section, context, settings.path)
+    return context.providers
+
+
+class Listener(service.Service):
+    """One listening endpoint, bound before the reactor runs (so that a port
+    in use stops the start instead of leaving a half-working server)."""
+
+    def __init__(self, name: str, description: str, endpoint: Any, factory: Any, config_path: str = "") -> None:
+        self.setName(name)
+        self.config_path = config_path
+        self.description = description
+        self.endpoint = endpoint
+        self.factory = factory
+        self.port: Any = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        failures: list[Any] = []
+        d = self.endpoint.listen(self.factory)
+        d.addCallbacks(self._listening, failures.append)
+        if failures:
+            raise ConfigError(f"[listen] {self.name}", f"cannot listen on {self.description}: {failures[0].getErrorMessage()}",
+                              "choose a free port, or stop the program using it", self.config_path)
+
+    def _listening(self, port: Any) -> None:
+        self.port = port
+        address = port.getHost()
+        log.info("{name} listening on {host}:{port}", name=self.name, host=address.host, port=address.port)
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()
+        return None
+
+
+def make_service(settings: Settings, reactor: Any) -> service.MultiService:
+    """The whole platform for ``settings``; raises ConfigError before anything listens."""
+    try:
+        makedirs_durable(settings.data_dir)
+        spool = Spool(os.path.join(settings.data_dir, "spool"))
+        spool.start()
+    except OSError as e:
+        raise ConfigError("data_dir", f"cannot use {settings.data_dir}: {e.strerror}", "choose a folder mailplat may write to", settings.path)
+    providers = build_providers(settings, reactor)
+    auth = providers["auth"]
+    resolver = AliasResolver(settings.domains, settings.aliases, lambda address: call(auth.lookup, address))
+    tls = load_server_context(settings.tls.certificate, settings.tls.key) if settings.tls else None
+
+    top = service.MultiService()
+    for name, description in settings.listen.items():
+        if name == "smtp":
+            factory = SMTPFactory(settings.hostname, settings.smtp, resolver, providers["delivery"], spool, tls)
+        else:
+            raise ConfigError(f"[listen] {name}", "this listener is not available yet", f"remove {name} from [listen]", settings.path)
+        endpoint = endpoints.serverFromString(reactor, description)
+        Listener(name, description, endpoint, factory, settings.path).setServiceParent(top)
+    return top
+
+
+class Options(usage.Options):
+    synopsis = "--config FILE"
+    optParameters = [
+        ["config", "c", os.environ.get("MAILPLAT_CONFIG"), "The mailplat.toml file (or MAILPLAT_CONFIG)."],
+    ]
+
+    def postOptions(self) -> None:
+        if not self["config"]:
+            raise usage.UsageError("give --config FILE or set MAILPLAT_CONFIG")
+
+
+def makeService(options: Options) -> service.IService:
+    """twistd's entry point: a config error is one line on stderr and exit 1."""
+    from twisted.internet import reactor
+
+    try:
+        settings = load(options["config"])
+        top = make_service(settings, reactor)
+    except ConfigError as e:
+        fail(e)
+    return _ExitOnListenError(top)
+
+
+class _ExitOnListenError(service.MultiService):
+    """Turns a listener's ConfigError at bind time into one line and exit 1."""
+
+    def __init__(self, child: service.MultiService) -> None:
+        super().__init__()
+        child.setServiceParent(self)
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except ConfigError as e:
+            fail(e)
+
+
+def fail(error: ConfigError) -> None:
+    print(f"mailplat: {error}", file=sys.stderr)
+    raise SystemExit(1)

@@ -1,0 +1,1 @@
+"""SMTP: the server protocol, receiving onto disk, and (later) queue and relay."""

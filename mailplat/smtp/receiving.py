@@ -1,0 +1,161 @@
+"""Receiving a message body: the DATA stream, decoded in chunks, onto disk.
+
+Twisted's SMTP server calls back once per line and, after an over-long line,
+falls back to reading the rest of the body as commands.  Here the stream is
+scanned in chunks with bytes methods, only CRLF.CRLF ends it (RFC 5321
+4.1.1.4; bare LF and bare CR are flagged, never taken as line ends, which
+closes the SMTP smuggling hole), and memory stays bounded by one line plus
+one chunk whatever the message size.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from typing import IO
+
+from mailplat.fsutil import makedirs_durable
+from mailplat.interfaces import SpooledMessage
+
+__all__ = ["DataDecoder", "Spool", "SpoolFile", "new_id"]
+
+_TERMINATOR = b"\r\n.\r\n"
+_WRITE_BUFFER = 256 * 1024
+
+
+def new_id() -> str:
+    """A short random id for a session or a message, as Postfix's queue ids."""
+    return secrets.token_hex(5).upper()
+
+
+class DataDecoder:
+    """Un-dot-stuffs the DATA stream and checks it, passing content to ``sink``.
+
+    After the end of the message, ``problem`` is None or the reply that
+    refuses it: (code, enhanced status, text).
+    """
+
+    def __init__(self, sink: IO[bytes], max_size: int, max_line: int, max_received: int) -> None:
+        self.sink = sink
+        self.max_size = max_size
+        # Longest line allowed, without its LF (the CR counts, as in RFC 5321).
+        self.max_line = max_line - 1
+        self.max_received = max_received
+        self.size = 0
+        self.received_headers = 0
+        self.too_big = self.line_too_long = self.bare_newline = False
+        self._carry = b""
+        self._at_line_start = True  # does _carry begin a line?
+        self._after_crlf = True  # ... and was the previous line ended by CRLF?
+        self._in_headers = True
+
+    def feed(self, data: bytes) -> bytes | None:
+        """Take more of the stream; None while the message goes on, else the bytes after its end."""
+        chunk = self._carry + data if self._carry else data
+        if self._at_line_start and self._after_crlf and chunk.startswith(b".\r\n"):
+            self._content(b"")
+            return chunk[3:]
+        end = chunk.find(_TERMINATOR)
+        if end >= 0:
+            self._content(chunk[: end + 2])
+            self._carry = b""
+            return chunk[end + 5 :]
+        cut = chunk.rfind(b"\n") + 1
+        if cut:
+            self._content(chunk[:cut])
+        self._carry = chunk[cut:]
+        if len(self._carry) > self.max_line:
+            # Keep the last byte: it may be the CR of the CRLF ending this line.
+            self.line_too_long = True
+            self._carry = self._carry[-1:]
+            self._at_line_start = False
+        return None
+
+    @property
+    def problem(self) -> tuple[int, str, str] | None:
+        if self.too_big:
+            return 552, "5.3.4", f"Message size exceeds the limit of {self.max_size} octets"
+        if self.line_too_long:
+            return 500, "5.5.2", f"Message refused: a line is longer than {self.max_line + 1} octets (RFC 5321 4.5.3.1.6)"
+        if self.bare_newline:
+            return 550, "5.5.2", "Message refused: bare LF or CR received; lines must end with CRLF"
+        if self.received_headers > self.max_received:
+            return 554, "5.4.6", f"Too many Received: headers ({self.received_headers}): mail loop"
+        return None
+
+    def _content(self, raw: bytes) -> None:
+        """Handle complete lines (``raw`` ends with LF, or is empty)."""
+        if not raw:
+            return
+        at_line_start = self._at_line_start
+        self._at_line_start = True
+        self._after_crlf = raw.endswith(b"\r\n")
+        if not self.line_too_long and len(raw) > self.max_line and max(map(len, raw.split(b"\n"))) > self.max_line:
+            self.line_too_long = True
+        if not self.bare_newline:
+            crlf = raw.count(b"\r\n")
+            if raw.count(b"\n") != crlf or raw.count(b"\r") != crlf:
+                self.bare_newline = True
+        # RFC 5321 4.5.2: a line's leading dot is removed by the receiver.
+        content = raw.replace(b"\n.", b"\n")
+        if at_line_start and content.startswith(b"."):
+            content = content[1:]
+        if self._in_headers:
+            self._scan_headers(content, at_line_start)
+        self.size += len(content)
+        if self.size > self.max_size:
+            self.too_big = True
+        if self.problem is None:
+            self.sink.write(content)
+
+    def _scan_headers(self, content: bytes, at_line_start: bool) -> None:
+        if at_line_start and content.startswith(b"\r\n"):
+            self._in_headers = False
+            return
+        end = content.find(b"\r\n\r\n")
+        if end >= 0:
+            self._in_headers = False
+            content = content[: end + 2]
+        lowered = content.lower()
+        self.received_headers += lowered.count(b"\nreceived:") + (at_line_start and lowered.startswith(b"received:"))
+
+
+class SpoolFile:
+    """One incoming message being written to the spool."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.file: IO[bytes] = open(path, "xb", buffering=_WRITE_BUFFER)
+
+    def finish(self, sender: str) -> SpooledMessage:
+        """Close the file: the message is complete (not yet durable)."""
+        size = self.file.tell()
+        self.file.close()
+        return SpooledMessage(self.path, size, sender)
+
+    def discard(self) -> None:
+        if not self.file.closed:
+            self.file.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+class Spool:
+    """``data_dir/spool``: messages between the end of DATA and delivery.
+
+    Nothing here has been acknowledged yet (delivery completes before the
+    250), so leftovers from a crash are removed at start.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def start(self) -> None:
+        makedirs_durable(self.directory)
+        for name in os.listdir(self.directory):
+            os.unlink(os.path.join(self.directory, name))
+
+    def create(self, queue_id: str) -> SpoolFile:
+        return SpoolFile(os.path.join(self.directory, queue_id))

@@ -1,0 +1,11 @@
+"""mailplat's built-in backends, registered exactly as a third-party plugin would be.
+
+Kept import-light: every discovery imports this file, so the backends' own
+modules are imported only when one is built.
+"""
+
+from mailplat.plugins import BackendFactory
+
+passwdFile = BackendFactory("auth", "passwd-file", "mailplat.backends.passwdfile:build")
+maildir = BackendFactory("mailbox", "maildir", "mailplat.backends.maildir:build")
+local = BackendFactory("delivery", "local", "mailplat.backends.local:build")
