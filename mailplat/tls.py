@@ -6,6 +6,7 @@ import datetime
 import os
 import re
 
+from OpenSSL import crypto
 from twisted.internet import ssl
 
 __all__ = ["load_server_context", "make_self_signed"]
@@ -20,7 +21,7 @@ def load_server_context(certificate: str, key: str) -> ssl.CertificateOptions:
     if not chain:
         raise ValueError(f"{certificate} holds no PEM certificate")
     with open(key, "rb") as f:
-        private_key = ssl.KeyPair.load(f.read(), ssl.FILETYPE_PEM)
+        private_key = ssl.KeyPair.load(f.read(), crypto.FILETYPE_PEM)
     return ssl.CertificateOptions(
         privateKey=private_key.original,
         certificate=chain[0].original,
