@@ -102,6 +102,7 @@ class Settings:
     aliases: dict[str, tuple[str, ...]]
     smarthost: str
     smtp: SMTPLimits = field(default_factory=SMTPLimits)
+    workers: int = 1
 
     @property
     def config_dir(self) -> str:
@@ -114,6 +115,7 @@ class Settings:
             f"hostname = {_toml(self.hostname)}",
             f"data_dir = {_toml(self.data_dir)}",
             f"domains = {_toml(list(self.domains))}",
+            f"workers = {self.workers}",
             "",
             "[listen]",
             *(f"{name} = {_toml(value)}" for name, value in self.listen.items()),
@@ -218,6 +220,9 @@ def _parse(path: str, data: dict[str, Any]) -> Settings:
     except AddressError as e:
         raise top.error("hostname", str(e), 'e.g. hostname = "mail.example.org"')
     data_dir = relative(top.take("data_dir", str, "var", example='"var"'))
+    workers = top.positive("workers", 1)
+    if workers > 64:
+        raise top.error("workers", f"{workers} is more than 64", "use about one worker per CPU core")
 
     raw_domains = top.take("domains", list, example='["example.org"]')
     if not raw_domains:
@@ -256,10 +261,10 @@ def _parse(path: str, data: dict[str, Any]) -> Settings:
     relay.finish(["smarthost"])
 
     smtp = _smtp_limits(_Reader(path, "smtp", top.take("smtp", dict, {})))
-    top.finish(["hostname", "data_dir", "domains", "listen", "tls", "auth", "mailbox", "delivery", "aliases", "relay", "smtp"])
+    top.finish(["hostname", "data_dir", "workers", "domains", "listen", "tls", "auth", "mailbox", "delivery", "aliases", "relay", "smtp"])
     return Settings(
         path=path, hostname=hostname, data_dir=data_dir, domains=tuple(domains), listen=listen, tls=tls,
-        auth=auth, mailbox=mailbox, delivery=delivery, aliases=aliases, smarthost=smarthost, smtp=smtp,
+        auth=auth, mailbox=mailbox, delivery=delivery, aliases=aliases, smarthost=smarthost, smtp=smtp, workers=workers,
     )
 
 

@@ -8,6 +8,7 @@ through :func:`mailplat.plugins.call`, which adapts all three.
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -54,19 +55,24 @@ class Account:
 
 @dataclass(frozen=True)
 class SpooledMessage:
-    """A received message on disk, as the client sent it after un-dot-stuffing.
+    """A received message, as the client sent it after un-dot-stuffing.
 
     Lines end in CRLF; our ``Received:`` header is already at the top.
     ``sender`` is the envelope sender ("" for the null sender ``<>``), which a
-    mailbox writes into ``Return-Path:`` at final delivery.
+    mailbox writes into ``Return-Path:`` at final delivery.  A small message
+    is kept in memory (``content``, and ``path`` is ""); a large one is a file
+    at ``path``.  Read it through :meth:`open`, which works for both.
     """
 
     path: str
     size: int
     sender: str
+    content: bytes | None = None
 
     def open(self) -> IO[bytes]:
         """Open the message for reading; the caller closes it."""
+        if self.content is not None:
+            return io.BytesIO(self.content)
         return open(self.path, "rb")
 
 

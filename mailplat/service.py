@@ -23,6 +23,7 @@ from mailplat.plugins import build_backend, call
 from mailplat.smtp.receiving import Spool
 from mailplat.smtp.server import SMTPFactory
 from mailplat.tls import load_server_context
+from mailplat.workers import WorkerPool, adopt_port
 
 __all__ = ["Listener", "Options", "build_providers", "makeService", "make_service"]
 
@@ -48,16 +49,24 @@ class Listener(service.Service):
     """One listening endpoint, bound before the reactor runs (so that a port
     in use stops the start instead of leaving a half-working server)."""
 
-    def __init__(self, name: str, description: str, endpoint: Any, factory: Any, config_path: str = "") -> None:
+    def __init__(
+        self, name: str, description: str, endpoint: Any, factory: Any, config_path: str = "", inherited_fd: int | None = None
+    ) -> None:
         self.setName(name)
         self.config_path = config_path
         self.description = description
         self.endpoint = endpoint
         self.factory = factory
+        self.inherited_fd = inherited_fd
         self.port: Any = None
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
+        if self.inherited_fd is not None:
+            from twisted.internet import reactor
+
+            self.port = adopt_port(reactor, self.inherited_fd, self.factory)
+            return
         failures: list[Any] = []
         d = self.endpoint.listen(self.factory)
         d.addCallbacks(self._listening, failures.append)
@@ -78,11 +87,17 @@ class Listener(service.Service):
         return None
 
 
-def make_service(settings: Settings, reactor: Any) -> service.MultiService:
-    """The whole platform for ``settings``; raises ConfigError before anything listens."""
+def make_service(
+    settings: Settings, reactor: Any, worker: int = 0, inherited: dict[str, int] | None = None
+) -> service.MultiService:
+    """The whole platform for ``settings``; raises ConfigError before anything listens.
+
+    Worker 0 is the main process: it binds the listeners and starts the other
+    workers, which get the listening sockets as ``inherited`` descriptors.
+    """
     try:
         makedirs_durable(settings.data_dir)
-        spool = Spool(os.path.join(settings.data_dir, "spool"))
+        spool = Spool(os.path.join(settings.data_dir, "spool", str(worker)))
         spool.start()
     except OSError as e:
         raise ConfigError("data_dir", f"cannot use {settings.data_dir}: {e.strerror}", "choose a folder mailplat may write to", settings.path)
@@ -92,13 +107,19 @@ def make_service(settings: Settings, reactor: Any) -> service.MultiService:
     tls = load_server_context(settings.tls.certificate, settings.tls.key) if settings.tls else None
 
     top = service.MultiService()
+    listeners = []
     for name, description in settings.listen.items():
         if name == "smtp":
             factory = SMTPFactory(settings.hostname, settings.smtp, resolver, providers["delivery"], spool, tls)
         else:
             raise ConfigError(f"[listen] {name}", "this listener is not available yet", f"remove {name} from [listen]", settings.path)
         endpoint = endpoints.serverFromString(reactor, description)
-        Listener(name, description, endpoint, factory, settings.path).setServiceParent(top)
+        fd = inherited.get(name) if inherited is not None else None
+        listener = Listener(name, description, endpoint, factory, settings.path, fd)
+        listener.setServiceParent(top)
+        listeners.append(listener)
+    if worker == 0 and settings.workers > 1:
+        WorkerPool(settings.path, listeners, settings.workers, reactor).setServiceParent(top)
     return top
 
 

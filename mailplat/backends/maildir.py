@@ -21,7 +21,7 @@ from zope.interface import implementer
 
 from mailplat.addresses import AddressError, validate_address
 from mailplat.config import ConfigError
-from mailplat.fsutil import fsync_directory, makedirs_durable
+from mailplat.fsutil import GroupCommit, fsync_directory, makedirs_durable
 from mailplat.interfaces import (
     Account,
     BackendContext,
@@ -44,6 +44,15 @@ def _safe_hostname() -> str:
     return socket.gethostname().replace("/", r"\057").replace(":", r"\072")
 
 
+def _return_path(message: SpooledMessage) -> bytes:
+    """RFC 5321 4.4: the final delivery records the envelope sender."""
+    return f"Return-Path: <{message.sender}>\r\n".encode("utf-8")
+
+
+def _temporary(error: OSError) -> TemporaryFailure:
+    return TemporaryFailure(f"cannot write to the mailbox: {error.strerror}")
+
+
 @implementer(IMailboxBackend)
 class Maildir:
     """One folder per account under ``root``, created on first delivery."""
@@ -53,6 +62,7 @@ class Maildir:
         self.reactor = reactor
         self._host = _safe_hostname()
         self._counter = itertools.count()
+        self.committer = GroupCommit(reactor)
 
     def folder(self, account: Account) -> str:
         """The account's maildir; only validated addresses ever become paths."""
@@ -75,27 +85,43 @@ class Maildir:
 
     def deliver(self, account: Account, message: SpooledMessage) -> Any:
         folder = self.folder(account)
-        return self._thread(self._deliver, folder, message)
+        if message.content is None or not os.path.isdir(os.path.join(folder, "cur")):
+            # A large message to copy, or folders to create: all in a thread.
+            return self._thread(self._deliver, folder, message)
+        # A small message: handed whole to the group commit thread.
+        header = _return_path(message)
+        name = self.unique_name(len(header) + message.size)
+        d = self.committer.write(
+            os.path.join(folder, "tmp", name), os.path.join(folder, "new", name), header + message.content
+        )
+
+        def failed(failure: Any) -> None:
+            raise _temporary(failure.value)
+
+        return d.addErrback(failed)
 
     def _deliver(self, folder: str, message: SpooledMessage) -> str:
         try:
-            for sub in ("tmp", "new", "cur"):
-                if not os.path.isdir(os.path.join(folder, sub)):
+            if not os.path.isdir(os.path.join(folder, "cur")):
+                for sub in ("tmp", "new", "cur"):
                     makedirs_durable(os.path.join(folder, sub))
-            # RFC 5321 4.4: the final delivery records the envelope sender.
-            header = f"Return-Path: <{message.sender}>\r\n".encode("utf-8")
+            header = _return_path(message)
             name = self.unique_name(len(header) + message.size)
             tmp = os.path.join(folder, "tmp", name)
-            with open(tmp, "xb") as out, message.open() as src:
-                out.write(header)
-                shutil.copyfileobj(src, out, _COPY_BUFFER)
+            with open(tmp, "xb") as out:
+                if message.content is not None:
+                    out.write(header + message.content)
+                else:
+                    out.write(header)
+                    with message.open() as src:
+                        shutil.copyfileobj(src, out, _COPY_BUFFER)
                 out.flush()
                 os.fsync(out.fileno())
             os.rename(tmp, os.path.join(folder, "new", name))
             fsync_directory(os.path.join(folder, "new"))
             return name
         except OSError as e:
-            raise TemporaryFailure(f"cannot write to the mailbox: {e.strerror}")
+            raise _temporary(e)
 
     def open(self, account: Account) -> Any:
         folder = self.folder(account)

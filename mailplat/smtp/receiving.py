@@ -10,9 +10,10 @@ one chunk whatever the message size.
 
 from __future__ import annotations
 
+import io
 import os
 import secrets
-from typing import IO
+from typing import IO, Any
 
 from mailplat.fsutil import makedirs_durable
 from mailplat.interfaces import SpooledMessage
@@ -21,6 +22,8 @@ __all__ = ["DataDecoder", "Spool", "SpoolFile", "new_id"]
 
 _TERMINATOR = b"\r\n.\r\n"
 _WRITE_BUFFER = 256 * 1024
+# Messages up to this size are received in memory, larger ones in a file.
+_MEMORY_LIMIT = 128 * 1024
 
 
 def new_id() -> str:
@@ -35,7 +38,7 @@ class DataDecoder:
     refuses it: (code, enhanced status, text).
     """
 
-    def __init__(self, sink: IO[bytes], max_size: int, max_line: int, max_received: int) -> None:
+    def __init__(self, sink: Any, max_size: int, max_line: int, max_received: int) -> None:
         self.sink = sink
         self.max_size = max_size
         # Longest line allowed, without its LF (the CR counts, as in RFC 5321).
@@ -121,25 +124,51 @@ class DataDecoder:
 
 
 class SpoolFile:
-    """One incoming message being written to the spool."""
+    """One incoming message being received.
 
-    def __init__(self, path: str) -> None:
+    It stays in memory while small (most mail is), and moves to a file in the
+    spool as soon as it grows past ``memory_limit``: memory per session stays
+    bounded whatever the message size, and small messages cost no file.
+    """
+
+    def __init__(self, path: str, memory_limit: int = _MEMORY_LIMIT) -> None:
         self.path = path
-        self.file: IO[bytes] = open(path, "xb", buffering=_WRITE_BUFFER)
+        self.memory_limit = memory_limit
+        self._memory: io.BytesIO | None = io.BytesIO()
+        self._file: IO[bytes] | None = None
+
+    def write(self, data: bytes) -> None:
+        if self._memory is not None:
+            self._memory.write(data)
+            if self._memory.tell() <= self.memory_limit:
+                return
+            self._file = open(self.path, "xb", buffering=_WRITE_BUFFER)
+            self._file.write(self._memory.getbuffer())
+            self._memory = None
+            return
+        assert self._file is not None
+        self._file.write(data)
 
     def finish(self, sender: str) -> SpooledMessage:
-        """Close the file: the message is complete (not yet durable)."""
-        size = self.file.tell()
-        self.file.close()
+        """The complete message (not yet durable: delivery makes it so)."""
+        if self._memory is not None:
+            content = self._memory.getvalue()
+            self._memory = None
+            return SpooledMessage("", len(content), sender, content)
+        assert self._file is not None
+        size = self._file.tell()
+        self._file.close()
         return SpooledMessage(self.path, size, sender)
 
     def discard(self) -> None:
-        if not self.file.closed:
-            self.file.close()
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        self._memory = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
 
 
 class Spool:

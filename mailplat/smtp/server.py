@@ -329,7 +329,6 @@ class SMTPServer(smtp.ESMTP):
             else:
                 raise Reply(555, "5.5.4", f"Unsupported MAIL parameter {_printable(key, 30)}")
         self._transaction = Transaction(sender=path.address)
-        log.info("{session} mail from <{sender}>", session=self.session, sender=path.address)
         self.reply(250, "2.1.0", "Sender OK")
 
     def do_RCPT(self, argument: bytes) -> Any:
@@ -371,7 +370,7 @@ class SMTPServer(smtp.ESMTP):
             transaction.recipients.append(address)
             for account in accounts:
                 transaction.accounts[account.address] = account
-            log.info("{session} accept rcpt <{rcpt}>", session=self.session, rcpt=address)
+            log.info("{session} accept from=<{sender}> rcpt=<{rcpt}>", session=self.session, sender=transaction.sender, rcpt=address)
             self.reply(250, "2.1.5", "Recipient OK")
 
         return defer.Deferred.fromCoroutine(resolve())
@@ -386,9 +385,9 @@ class SMTPServer(smtp.ESMTP):
             raise Reply(501, "5.5.4", "Syntax: DATA takes no argument")
         self.queue_id = new_id()
         self._spool_file = self.factory.spool.create(self.queue_id)
-        self._spool_file.file.write(self._received_header(transaction))
+        self._spool_file.write(self._received_header(transaction))
         self._decoder = DataDecoder(
-            self._spool_file.file,
+            self._spool_file,
             max_size=self.limits.max_message_size,
             max_line=self.limits.max_text_line,
             max_received=self.limits.max_received_headers,
