@@ -7,6 +7,7 @@ Also the twistd plugin's ``Options`` and ``makeService`` (see
 from __future__ import annotations
 
 import os
+import resource
 import sys
 from typing import Any
 
@@ -101,6 +102,7 @@ def make_service(
         spool.start()
     except OSError as e:
         raise ConfigError("data_dir", f"cannot use {settings.data_dir}: {e.strerror}", "choose a folder mailplat may write to", settings.path)
+    _raise_file_limit()
     providers = build_providers(settings, reactor)
     auth = providers["auth"]
     resolver = AliasResolver(settings.domains, settings.aliases, lambda address: call(auth.lookup, address))
@@ -121,6 +123,13 @@ def make_service(
     if worker == 0 and settings.workers > 1:
         WorkerPool(settings.path, listeners, settings.workers, reactor).setServiceParent(top)
     return top
+
+
+def _raise_file_limit() -> None:
+    """Every connection is a file descriptor: allow as many as the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 class Options(usage.Options):

@@ -93,8 +93,8 @@ class WorkerPool(service.Service):
             args += ["--listen", f"{listener.name}={child_fd}"]
         process = _WorkerProcess(self, number)
         self.processes[number] = process
-        self.reactor.spawnProcess(process, sys.executable, args, env=dict(os.environ), childFDs=child_fds)
-        log.info("worker {worker} started", worker=number)
+        transport = self.reactor.spawnProcess(process, sys.executable, args, env=dict(os.environ), childFDs=child_fds)
+        log.info("worker {worker} started, pid {pid}", worker=number, pid=transport.pid)
 
     def ended(self, process: _WorkerProcess, reason: Any) -> None:
         if self.processes.get(process.number) is not process:
