@@ -115,7 +115,7 @@ def make_service(
             factory = SMTPFactory(settings.hostname, settings.smtp, resolver, providers["delivery"], spool, tls)
         else:
             raise ConfigError(f"[listen] {name}", "this listener is not available yet", f"remove {name} from [listen]", settings.path)
-        endpoint = endpoints.serverFromString(reactor, description)
+        endpoint = endpoints.serverFromString(reactor, _with_backlog(description))
         fd = inherited.get(name) if inherited is not None else None
         listener = Listener(name, description, endpoint, factory, settings.path, fd)
         listener.setServiceParent(top)
@@ -123,6 +123,14 @@ def make_service(
     if worker == 0 and settings.workers > 1:
         WorkerPool(settings.path, listeners, settings.workers, reactor).setServiceParent(top)
     return top
+
+
+def _with_backlog(description: str) -> str:
+    """Twisted's listen backlog defaults to 50: a burst of clients beyond that
+    waits a second for a SYN retry.  Use 1024 unless the config names one."""
+    if description.split(":", 1)[0] in ("tcp", "tcp6") and "backlog=" not in description:
+        return description + ":backlog=1024"
+    return description
 
 
 def _raise_file_limit() -> None:

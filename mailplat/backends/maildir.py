@@ -67,7 +67,7 @@ class Maildir:
     def folder(self, account: Account) -> str:
         """The account's maildir; only validated addresses ever become paths."""
         try:
-            address = validate_address(account.address)
+            address = validate_address(account.address.lower())
         except AddressError as e:
             raise PermanentFailure(f"invalid mailbox name: {e}")
         local, _, domain = address.lower().rpartition("@")
@@ -108,7 +108,8 @@ class Maildir:
             header = _return_path(message)
             name = self.unique_name(len(header) + message.size)
             tmp = os.path.join(folder, "tmp", name)
-            with open(tmp, "xb") as out:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            with open(fd, "wb") as out:
                 if message.content is not None:
                     out.write(header + message.content)
                 else:
