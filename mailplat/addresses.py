@@ -103,9 +103,10 @@ def parse_path(argument: bytes) -> MailPath:
         key, _, value = word.decode("ascii").partition("=")
         params[key.upper()] = value
     try:
-        text = inner.decode("utf-8")
+        text = inner.decode("ascii")
     except UnicodeDecodeError:
-        raise AddressError("the address is not valid UTF-8")
+        # RFC 6531: non-ASCII addresses need SMTPUTF8, which we do not offer.
+        raise AddressError("non-ASCII addresses need SMTPUTF8, which this server does not offer")
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
         raise AddressError("the address contains a control character")
     routed = False

@@ -144,6 +144,14 @@ def test_path_tricks_refused(dialog, recipient):
     assert code in (501, 550) and ("rejected" in text or "syntax" in text), (code, text)
 
 
+def test_non_ascii_address_refused(dialog):
+    """A non-ASCII address without SMTPUTF8 gets 501 with a clear reason."""
+    d = dialog()
+    ehlo(d)
+    code, text = d.command("MAIL FROM:<jos\u00e9@remote.test>".encode("utf-8"))
+    assert code == 501 and "SMTPUTF8" in text
+
+
 @pytest.mark.parametrize("argument", ["TO:alice@example.org", "TO:<alice@example.org", "TO<alice@example.org>", "TO:<>", "TO:<alice>"])
 def test_rcpt_syntax_errors(dialog, argument):
     """Malformed RCPT arguments get a 501 reply."""
