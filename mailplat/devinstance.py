@@ -1,0 +1,116 @@
+"""`make run`: a development instance in ./dev, then `twistd -n mailplat` in the foreground.
+
+The first start writes ``dev/mailplat.toml``, a self-signed certificate and a
+demo user whose random password is printed once (and kept in
+``dev/demo-password.txt``); later starts reuse all of it.  The SMTP listener
+is ``$MAILPLAT_DEV_SMTP`` (default ``tcp:2525:interface=127.0.0.1``), read
+when the config is written.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import secrets
+import sys
+
+DEV = "dev"
+CONFIG = os.path.join(DEV, "mailplat.toml")
+PASSWORD_FILE = os.path.join(DEV, "demo-password.txt")
+DEMO = "demo@example.test"
+DEFAULT_SMTP = "tcp:2525:interface=127.0.0.1"
+
+TEMPLATE = """\
+# mailplat development instance, written by `make run`; kept across runs
+# (delete dev/ to start again).  Relative paths are relative to this folder.
+hostname = "mail.example.test"
+data_dir = "var"
+domains = ["example.test"]
+
+[listen]
+smtp = {smtp}
+# submission, submissions, pop3 and pop3s are not available yet.
+
+[tls]
+certificate = "tls/cert.pem"
+key = "tls/key.pem"
+
+[auth]
+backend = "passwd-file"
+path = "users.passwd"
+
+[mailbox]
+backend = "maildir"
+path = "mail"
+
+[aliases]
+"postmaster@example.test" = "{demo}"
+"""
+
+
+def create() -> str | None:
+    """Create whatever of dev/ is missing; the demo password when it is new."""
+    from mailplat import cli
+    from mailplat.tls import make_self_signed
+
+    os.makedirs(DEV, mode=0o700, exist_ok=True)
+    if not os.path.exists(os.path.join(DEV, "tls", "cert.pem")):
+        make_self_signed("mail.example.test", os.path.join(DEV, "tls", "cert.pem"), os.path.join(DEV, "tls", "key.pem"))
+    if not os.path.exists(CONFIG):
+        smtp = os.environ.get("MAILPLAT_DEV_SMTP", DEFAULT_SMTP)
+        with open(CONFIG, "x") as f:
+            f.write(TEMPLATE.format(smtp=json.dumps(smtp), demo=DEMO))
+    elif "MAILPLAT_DEV_SMTP" in os.environ:
+        print(f"note: MAILPLAT_DEV_SMTP is used only when {CONFIG} is written; edit [listen] there", file=sys.stderr)
+    if os.path.exists(PASSWORD_FILE):
+        return None
+    # The same code path as `mailplat user add --password-stdin`: the password
+    # goes through standard input, never the command line.  `passwd` repairs
+    # a first start that stopped between adding the user and saving the file.
+    password = secrets.token_urlsafe(12)
+    for action in ("add", "passwd"):
+        stdin, sys.stdin = sys.stdin, io.StringIO(password + "\n")
+        try:
+            status = cli.main(["--config", CONFIG, "user", action, DEMO, "--password-stdin"])
+        finally:
+            sys.stdin = stdin
+        if status == 0:
+            break
+    else:
+        raise SystemExit(f"mailplat: could not create {DEMO} in {CONFIG}")
+    fd = os.open(PASSWORD_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(password + "\n")
+    return password
+
+
+def banner(password: str | None) -> str:
+    from mailplat.config import load
+
+    smtp = load(CONFIG).listen.get("smtp", "")
+    parts = smtp.split(":")
+    port = parts[1] if len(parts) > 1 and parts[1] != "0" else "PORT"
+    host = next((p.split("=", 1)[1] for p in parts[2:] if p.startswith("interface=")), "127.0.0.1")
+    secret = f"password: {password}  (shown once; also in {PASSWORD_FILE})" if password else f"password in {PASSWORD_FILE}"
+    lines = [
+        "mailplat development instance",
+        f"  config     {CONFIG}  (delete {DEV}/ to start again)",
+        f"  smtp       {smtp}" + ("  (PORT: see the 'smtp listening on' line below)" if port == "PORT" else ""),
+        f"  user       {DEMO}, {secret}",
+        f"  send       swaks --server {host} --port {port} --to {DEMO}",
+        f"  mail in    {os.path.join(DEV, 'mail', 'example.test', 'demo', 'new')}/",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    print(banner(create()), flush=True)
+    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+    sys.stderr.flush()
+    os.execv(twistd, [twistd, "-n", "--pidfile=", "mailplat", "--config", CONFIG])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""`make run`'s dev instance: first start creates dev/, mail to the demo user lands, a restart reuses dev/."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import smtplib
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import START_TIMEOUT, message, wait_for
+
+from mailplat.backends.passwdfile import parse
+from mailplat.passwords import verify_password
+
+
+class DevInstance:
+    """`python -m mailplat.devinstance` in ``cwd``, its output in a file."""
+
+    def __init__(self, cwd: Path, run: int) -> None:
+        self.out = cwd / f"devinstance-{run}.out"
+        env = dict(os.environ, MAILPLAT_DEV_SMTP="tcp:0:interface=127.0.0.1")
+        with open(self.out, "wb") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "mailplat.devinstance"], cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+
+    def output(self) -> str:
+        return self.out.read_text(errors="replace")
+
+    def wait_listening(self) -> int:
+        def port() -> int | None:
+            if self.process.poll() is not None:
+                raise AssertionError(f"the dev instance exited with {self.process.returncode}:\n{self.output()}")
+            found = re.search(r"smtp listening on 127\.0\.0\.1:(\d+)", self.output())
+            return int(found.group(1)) if found else None
+
+        return wait_for(port, START_TIMEOUT, "the dev instance to listen")  # type: ignore[return-value]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+
+def test_dev_instance_first_start_and_restart(tmp_path):
+    """The first start creates dev/ with a demo user whose password is printed once; mail to it lands; a restart reuses dev/."""
+    dev = tmp_path / "dev"
+    first = DevInstance(tmp_path, 1)
+    try:
+        port = first.wait_listening()
+        password_file = dev / "demo-password.txt"
+        password = password_file.read_text().strip()
+        assert stat.S_IMODE(password_file.stat().st_mode) == 0o600
+        assert f"password: {password}" in first.output()
+        # Stored the way `mailplat user add` stores it: an argon2id hash of the printed password.
+        stored = parse((dev / "users.passwd").read_text(), "users.passwd", allow_plain=False)
+        assert list(stored) == ["demo@example.test"]
+        assert stored["demo@example.test"].startswith("{ARGON2ID}")
+        assert verify_password(stored["demo@example.test"], password)
+        assert "swaks" in first.output() and "dev/mailplat.toml" in first.output()
+
+        with smtplib.SMTP("127.0.0.1", port) as client:
+            client.sendmail("someone@remote.test", ["demo@example.test"], message("dev one", to="demo@example.test"))
+            client.sendmail("someone@remote.test", ["postmaster@example.test"], message("dev two", to="postmaster@example.test"))
+        new = dev / "mail" / "example.test" / "demo" / "new"
+        contents = [p.read_bytes() for p in new.iterdir()]
+        assert len(contents) == 2
+        assert any(b"Subject: dev one" in c for c in contents) and any(b"Subject: dev two" in c for c in contents)
+    finally:
+        first.stop()
+
+    kept = {p: p.read_bytes() for p in (dev / "mailplat.toml", dev / "users.passwd", password_file, dev / "tls" / "cert.pem")}
+    second = DevInstance(tmp_path, 2)
+    try:
+        second.wait_listening()
+        assert password not in second.output()
+        assert "password in dev/demo-password.txt" in second.output()
+        assert {p: p.read_bytes() for p in kept} == kept
+        assert len(list((dev / "mail" / "example.test" / "demo" / "new").iterdir())) == 2
+    finally:
+        second.stop()
