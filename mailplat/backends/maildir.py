@@ -37,6 +37,8 @@ from mailplat.interfaces import (
 __all__ = ["Maildir", "build"]
 
 _COPY_BUFFER = 1 << 20
+# Deliveries by this process: shared by every Maildir so that names never repeat.
+_deliveries = itertools.count()
 
 
 def _safe_hostname() -> str:
@@ -47,6 +49,13 @@ def _safe_hostname() -> str:
 def _return_path(message: SpooledMessage) -> bytes:
     """RFC 5321 4.4: the final delivery records the envelope sender."""
     return f"Return-Path: <{message.sender}>\r\n".encode("utf-8")
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def _temporary(error: OSError) -> TemporaryFailure:
@@ -61,7 +70,6 @@ class Maildir:
         self.root = os.path.abspath(root)
         self.reactor = reactor
         self._host = _safe_hostname()
-        self._counter = itertools.count()
         self.committer = GroupCommit(reactor)
 
     def folder(self, account: Account) -> str:
@@ -80,8 +88,12 @@ class Maildir:
         return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args)
 
     def unique_name(self, size: int) -> str:
+        """time.MusecPpidQn.host (the maildir spec), plus ,S=size as Dovecot does.
+
+        Microseconds are zero-padded so that names sort in delivery order.
+        """
         now = time.time()
-        return f"{int(now)}.M{int(now % 1 * 1e6)}P{os.getpid()}Q{next(self._counter)}.{self._host},S={size}"
+        return f"{int(now)}.M{int(now % 1 * 1e6):06d}P{os.getpid()}Q{next(_deliveries)}.{self._host},S={size}"
 
     def deliver(self, account: Account, message: SpooledMessage) -> Any:
         folder = self.folder(account)
@@ -109,16 +121,20 @@ class Maildir:
             name = self.unique_name(len(header) + message.size)
             tmp = os.path.join(folder, "tmp", name)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            with open(fd, "wb") as out:
-                if message.content is not None:
-                    out.write(header + message.content)
-                else:
-                    out.write(header)
-                    with message.open() as src:
-                        shutil.copyfileobj(src, out, _COPY_BUFFER)
-                out.flush()
-                os.fsync(out.fileno())
-            os.rename(tmp, os.path.join(folder, "new", name))
+            try:
+                with open(fd, "wb") as out:
+                    if message.content is not None:
+                        out.write(header + message.content)
+                    else:
+                        out.write(header)
+                        with message.open() as src:
+                            shutil.copyfileobj(src, out, _COPY_BUFFER)
+                    out.flush()
+                    os.fsync(out.fileno())
+                os.rename(tmp, os.path.join(folder, "new", name))
+            except BaseException:
+                _remove(tmp)
+                raise
             fsync_directory(os.path.join(folder, "new"))
             return name
         except OSError as e:

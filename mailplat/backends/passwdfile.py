@@ -82,7 +82,7 @@ class PasswdFile:
             try:
                 with open(self.path, encoding="utf-8") as f:
                     self._users = parse(f.read(), self.path, self.allow_plain)
-            except (PasswdFileError, UnicodeDecodeError) as e:
+            except (PasswdFileError, UnicodeDecodeError, OSError) as e:
                 if self._stamp is None:
                     raise
                 log.error("users file not reloaded, keeping the previous one: {error}", error=str(e))
@@ -146,12 +146,28 @@ class PasswdFile:
                     f.write(f"{address}:{users[address]}\n")
                 f.flush()
                 os.fsync(f.fileno())
-            os.chmod(tmp, 0o600)
+            _keep_ownership(self.path, tmp)
             os.replace(tmp, self.path)
         except BaseException:
             os.unlink(tmp)
             raise
         fsync_directory(folder)
+
+
+def _keep_ownership(old: str, new: str) -> None:
+    """Give the new users file the old one's owner, group and mode.
+
+    Otherwise `sudo mailplat user add` would leave a root-owned 0600 file
+    that a server running as its own user can no longer read.
+    """
+    try:
+        st = os.stat(old)
+    except FileNotFoundError:
+        os.chmod(new, 0o600)
+        return
+    os.chmod(new, st.st_mode & 0o7777)
+    if os.geteuid() == 0:
+        os.chown(new, st.st_uid, st.st_gid)
 
 
 def build(options: dict[str, Any], context: BackendContext) -> PasswdFile:
