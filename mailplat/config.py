@@ -182,11 +182,21 @@ class _Reader:
         return kind(value)
 
     def finish(self, known: list[str]) -> None:
+        """Refuse whatever was not taken: an unknown key, with a hint."""
         for key in self.table:
-            hint = difflib.get_close_matches(key, known, n=1)
-            where = f"[{self.section}] " if self.section else ""
-            fix = f"did you mean {hint[0]!r}?" if hint else f"known keys here: {', '.join(known)}"
-            raise ConfigError(f"{where}{key}", "unknown key", fix, self.file)
+            raise self.unknown(key, known)
+
+    def reject_unknown(self, known: list[str]) -> None:
+        """Refuse keys not in ``known`` before reading any value."""
+        for key in self.table:
+            if key not in known:
+                raise self.unknown(key, known)
+
+    def unknown(self, key: str, known: list[str]) -> ConfigError:
+        hint = difflib.get_close_matches(key, known, n=1)
+        where = f"[{self.section}] " if self.section else ""
+        fix = f"did you mean {hint[0]!r}?" if hint else f"known keys here: {', '.join(known)}"
+        return ConfigError(f"{where}{key}", "unknown key", fix, self.file)
 
 
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list", dict: "a table"}
@@ -214,11 +224,14 @@ def _parse(path: str, data: dict[str, Any]) -> Settings:
         return os.path.normpath(os.path.join(config_dir, os.path.expanduser(p)))
 
     top = _Reader(path, "", data)
+    top.reject_unknown(_TOP_LEVEL_KEYS)  # a typo is the likeliest mistake: report it first
+    given = "hostname" in top.table
     hostname = top.take("hostname", str, socket.getfqdn(), example='"mail.example.org"').strip().lower()
     try:
         validate_domain(hostname)
     except AddressError as e:
-        raise top.error("hostname", str(e), 'e.g. hostname = "mail.example.org"')
+        problem = str(e) if given else f"not set, and this machine's name {hostname!r} is not a fully qualified domain name"
+        raise top.error("hostname", problem, 'set the name clients see, e.g. hostname = "mail.example.org"')
     data_dir = relative(top.take("data_dir", str, "var", example='"var"'))
     workers = top.positive("workers", 1)
     if workers > 64:
@@ -261,11 +274,14 @@ def _parse(path: str, data: dict[str, Any]) -> Settings:
     relay.finish(["smarthost"])
 
     smtp = _smtp_limits(_Reader(path, "smtp", top.take("smtp", dict, {})))
-    top.finish(["hostname", "data_dir", "workers", "domains", "listen", "tls", "auth", "mailbox", "delivery", "aliases", "relay", "smtp"])
+    top.finish(_TOP_LEVEL_KEYS)
     return Settings(
         path=path, hostname=hostname, data_dir=data_dir, domains=tuple(domains), listen=listen, tls=tls,
         auth=auth, mailbox=mailbox, delivery=delivery, aliases=aliases, smarthost=smarthost, smtp=smtp, workers=workers,
     )
+
+
+_TOP_LEVEL_KEYS = ["hostname", "data_dir", "workers", "domains", "listen", "tls", "auth", "mailbox", "delivery", "aliases", "relay", "smtp"]
 
 
 def _listen(table: _Reader) -> dict[str, str]:
