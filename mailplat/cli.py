@@ -8,6 +8,8 @@ import os
 import sys
 from typing import Any
 
+from twisted.logger import globalLogBeginner
+
 from mailplat.addresses import AddressError, validate_address
 from mailplat.config import ConfigError, Settings, load
 from mailplat.interfaces import IUserManager
@@ -38,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # Problems reach the admin as one-line errors; Twisted's log (which would
+    # print tracebacks, say for a plugin that fails to import) is not wanted.
+    globalLogBeginner.beginLoggingTo([], redirectStandardIO=False)
     try:
         if not args.config:
             raise CommandError("give --config FILE or set MAILPLAT_CONFIG")

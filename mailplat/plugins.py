@@ -81,7 +81,8 @@ def discover() -> tuple[list[Any], list[str]]:
     errors: list[str] = []
 
     def observe(event: dict[str, Any]) -> None:
-        failure = event.get("log_failure")
+        # getPlugins logs through the legacy API: its events carry "failure".
+        failure = event.get("log_failure") or event.get("failure")
         if failure is not None and not event.get("why"):
             modules = [frame[1] for frame in failure.frames if "plugins" in frame[1]]
             where = f"{modules[-1]}: " if modules else ""
