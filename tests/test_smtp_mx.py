@@ -396,3 +396,13 @@ def test_starttls_twice_and_with_argument(server):
         client.starttls(context=client_tls())
         client.ehlo()
         assert client.docmd("STARTTLS")[0] == 503
+
+
+def test_large_pipelined_burst(dialog):
+    """Thousands of commands in one write are all answered, in order, and the session goes on."""
+    d = dialog()
+    ehlo(d)
+    d.send(b"NOOP\r\n" * 5000 + b"RSET\r\n")
+    assert all(d.reply()[0] == 250 for _ in range(5000))
+    assert d.reply() == (250, "2.0.0 OK")
+    assert d.command("QUIT")[0] == 221

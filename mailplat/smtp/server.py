@@ -71,6 +71,7 @@ class SMTPServer(smtp.ESMTP):
         self.peer = ""
         self.mode = COMMAND
         self._buffer = b""
+        self._discard_input = False
         self._skipping_long_line = False
         self._waiting = False
         self._paused = False
@@ -132,37 +133,46 @@ class SMTPServer(smtp.ESMTP):
         # hand the message body to a chunk decoder.
         self.resetTimeout()
         self._buffer += data
-        self._process()
+        if not self._waiting:
+            self._process()
+        elif len(self._buffer) > _PAUSE_ABOVE and not self._paused:
+            self._paused = True
+            self.transport.pauseProducing()
 
     def _process(self) -> None:
-        while self._buffer and not self._waiting and not self.transport.disconnecting:
+        # An index into the buffer rather than slicing it per command: a
+        # packet full of tiny pipelined commands must not cost quadratic time.
+        buffer, pos = self._buffer, 0
+        while pos < len(buffer) and not self._waiting and not self.transport.disconnecting:
             if self.mode == DATA:
-                data, self._buffer = self._buffer, b""
                 assert self._decoder is not None
-                rest = self._decoder.feed(data)
+                rest = self._decoder.feed(buffer[pos:] if pos else buffer)
+                buffer, pos = rest or b"", 0
                 if rest is None:
-                    return
-                self._buffer = rest
+                    break
                 self._wait(self._end_of_data())
                 continue
-            end = self._buffer.find(b"\n")
+            end = buffer.find(b"\n", pos)
             if end < 0:
-                if len(self._buffer) > self.limits.max_command_line:
-                    self._buffer = b""
+                if len(buffer) - pos > self.limits.max_command_line:
+                    buffer, pos = b"", 0
                     if not self._skipping_long_line:
                         self._skipping_long_line = True
                         self.reply(500, "5.5.2", f"Line too long (limit {self.limits.max_command_line} octets)")
-                return
-            line, self._buffer = self._buffer[:end], self._buffer[end + 1 :]
+                break
+            line, pos = buffer[pos:end], end + 1
             if self._skipping_long_line:
                 self._skipping_long_line = False
-                continue
-            if len(line) + 1 > self.limits.max_command_line:
+            elif len(line) + 1 > self.limits.max_command_line:
                 self.reply(500, "5.5.2", f"Line too long (limit {self.limits.max_command_line} octets)")
             elif not line.endswith(b"\r"):
                 self.reply(500, "5.5.2", "Syntax error: command lines must end with CRLF, not a bare LF")
             else:
                 self._wait(self._command(line[:-1]))
+                if self._discard_input:
+                    self._discard_input = False
+                    buffer, pos = b"", 0
+        self._buffer = buffer[pos:] if pos else buffer
         if self._paused and not self._waiting:
             self._paused = False
             self.transport.resumeProducing()
@@ -172,17 +182,11 @@ class SMTPServer(smtp.ESMTP):
         if not isinstance(result, defer.Deferred) or result.called:
             return
         self._waiting = True
-        if len(self._buffer) > _PAUSE_ABOVE or self.mode == DATA:
-            self._paused = True
-            self.transport.pauseProducing()
 
         def done(_: Any) -> None:
             self._waiting = False
             if not self.transport.disconnecting:
                 self._process()
-            if self._paused and not self._waiting:
-                self._paused = False
-                self.transport.resumeProducing()
 
         result.addBoth(done)
 
@@ -293,7 +297,7 @@ class SMTPServer(smtp.ESMTP):
         self.reply(220, "2.0.0", "Ready to start TLS")
         # CVE-2011-0411: anything pipelined after STARTTLS arrived in clear
         # text and must not be executed inside the TLS session.
-        self._buffer = b""
+        self._discard_input = True
         self.transport.startTLS(self.ctx)
         self.startedTLS = True
         # RFC 3207 4.2: forget everything learnt before TLS.
