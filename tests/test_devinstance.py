@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import smtplib
 import stat
 import subprocess
 import sys
 from pathlib import Path
 
-from conftest import START_TIMEOUT, message, wait_for
+from conftest import START_TIMEOUT, message, stop_process, wait_for
 
 from mailplat.backends.passwdfile import parse
 from mailplat.passwords import verify_password
@@ -42,13 +41,7 @@ class DevInstance:
         return wait_for(port, START_TIMEOUT, "the dev instance to listen")  # type: ignore[return-value]
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        stop_process(self.process)
 
 
 def test_dev_instance_first_start_and_restart(tmp_path):
