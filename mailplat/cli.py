@@ -74,10 +74,9 @@ def _user_manager(settings: Settings) -> Any:
     from twisted.internet import reactor
 
     from mailplat.plugins import build_backend
-    from mailplat.interfaces import BackendContext
+    from mailplat.service import backend_context
 
-    context = BackendContext(settings.hostname, settings.domains, settings.config_dir, settings.data_dir, reactor, admin=True)
-    auth = build_backend(settings.auth, context, settings.path)
+    auth = build_backend(settings.auth, backend_context(settings, reactor, admin=True), settings.path)
     if not IUserManager.providedBy(auth):
         raise CommandError(f"the {settings.auth.name} auth backend cannot edit users; manage them where that backend keeps them")
     return auth

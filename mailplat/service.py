@@ -26,14 +26,13 @@ from mailplat.smtp.server import SMTPFactory
 from mailplat.tls import load_server_context
 from mailplat.workers import WorkerPool, adopt_port
 
-__all__ = ["Listener", "Options", "build_providers", "makeService", "make_service"]
+__all__ = ["Listener", "Options", "backend_context", "build_providers", "makeService", "make_service"]
 
 log = Logger()
 
 
-def build_providers(settings: Settings, reactor: Any, admin: bool = False) -> dict[str, Any]:
-    """Build and verify every configured backend: auth, mailbox, delivery."""
-    context = BackendContext(
+def backend_context(settings: Settings, reactor: Any, admin: bool = False) -> BackendContext:
+    return BackendContext(
         hostname=settings.hostname,
         domains=settings.domains,
         config_dir=settings.config_dir,
@@ -41,6 +40,11 @@ def build_providers(settings: Settings, reactor: Any, admin: bool = False) -> di
         reactor=reactor,
         admin=admin,
     )
+
+
+def build_providers(settings: Settings, reactor: Any) -> dict[str, Any]:
+    """Build and verify every configured backend: auth, mailbox, delivery."""
+    context = backend_context(settings, reactor)
     for section in (settings.auth, settings.mailbox, settings.delivery):
         context.providers[section.section] = build_backend(section, context, settings.path)
     return context.providers
