@@ -22,6 +22,7 @@ from twisted.mail import smtp
 from mailplat.addresses import AddressError, AliasResolver, MailPath, parse_path, validate_address
 from mailplat.config import SMTPLimits
 from mailplat.interfaces import Account, DeliveryFailure, Envelope, PermanentFailure, TemporaryFailure
+from mailplat.linereader import CommandReader
 from mailplat.plugins import call
 from mailplat.smtp.receiving import DataDecoder, Spool, SpoolFile, new_id
 
@@ -30,7 +31,6 @@ __all__ = ["SMTPFactory", "SMTPServer"]
 log = Logger()
 
 COMMAND, DATA = "COMMAND", "DATA"
-_PAUSE_ABOVE = 64 * 1024
 
 
 class Reply(Exception):
@@ -57,7 +57,7 @@ def _printable(text: bytes | str, limit: int = 100) -> str:
     return "".join(c if 0x20 < ord(c) < 0x7F else "?" for c in text[:limit])
 
 
-class SMTPServer(smtp.ESMTP):
+class SMTPServer(CommandReader, smtp.ESMTP):
     """One SMTP session on the MX port: mail for our domains only."""
 
     def __init__(self, factory: SMTPFactory) -> None:
@@ -69,12 +69,8 @@ class SMTPServer(smtp.ESMTP):
         self.timeout = self.limits.idle_timeout
         self.session = new_id()
         self.peer = ""
+        self.max_command_line = self.limits.max_command_line
         self.mode = COMMAND
-        self._buffer = b""
-        self._discard_input = False
-        self._skipping_long_line = False
-        self._waiting = False
-        self._paused = False
         self._errors = 0
         self._counted = False
         self._helo: Any = None
@@ -124,73 +120,25 @@ class SMTPServer(smtp.ESMTP):
                 self.sendCode(421, f"4.7.0 {self.factory.hostname} too many errors, closing the connection".encode())
                 self.transport.loseConnection()
 
-    # -- input: our own loop instead of LineOnlyReceiver's ---------------------
+    # -- input (CommandReader hooks) ------------------------------------------
 
-    def dataReceived(self, data: bytes) -> None:
-        # Twisted splits lines only on CRLF and hands DATA to a per-line
-        # callback; we read commands one at a time (so that an asynchronous
-        # check holds back the next pipelined command, RFC 2920 3.1) and
-        # hand the message body to a chunk decoder.
-        self.resetTimeout()
-        self._buffer += data
-        if not self._waiting:
-            self._process()
-        elif len(self._buffer) > _PAUSE_ABOVE and not self._paused:
-            self._paused = True
-            self.transport.pauseProducing()
+    def line_too_long(self) -> None:
+        self.reply(500, "5.5.2", f"Line too long (limit {self.max_command_line} octets)")
 
-    def _process(self) -> None:
-        # An index into the buffer rather than slicing it per command: a
-        # packet full of tiny pipelined commands must not cost quadratic time.
-        buffer, pos = self._buffer, 0
-        while pos < len(buffer) and not self._waiting and not self.transport.disconnecting:
-            if self.mode == DATA:
-                assert self._decoder is not None
-                rest = self._decoder.feed(buffer[pos:] if pos else buffer)
-                buffer, pos = rest or b"", 0
-                if rest is None:
-                    break
-                self._wait(self._end_of_data())
-                continue
-            end = buffer.find(b"\n", pos)
-            if end < 0:
-                if len(buffer) - pos > self.limits.max_command_line:
-                    buffer, pos = b"", 0
-                    if not self._skipping_long_line:
-                        self._skipping_long_line = True
-                        self.reply(500, "5.5.2", f"Line too long (limit {self.limits.max_command_line} octets)")
-                break
-            line, pos = buffer[pos:end], end + 1
-            if self._skipping_long_line:
-                self._skipping_long_line = False
-            elif len(line) + 1 > self.limits.max_command_line:
-                self.reply(500, "5.5.2", f"Line too long (limit {self.limits.max_command_line} octets)")
-            elif not line.endswith(b"\r"):
-                self.reply(500, "5.5.2", "Syntax error: command lines must end with CRLF, not a bare LF")
-            else:
-                self._wait(self._command(line[:-1]))
-                if self._discard_input:
-                    self._discard_input = False
-                    buffer, pos = b"", 0
-        self._buffer = buffer[pos:] if pos else buffer
-        if self._paused and not self._waiting:
-            self._paused = False
-            self.transport.resumeProducing()
+    def bare_newline(self) -> None:
+        self.reply(500, "5.5.2", "Syntax error: command lines must end with CRLF, not a bare LF")
 
-    def _wait(self, result: Any) -> None:
-        """Hold further input until an asynchronous command has replied."""
-        if not isinstance(result, defer.Deferred) or result.called:
-            return
-        self._waiting = True
+    def reading_raw(self) -> bool:
+        return self.mode == DATA
 
-        def done(_: Any) -> None:
-            self._waiting = False
-            if not self.transport.disconnecting:
-                self._process()
+    def raw_received(self, data: bytes) -> bytes | None:
+        assert self._decoder is not None
+        return self._decoder.feed(data)
 
-        result.addBoth(done)
+    def raw_ended(self) -> defer.Deferred[None]:
+        return defer.Deferred.fromCoroutine(self._deliver())
 
-    def _command(self, line: bytes) -> Any:
+    def command_received(self, line: bytes) -> Any:
         if b"\0" in line:
             return self.reply(500, "5.5.2", "Syntax error: NUL character in command")
         verb, _, argument = line.strip().partition(b" ")
@@ -297,7 +245,7 @@ class SMTPServer(smtp.ESMTP):
         self.reply(220, "2.0.0", "Ready to start TLS")
         # CVE-2011-0411: anything pipelined after STARTTLS arrived in clear
         # text and must not be executed inside the TLS session.
-        self._discard_input = True
+        self.discard_pending_input()
         self.transport.startTLS(self.ctx)
         self.startedTLS = True
         # RFC 3207 4.2: forget everything learnt before TLS.
@@ -449,9 +397,6 @@ class SMTPServer(smtp.ESMTP):
             self.reply(250, "2.0.0", f"OK: queued as {queue_id}")
         finally:
             spool_file.discard()
-
-    def _end_of_data(self) -> defer.Deferred[None]:
-        return defer.Deferred.fromCoroutine(self._deliver())
 
     def _abort_data(self) -> None:
         if self._spool_file is not None:
