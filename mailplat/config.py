@@ -19,6 +19,7 @@ __all__ = [
     "BackendSettings",
     "ConfigError",
     "ListenerNames",
+    "POP3Settings",
     "Settings",
     "SMTPLimits",
     "TLSSettings",
@@ -89,6 +90,22 @@ class SMTPLimits:
 
 
 @dataclass(frozen=True)
+class POP3Settings:
+    """[pop3]: login safety, limits and what happens to mail after download."""
+
+    auth_failure_delay: float = 2.0
+    max_login_failures: int = 10
+    login_block_time: float = 300.0
+    idle_timeout: float = 600.0
+    max_connections: int = 1000
+    max_connections_per_ip: int = 20
+    # None: never; otherwise retrieved messages are removed after this many days.
+    expire_days: float | None = None
+    on_delete: str = "remove"
+    trash_days: float = 30.0
+
+
+@dataclass(frozen=True)
 class Settings:
     path: str
     hostname: str
@@ -103,6 +120,7 @@ class Settings:
     smarthost: str
     smtp: SMTPLimits = field(default_factory=SMTPLimits)
     workers: int = 1
+    pop3: POP3Settings = field(default_factory=POP3Settings)
 
     @property
     def config_dir(self) -> str:
@@ -129,6 +147,8 @@ class Settings:
         lines += [f"{_toml(k)} = {_toml(list(v))}" for k, v in self.aliases.items()]
         lines += ["", "[relay]", f"smarthost = {_toml(self.smarthost)}", "", "[smtp]"]
         lines += [f"{k} = {_toml(v)}" for k, v in vars(self.smtp).items()]
+        lines += ["", "[pop3]"]
+        lines += [f"{k} = {_toml(v)}" for k, v in vars(self.pop3).items() if v is not None]
         return "\n".join(lines) + "\n"
 
 
@@ -274,14 +294,17 @@ def _parse(path: str, data: dict[str, Any]) -> Settings:
     relay.finish(["smarthost"])
 
     smtp = _smtp_limits(_Reader(path, "smtp", top.take("smtp", dict, {})))
+    pop3 = _pop3_settings(_Reader(path, "pop3", top.take("pop3", dict, {})))
     top.finish(_TOP_LEVEL_KEYS)
     return Settings(
         path=path, hostname=hostname, data_dir=data_dir, domains=tuple(domains), listen=listen, tls=tls,
-        auth=auth, mailbox=mailbox, delivery=delivery, aliases=aliases, smarthost=smarthost, smtp=smtp, workers=workers,
+        auth=auth, mailbox=mailbox, delivery=delivery, aliases=aliases, smarthost=smarthost, smtp=smtp, workers=workers, pop3=pop3,
     )
 
 
-_TOP_LEVEL_KEYS = ["hostname", "data_dir", "workers", "domains", "listen", "tls", "auth", "mailbox", "delivery", "aliases", "relay", "smtp"]
+_TOP_LEVEL_KEYS = [
+    "hostname", "data_dir", "workers", "domains", "listen", "tls", "auth", "mailbox", "delivery", "aliases", "relay", "smtp", "pop3",
+]
 
 
 def _listen(table: _Reader) -> dict[str, str]:
@@ -394,6 +417,32 @@ def _smtp_limits(table: _Reader) -> SMTPLimits:
         raise table.error("max_text_line", "must be at least 1000 (RFC 5321 4.5.3.1.6)", "max_text_line = 1000")
     table.finish(list(vars(d)))
     return limits
+
+
+def _pop3_settings(table: _Reader) -> POP3Settings:
+    d = POP3Settings()
+    delay = table.take("auth_failure_delay", (int, float), d.auth_failure_delay, example="2")
+    if delay < 0:
+        raise table.error("auth_failure_delay", "must not be negative", "auth_failure_delay = 2")
+    expire = table.take("expire_days", (int, float), None, example="30")
+    if expire is not None and expire <= 0:
+        raise table.error("expire_days", "must be greater than 0", "leave it out to keep retrieved mail, or e.g. expire_days = 30")
+    on_delete = table.take("on_delete", str, d.on_delete, example='"trash"')
+    if on_delete not in ("remove", "trash"):
+        raise table.error("on_delete", f"must be \"remove\" or \"trash\", not {on_delete!r}", 'on_delete = "trash" keeps deleted mail in .Trash')
+    settings = POP3Settings(
+        auth_failure_delay=float(delay),
+        max_login_failures=table.positive("max_login_failures", d.max_login_failures),
+        login_block_time=table.positive("login_block_time", d.login_block_time, float),
+        idle_timeout=table.positive("idle_timeout", d.idle_timeout, float),
+        max_connections=table.positive("max_connections", d.max_connections),
+        max_connections_per_ip=table.positive("max_connections_per_ip", d.max_connections_per_ip),
+        expire_days=float(expire) if expire is not None else None,
+        on_delete=on_delete,
+        trash_days=table.positive("trash_days", d.trash_days, float),
+    )
+    table.finish(list(vars(d)))
+    return settings
 
 
 def _is_host_port(value: str) -> bool:

@@ -193,13 +193,18 @@ class IMaildrop(Interface):
     """A locked snapshot of one mailbox, with RFC 1939 delete-at-commit."""
 
     def entries() -> list[MaildropEntry]:
-        """The messages present when the maildrop was opened, in order."""
+        """The messages present when the maildrop was opened, oldest first."""
 
     def read(uid: str) -> IO[bytes]:
         """Open one message (CRLF lines) for reading; the caller closes it."""
 
-    def commit(deleted: list[str]) -> None:
-        """Remove the messages whose uids are given, durably."""
+    def commit(deleted: list[str], retrieved: list[str], trash: bool) -> None:
+        """Remove (or, with ``trash``, move to a trash folder) the deleted
+        messages and mark the retrieved ones as seen, durably; then release."""
+
+    def expire(retrieved_days: float | None, trash_days: float) -> None:
+        """Remove messages seen more than ``retrieved_days`` ago (None: never)
+        and trashed ones older than ``trash_days``; before entries are read."""
 
     def close() -> None:
         """Release the lock without changing anything."""

@@ -14,13 +14,16 @@ from typing import Any
 from twisted.application import service
 from twisted.internet import endpoints
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
 from mailplat.addresses import AliasResolver
 from mailplat.config import ConfigError, Settings, load
+from mailplat.cred import make_portal
 from mailplat.fsutil import makedirs_durable
 from mailplat.interfaces import BackendContext
 from mailplat.plugins import build_backend, call
+from mailplat.pop3.server import LoginFailures, POP3Factory
 from mailplat.smtp.receiving import Spool
 from mailplat.smtp.server import SMTPFactory
 from mailplat.tls import load_server_context
@@ -112,11 +115,20 @@ def make_service(
     resolver = AliasResolver(settings.domains, settings.aliases, lambda address: call(auth.lookup, address))
     tls = load_server_context(settings.tls.certificate, settings.tls.key) if settings.tls else None
 
+    portal = make_portal(auth, providers["mailbox"])
+    login_failures = LoginFailures(settings.pop3.max_login_failures, settings.pop3.login_block_time, reactor)
+
     top = service.MultiService()
     listeners = []
     for name, description in settings.listen.items():
+        factory: Any
         if name == "smtp":
             factory = SMTPFactory(settings.hostname, settings.smtp, resolver, providers["delivery"], spool, tls)
+        elif name in ("pop3", "pop3s"):
+            factory = POP3Factory(settings.pop3, portal, tls, name == "pop3s", reactor, login_failures)
+            if name == "pop3s":
+                # RFC 8314: implicit TLS, the whole connection inside TLS.
+                factory = TLSMemoryBIOFactory(tls, False, factory)
         else:
             raise ConfigError(f"[listen] {name}", "this listener is not available yet", f"remove {name} from [listen]", settings.path)
         endpoint = endpoints.serverFromString(reactor, _with_backlog(description))

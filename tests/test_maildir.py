@@ -43,6 +43,16 @@ class SyncThreadPool:
         on_result(ok, result)
 
 
+def settle(d):
+    """The result of an already fired Deferred; its Failure is raised."""
+    results: list = []
+    d.addBoth(results.append)
+    assert results, "the Deferred has not fired"
+    if isinstance(results[0], Failure):
+        results[0].raiseException()
+    return results[0]
+
+
 class Reactor:
     """Just enough reactor for the maildir: the thread pool above, and
     callFromThread from other threads (the group commit's) queued until the
@@ -302,7 +312,7 @@ def filled(maildir, tmp_path) -> tuple[str, dict[str, bytes]]:
 def test_maildrop_entries_and_read(filled):
     """The maildrop lists every message in new/ and cur/ with its uid and exact size, and read returns its bytes."""
     folder, contents = filled
-    drop = MaildirDrop.open(folder)
+    drop = MaildirDrop.open(folder, Reactor())
     try:
         entries = drop.entries()
         assert {(e.uid, e.size) for e in entries} == {(uid, len(data)) for uid, data in contents.items()}
@@ -320,11 +330,11 @@ def test_commit_deletes_only_the_given_uids(filled):
     """commit removes exactly the messages named, in new/ or cur/, keeps the rest, and releases the lock."""
     folder, contents = filled
     uids = sorted(contents)
-    drop = MaildirDrop.open(folder)
+    drop = MaildirDrop.open(folder, Reactor())
     in_cur = next(uid for uid in uids if os.path.exists(os.path.join(folder, "cur", uid + ":2,S")))
     deleted = [in_cur, next(uid for uid in uids if uid != in_cur)]
-    drop.commit(deleted)
-    again = MaildirDrop.open(folder)
+    settle(drop.commit(deleted, [], False))
+    again = MaildirDrop.open(folder, Reactor())
     try:
         assert {e.uid for e in again.entries()} == set(uids) - set(deleted)
     finally:
@@ -335,8 +345,8 @@ def test_commit_deletes_only_the_given_uids(filled):
 def test_close_changes_nothing(filled):
     """close releases the lock without deleting anything."""
     folder, contents = filled
-    MaildirDrop.open(folder).close()
-    drop = MaildirDrop.open(folder)
+    MaildirDrop.open(folder, Reactor()).close()
+    drop = MaildirDrop.open(folder, Reactor())
     try:
         assert {e.uid for e in drop.entries()} == set(contents)
     finally:
@@ -356,11 +366,11 @@ def test_empty_account_opens_empty(maildir, reactor, tmp_path):
 def test_second_open_in_same_process_is_refused(filled):
     """While a maildrop is open, a second open (another session) raises MaildropInUse; after close it works."""
     folder, _ = filled
-    first = MaildirDrop.open(folder)
+    first = MaildirDrop.open(folder, Reactor())
     with pytest.raises(MaildropInUse):
-        MaildirDrop.open(folder)
+        MaildirDrop.open(folder, Reactor())
     first.close()
-    MaildirDrop.open(folder).close()
+    MaildirDrop.open(folder, Reactor()).close()
 
 
 HOLD_LOCK = """
@@ -400,16 +410,16 @@ def test_lock_held_by_another_process_is_refused(filled):
     try:
         assert state == "locked"
         with pytest.raises(MaildropInUse):
-            MaildirDrop.open(folder)
+            MaildirDrop.open(folder, Reactor())
     finally:
         release(holder)
-    MaildirDrop.open(folder).close()
+    MaildirDrop.open(folder, Reactor()).close()
 
 
 def test_open_maildrop_excludes_other_processes(filled):
     """While this process holds a maildrop, another process cannot take its lock; after close it can."""
     folder, _ = filled
-    drop = MaildirDrop.open(folder)
+    drop = MaildirDrop.open(folder, Reactor())
     try:
         holder, state = lock_holder(folder)
         release(holder)
@@ -424,14 +434,14 @@ def test_open_maildrop_excludes_other_processes(filled):
 def test_lock_is_released_when_commit_fails(filled, monkeypatch):
     """Even when commit fails half-way, the lock is released for the next session."""
     folder, contents = filled
-    drop = MaildirDrop.open(folder)
+    drop = MaildirDrop.open(folder, Reactor())
 
     def broken(path):
         raise OSError(5, "I/O error")
 
     monkeypatch.setattr("mailplat.backends.maildir.fsync_directory", broken)
     with pytest.raises(OSError):
-        drop.commit([sorted(contents)[0]])
+        settle(drop.commit([sorted(contents)[0]], [], False))
     monkeypatch.undo()
     with open(os.path.join(folder, "mailplat.lock"), "ab") as f:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -9,6 +9,7 @@ a POP3 client is told.  All disk work runs in the reactor's thread pool.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import itertools
 import os
 import shutil
@@ -49,6 +50,13 @@ def _safe_hostname() -> str:
 def _return_path(message: SpooledMessage) -> bytes:
     """RFC 5321 4.4: the final delivery records the envelope sender."""
     return f"Return-Path: <{message.sender}>\r\n".encode("utf-8")
+
+
+def _uidl(name: str) -> str:
+    """A POP3 unique id from a maildir name: stable, printable, at most 70 characters (RFC 1939 7)."""
+    if len(name) <= 70 and all(0x21 <= ord(c) <= 0x7E for c in name):
+        return name
+    return hashlib.sha1(name.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def _remove(path: str) -> None:
@@ -142,21 +150,28 @@ class Maildir:
 
     def open(self, account: Account) -> Any:
         folder = self.folder(account)
-        return self._thread(MaildirDrop.open, folder)
+        return self._thread(MaildirDrop.open, folder, self.reactor)
 
 
 @implementer(IMaildrop)
 class MaildirDrop:
-    """A locked snapshot of a maildir for one retrieval session."""
+    """A locked snapshot of a maildir for one retrieval session.
 
-    def __init__(self, folder: str, lock: IO[bytes], files: dict[str, str], entries: list[MaildropEntry]) -> None:
+    Retrieved messages move to ``cur/`` with the maildir "S" (seen) flag,
+    and their mtime records when: that is what ``expire`` goes by.  Trash is
+    the Maildir++ folder ``.Trash``.  Work on many files runs in a thread.
+    """
+
+    def __init__(self, folder: str, lock: IO[bytes], reactor: Any) -> None:
         self.folder = folder
+        self.reactor = reactor
         self._lock = lock
-        self._files = files
-        self._entries = entries
+        self._files: dict[str, str] = {}
+        self._entries: list[MaildropEntry] = []
+        self._scan()
 
     @classmethod
-    def open(cls, folder: str) -> MaildirDrop:
+    def open(cls, folder: str, reactor: Any) -> MaildirDrop:
         for sub in ("tmp", "new", "cur"):
             os.makedirs(os.path.join(folder, sub), mode=0o700, exist_ok=True)
         lock = open(os.path.join(folder, "mailplat.lock"), "ab")
@@ -167,19 +182,28 @@ class MaildirDrop:
         except BlockingIOError:
             lock.close()
             raise MaildropInUse("the maildrop is in use by another session")
+        try:
+            return cls(folder, lock, reactor)
+        except BaseException:
+            lock.close()
+            raise
+
+    def _scan(self) -> None:
         files: dict[str, str] = {}
-        found: list[tuple[float, str, int]] = []
+        found: list[tuple[int, str, int]] = []
         for sub in ("cur", "new"):
-            directory = os.path.join(folder, sub)
-            for entry in os.scandir(directory):
+            for entry in os.scandir(os.path.join(self.folder, sub)):
                 if entry.name.startswith(".") or not entry.is_file():
                     continue
-                uid = entry.name.split(":", 1)[0]
+                uid = _uidl(entry.name.split(":", 1)[0])
                 files[uid] = entry.path
                 st = entry.stat()
-                found.append((st.st_mtime, uid, st.st_size))
+                # Our names start with the delivery time: oldest first.
+                head = entry.name.split(".", 1)[0]
+                found.append((int(head) if head.isdigit() else int(st.st_mtime), uid, st.st_size))
         found.sort()
-        return cls(folder, lock, files, [MaildropEntry(uid, size) for _, uid, size in found])
+        self._files = files
+        self._entries = [MaildropEntry(uid, size) for _, uid, size in found]
 
     def entries(self) -> list[MaildropEntry]:
         return list(self._entries)
@@ -187,17 +211,70 @@ class MaildirDrop:
     def read(self, uid: str) -> IO[bytes]:
         return open(self._files[uid], "rb")
 
-    def commit(self, deleted: list[str]) -> None:
+    def _thread(self, f: Any, *args: Any) -> Any:
+        return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args)
+
+    def commit(self, deleted: list[str], retrieved: list[str], trash: bool) -> Any:
+        return self._thread(self._commit, deleted, retrieved, trash)
+
+    def _commit(self, deleted: list[str], retrieved: list[str], trash: bool) -> None:
         try:
+            now = time.time()
+            touched = {os.path.join(self.folder, "cur"), os.path.join(self.folder, "new")}
+            if trash and deleted:
+                trash_cur = os.path.join(self.folder, ".Trash", "cur")
+                if not os.path.isdir(trash_cur):
+                    for sub in ("tmp", "new", "cur"):
+                        makedirs_durable(os.path.join(self.folder, ".Trash", sub))
+                touched.add(trash_cur)
             for uid in deleted:
+                path = self._files[uid]
                 try:
-                    os.unlink(self._files[uid])
+                    if trash:
+                        os.utime(path, (now, now))
+                        os.rename(path, os.path.join(self.folder, ".Trash", "cur", os.path.basename(path)))
+                    else:
+                        os.unlink(path)
                 except FileNotFoundError:
                     pass
-            for sub in ("cur", "new"):
-                fsync_directory(os.path.join(self.folder, sub))
+            for uid in set(retrieved) - set(deleted):
+                path = self._files[uid]
+                name = os.path.basename(path)
+                flags = name.split(":2,", 1)[1] if ":2," in name else ""
+                if "S" in flags:
+                    continue
+                base = name.split(":", 1)[0]
+                seen = os.path.join(self.folder, "cur", f"{base}:2,{''.join(sorted(flags + 'S'))}")
+                try:
+                    os.utime(path, (now, now))
+                    os.rename(path, seen)
+                except FileNotFoundError:
+                    pass
+            for folder in touched:
+                fsync_directory(folder)
         finally:
             self.close()
+
+    def expire(self, retrieved_days: float | None, trash_days: float) -> Any:
+        return self._thread(self._expire, retrieved_days, trash_days)
+
+    def _expire(self, retrieved_days: float | None, trash_days: float) -> None:
+        now = time.time()
+        removed = False
+        if retrieved_days is not None:
+            for entry in os.scandir(os.path.join(self.folder, "cur")):
+                flags = entry.name.split(":2,", 1)[1] if ":2," in entry.name else ""
+                if "S" in flags and entry.stat().st_mtime < now - retrieved_days * 86400:
+                    os.unlink(entry.path)
+                    removed = True
+        trash_cur = os.path.join(self.folder, ".Trash", "cur")
+        if os.path.isdir(trash_cur):
+            for entry in os.scandir(trash_cur):
+                if entry.stat().st_mtime < now - trash_days * 86400:
+                    os.unlink(entry.path)
+        if removed:
+            fsync_directory(os.path.join(self.folder, "cur"))
+            self._scan()
 
     def close(self) -> None:
         if not self._lock.closed:

@@ -10,7 +10,6 @@ and commands pipelined after STARTTLS that would be executed inside TLS.
 
 from __future__ import annotations
 
-import collections
 import email.utils
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +20,7 @@ from twisted.mail import smtp
 
 from mailplat.addresses import AddressError, AliasResolver, MailPath, parse_path, validate_address
 from mailplat.config import SMTPLimits
+from mailplat.connections import ConnectionCounter
 from mailplat.interfaces import Account, DeliveryFailure, Envelope, PermanentFailure, TemporaryFailure
 from mailplat.linereader import CommandReader
 from mailplat.plugins import call
@@ -83,7 +83,7 @@ class SMTPServer(CommandReader, smtp.ESMTP):
 
     def connectionMade(self) -> None:
         self.peer = getattr(self.transport.getPeer(), "host", "unknown")
-        refusal = self.factory.admit(self.peer)
+        refusal = self.factory.connections.admit(self.peer)
         if refusal:
             log.info("{session} refused {peer}: {why}", session=self.session, peer=self.peer, why=refusal)
             self.transport.write(f"421 4.7.0 {self.factory.hostname} {refusal}, try again later\r\n".encode())
@@ -99,7 +99,7 @@ class SMTPServer(CommandReader, smtp.ESMTP):
         self._abort_data()
         if self._counted:
             self._counted = False
-            self.factory.release(self.peer)
+            self.factory.connections.release(self.peer)
             log.info("{session} disconnect from {peer}", session=self.session, peer=self.peer)
 
     def greeting(self) -> bytes:
@@ -425,29 +425,12 @@ class SMTPFactory(protocol.ServerFactory):
         self.delivery = delivery
         self.spool = spool
         self.tls = tls
-        self.connections = 0
-        self.per_ip: collections.Counter[str] = collections.Counter()
+        self.connections = ConnectionCounter(limits.max_connections, limits.max_connections_per_ip)
 
     def buildProtocol(self, addr: Any) -> SMTPServer:
         p = SMTPServer(self)
         p.factory = self
         return p
-
-    def admit(self, peer: str) -> str:
-        """Count a new connection, or say why it is refused."""
-        if self.connections >= self.limits.max_connections:
-            return "too many connections"
-        if self.per_ip[peer] >= self.limits.max_connections_per_ip:
-            return f"too many connections from {peer}"
-        self.connections += 1
-        self.per_ip[peer] += 1
-        return ""
-
-    def release(self, peer: str) -> None:
-        self.connections -= 1
-        self.per_ip[peer] -= 1
-        if self.per_ip[peer] <= 0:
-            del self.per_ip[peer]
 
     def relay_denied(self, path: MailPath) -> str:
         """Why this recipient would be relaying (empty when it is ours).
