@@ -29,6 +29,8 @@ domains = ["example.org", "example.net"]
 
 [listen]
 smtp = "tcp:0:interface=127.0.0.1"
+pop3 = "tcp:0:interface=127.0.0.1"
+pop3s = "tcp:0:interface=127.0.0.1"
 
 [tls]
 certificate = "tls/cert.pem"
@@ -41,6 +43,9 @@ path = "users.passwd"
 [mailbox]
 backend = "maildir"
 path = "mail"
+
+[pop3]
+auth_failure_delay = 0.3
 
 [aliases]
 "postmaster@example.org" = "alice@example.org"
@@ -113,12 +118,10 @@ class MailplatServer:
         return self.root / "mail" / domain / local
 
     def messages(self, address: str) -> list[bytes]:
-        """The messages in an account's new/ folder, oldest first."""
-        new = self.maildir(address) / "new"
-        if not new.is_dir():
-            return []
-        files = sorted(new.iterdir(), key=lambda p: (p.stat().st_mtime_ns, p.name))
-        return [p.read_bytes() for p in files]
+        """The messages in an account's maildir (new/ and cur/), in delivery order."""
+        files = [p for sub in ("new", "cur") if (self.maildir(address) / sub).is_dir() for p in (self.maildir(address) / sub).iterdir()]
+        # Our maildir names begin with the delivery time (seconds, zero-padded microseconds).
+        return [p.read_bytes() for p in sorted(files, key=lambda p: p.name)]
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

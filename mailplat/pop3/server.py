@@ -194,7 +194,10 @@ class POP3Server(CommandReader, pop3.POP3):
     def command_received(self, line: bytes) -> Any:
         if self._sasl:
             self._sasl = False
-            return self._finish(self._sasl_response(line))
+            try:
+                return self._finish(self._sasl_response(line))
+            except ERR as e:
+                return self.failResponse(e.line)
         if b"\0" in line:
             return self.failResponse("NUL character in command")
         words = line.split()
