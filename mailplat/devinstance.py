@@ -3,8 +3,9 @@
 The first start writes ``dev/mailplat.toml``, a self-signed certificate and a
 demo user whose random password is printed once (and kept in
 ``dev/demo-password.txt``); later starts reuse all of it.  The SMTP listener
-is ``$MAILPLAT_DEV_SMTP`` (default ``tcp:2525:interface=127.0.0.1``), read
-when the config is written.
+is ``$MAILPLAT_DEV_SMTP`` (default ``tcp:2525:interface=127.0.0.1``), POP3
+``$MAILPLAT_DEV_POP3`` (2110, STLS) and POP3S ``$MAILPLAT_DEV_POP3S`` (2995),
+read when the config is written.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ CONFIG = os.path.join(DEV, "mailplat.toml")
 PASSWORD_FILE = os.path.join(DEV, "demo-password.txt")
 DEMO = "demo@example.test"
 DEFAULT_SMTP = "tcp:2525:interface=127.0.0.1"
+DEFAULT_POP3 = "tcp:2110:interface=127.0.0.1"
+DEFAULT_POP3S = "tcp:2995:interface=127.0.0.1"
 
 TEMPLATE = """\
 # mailplat development instance, written by `make run`; kept across runs
@@ -30,7 +33,9 @@ domains = ["example.test"]
 
 [listen]
 smtp = {smtp}
-# submission, submissions, pop3 and pop3s are not available yet.
+pop3 = {pop3}
+pop3s = {pop3s}
+# submission and submissions are not available yet.
 
 [tls]
 certificate = "tls/cert.pem"
@@ -58,11 +63,14 @@ def create() -> str | None:
     if not os.path.exists(os.path.join(DEV, "tls", "cert.pem")):
         make_self_signed("mail.example.test", os.path.join(DEV, "tls", "cert.pem"), os.path.join(DEV, "tls", "key.pem"))
     if not os.path.exists(CONFIG):
-        smtp = os.environ.get("MAILPLAT_DEV_SMTP", DEFAULT_SMTP)
+        listen = {
+            name: json.dumps(os.environ.get(f"MAILPLAT_DEV_{name.upper()}", default))
+            for name, default in (("smtp", DEFAULT_SMTP), ("pop3", DEFAULT_POP3), ("pop3s", DEFAULT_POP3S))
+        }
         with open(CONFIG, "x") as f:
-            f.write(TEMPLATE.format(smtp=json.dumps(smtp), demo=DEMO))
-    elif "MAILPLAT_DEV_SMTP" in os.environ:
-        print(f"note: MAILPLAT_DEV_SMTP is used only when {CONFIG} is written; edit [listen] there", file=sys.stderr)
+            f.write(TEMPLATE.format(demo=DEMO, **listen))
+    elif any(f"MAILPLAT_DEV_{name}" in os.environ for name in ("SMTP", "POP3", "POP3S")):
+        print(f"note: MAILPLAT_DEV_SMTP/POP3/POP3S are used only when {CONFIG} is written; edit [listen] there", file=sys.stderr)
     if os.path.exists(PASSWORD_FILE):
         return None
     # The same code path as `mailplat user add --password-stdin`: the password
@@ -99,6 +107,7 @@ def banner(password: str | None) -> str:
         f"  smtp       {smtp}" + ("  (PORT: see the 'smtp listening on' line below)" if port == "PORT" else ""),
         f"  user       {DEMO}, {secret}",
         f"  send       swaks --server {host} --port {port} --to {DEMO}",
+        f"  fetch      curl --insecure --ssl-reqd --user {DEMO}:PASSWORD pop3://{host}:2110/1  (pop3s on 2995)",
         f"  mail in    {os.path.join(DEV, 'mail', 'example.test', 'demo', 'new')}/",
         "",
     ]

@@ -8,9 +8,11 @@ import subprocess
 import tomllib
 from pathlib import Path
 
+import pytest
+
 from conftest import MAILPLAT, write_users
 
-from mailplat.config import SMTPLimits
+from mailplat.config import POP3Settings, SMTPLimits
 from mailplat.tls import make_self_signed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,10 +62,21 @@ def test_example_smtp_limits_are_the_defaults():
     assert limits == dataclasses.asdict(SMTPLimits())
 
 
-def test_readme_limits_table_matches_the_defaults():
-    """README's [smtp] table has one row per limit, with its real default."""
-    rows = dict(re.findall(r"^\| `(max_\w+|idle_timeout)` \| ([\d.]+) \|", README.read_text(), re.M))
-    assert rows == {name: str(value) for name, value in dataclasses.asdict(SMTPLimits()).items()}
+def readme_table(section: str) -> dict[str, str]:
+    """key -> default from the README table that follows "`[section]` holds"."""
+    text = README.read_text().split(f"`[{section}]` holds", 1)[1]
+    table = text.split("\n\n", 2)[1]
+    return dict(re.findall(r"^\| `(\w+)` \| `?([^|`]+?)`? \|", table, re.M))
+
+
+@pytest.mark.parametrize("section, defaults", [("smtp", SMTPLimits()), ("pop3", POP3Settings())])
+def test_readme_tables_match_the_defaults(section, defaults):
+    """README's [smtp] and [pop3] tables have one row per key, with its real default."""
+    expected = {
+        name: "never" if value is None else (f'"{value}"' if isinstance(value, str) else str(value))
+        for name, value in dataclasses.asdict(defaults).items()
+    }
+    assert readme_table(section) == expected
 
 
 def test_readme_config_example_passes_check_config(tmp_path):
