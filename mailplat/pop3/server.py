@@ -100,22 +100,44 @@ class TopReader:
         self.source.close()
 
 
-@implementer(interfaces.IPullProducer)
+@implementer(interfaces.IPushProducer)
 class MessageSender:
     """Streams one message: dot-stuffed (RFC 1939 3) across chunk boundaries,
-    at the pace the client reads, ending with the terminating line."""
+    ending with the terminating line, and only as fast as the client reads.
 
-    def __init__(self, source: Any, transport: Any) -> None:
+    A push producer: the transport pauses it when its buffer is full.  (As a
+    pull producer behind TLS, Twisted would pull the whole message into
+    memory at once.)
+    """
+
+    def __init__(self, source: Any, transport: Any, clock: Any) -> None:
         self.source = source
         self.transport = transport
+        self.clock = clock
         self.done: defer.Deferred[None] = defer.Deferred()
         self._at_line_start = True
+        self._paused = False
+        self._call: Any = None
 
     def start(self) -> defer.Deferred[None]:
-        self.transport.registerProducer(self, False)
+        self.transport.registerProducer(self, True)
+        self._schedule()
         return self.done
 
-    def resumeProducing(self) -> None:
+    def _schedule(self) -> None:
+        if self._call is None and not self.done.called:
+            self._call = self.clock.callLater(0, self._pump)
+
+    def _pump(self) -> None:
+        self._call = None
+        # A few chunks per turn, so that other sessions get their share.
+        for _ in range(4):
+            if self._paused or self.done.called:
+                return
+            self._send_chunk()
+        self._schedule()
+
+    def _send_chunk(self) -> None:
         chunk = self.source.read(_CHUNK)
         if not chunk:
             self.source.close()
@@ -129,8 +151,18 @@ class MessageSender:
         self._at_line_start = chunk.endswith(b"\n")
         self.transport.write(stuffed)
 
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._schedule()
+
     def stopProducing(self) -> None:
         self.source.close()
+        if self._call is not None:
+            self._call.cancel()
+            self._call = None
 
 
 class POP3Server(CommandReader, pop3.POP3):
@@ -408,7 +440,7 @@ class POP3Server(CommandReader, pop3.POP3):
             return defer.succeed(None)
         if body_lines is not None:
             source = TopReader(source, body_lines)
-        return MessageSender(source, self.transport).start()
+        return MessageSender(source, self.transport, self.factory.clock).start()
 
     def do_DELE(self, number: str) -> None:
         i = self._message(number)
