@@ -393,3 +393,16 @@ def test_curl_pop3_stls_and_pop3s(mailbox):
         capture_output=True, timeout=60,
     )
     assert refused.returncode != 0  # no TLS, no login
+
+
+def test_idle_timeout_and_connection_limit(make_server):
+    """A silent POP3 client is closed after idle_timeout; connections over the per-address limit get -ERR [SYS/TEMP]."""
+    server = make_server("[pop3]\nidle_timeout = 0.5\nmax_connections_per_ip = 2\n")
+    first, second = plain(server), plain(server)
+    third = Dialog(server.ports["pop3"])
+    assert third.file.readline().startswith(b"-ERR [SYS/TEMP] too many connections")
+    third.close()
+    assert first.file.readline().startswith(b"-ERR [SYS/TEMP] idle")
+    assert first.closed()
+    first.close()
+    second.close()
