@@ -6,13 +6,13 @@ from typing import Any
 
 from twisted.cred import credentials, error
 from twisted.cred.checkers import ICredentialsChecker
-from twisted.cred.portal import IRealm, Portal
+from twisted.cred.portal import IRealm
 from zope.interface import implementer
 
 from mailplat.interfaces import Account, IMaildrop
 from mailplat.plugins import call
 
-__all__ = ["AuthBackendChecker", "MaildropRealm", "make_portal"]
+__all__ = ["AuthBackendChecker", "MaildropRealm"]
 
 
 @implementer(ICredentialsChecker)
@@ -55,7 +55,3 @@ class MaildropRealm:
         if IMaildrop not in interfaces:
             raise NotImplementedError("only maildrops are served here")
         return defer.Deferred.fromCoroutine(self._open(avatarId))
-
-
-def make_portal(auth: Any, mailbox: Any) -> Portal:
-    return Portal(MaildropRealm(mailbox), [AuthBackendChecker(auth)])

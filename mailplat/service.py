@@ -12,6 +12,7 @@ import sys
 from typing import Any
 
 from twisted.application import service
+from twisted.cred.portal import Portal
 from twisted.internet import endpoints
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -19,7 +20,7 @@ from twisted.python import usage
 
 from mailplat.addresses import AliasResolver
 from mailplat.config import ConfigError, Settings, load
-from mailplat.cred import make_portal
+from mailplat.cred import AuthBackendChecker, MaildropRealm
 from mailplat.fsutil import makedirs_durable
 from mailplat.interfaces import BackendContext
 from mailplat.plugins import build_backend, call
@@ -115,22 +116,26 @@ def make_service(
     resolver = AliasResolver(settings.domains, settings.aliases, lambda address: call(auth.lookup, address))
     tls = load_server_context(settings.tls.certificate, settings.tls.key) if settings.tls else None
 
-    portal = make_portal(auth, providers["mailbox"])
+    checker = AuthBackendChecker(auth)
+    portal = Portal(MaildropRealm(providers["mailbox"]), [checker])
+    # One count of failed logins for every listener: a guesser may switch ports.
     login_failures = LoginFailures(settings.pop3.max_login_failures, settings.pop3.login_block_time, reactor)
 
     top = service.MultiService()
     listeners = []
     for name, description in settings.listen.items():
         factory: Any
-        if name == "smtp":
-            factory = SMTPFactory(settings.hostname, settings.smtp, resolver, providers["delivery"], spool, tls)
-        elif name in ("pop3", "pop3s"):
-            factory = POP3Factory(settings.pop3, portal, tls, name == "pop3s", reactor, login_failures)
-            if name == "pop3s":
-                # RFC 8314: implicit TLS, the whole connection inside TLS.
-                factory = TLSMemoryBIOFactory(tls, False, factory)
+        if name in ("smtp", "submission", "submissions"):
+            factory = SMTPFactory(
+                settings.hostname, settings.smtp, resolver, providers["delivery"], spool, tls,
+                submission=name != "smtp", implicit_tls=name == "submissions", checker=checker,
+                login_failures=login_failures, auth_failure_delay=settings.pop3.auth_failure_delay, clock=reactor,
+            )
         else:
-            raise ConfigError(f"[listen] {name}", "this listener is not available yet", f"remove {name} from [listen]", settings.path)
+            factory = POP3Factory(settings.pop3, portal, tls, name == "pop3s", reactor, login_failures)
+        if name in ("submissions", "pop3s"):
+            # RFC 8314: implicit TLS, the whole connection inside TLS.
+            factory = TLSMemoryBIOFactory(tls, False, factory)
         endpoint = endpoints.serverFromString(reactor, _with_backlog(description))
         fd = inherited.get(name) if inherited is not None else None
         listener = Listener(name, description, endpoint, factory, settings.path, fd)

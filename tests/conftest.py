@@ -29,6 +29,8 @@ domains = ["example.org", "example.net"]
 
 [listen]
 smtp = "tcp:0:interface=127.0.0.1"
+submission = "tcp:0:interface=127.0.0.1"
+submissions = "tcp:0:interface=127.0.0.1"
 pop3 = "tcp:0:interface=127.0.0.1"
 pop3s = "tcp:0:interface=127.0.0.1"
 

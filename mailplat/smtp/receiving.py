@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import secrets
+from collections.abc import Callable
 from typing import IO, Any
 
 from mailplat.fsutil import makedirs_durable
@@ -21,6 +23,7 @@ from mailplat.interfaces import SpooledMessage
 __all__ = ["DataDecoder", "Spool", "SpoolFile", "new_id"]
 
 _TERMINATOR = b"\r\n.\r\n"
+_HEADER_NAME = re.compile(rb"^([!-9;-~]+):", re.M)
 _WRITE_BUFFER = 256 * 1024
 # Messages up to this size are received in memory, larger ones in a file.
 _MEMORY_LIMIT = 128 * 1024
@@ -51,6 +54,11 @@ class DataDecoder:
         self._at_line_start = True  # does _carry begin a line?
         self._after_crlf = True  # ... and was the previous line ended by CRLF?
         self._in_headers = True
+        # Lower-cased names of the message's header fields, and a hook that
+        # returns header lines to add at the end of the header (submission
+        # adds Date: and Message-ID: when missing, RFC 6409 8).
+        self.header_names: set[bytes] = set()
+        self.add_headers: Callable[[set[bytes]], bytes] | None = None
 
     def feed(self, data: bytes) -> bytes | None:
         """Take more of the stream; None while the message goes on, else the bytes after its end."""
@@ -104,23 +112,36 @@ class DataDecoder:
         if at_line_start and content.startswith(b"."):
             content = content[1:]
         if self._in_headers:
-            self._scan_headers(content, at_line_start)
+            end = self._scan_headers(content, at_line_start)
+            if end >= 0 and self.add_headers is not None:
+                content = content[:end] + self.add_headers(self.header_names) + content[end:]
         self.size += len(content)
         if self.size > self.max_size:
             self.too_big = True
         if self.problem is None:
             self.sink.write(content)
 
-    def _scan_headers(self, content: bytes, at_line_start: bool) -> None:
+    def _scan_headers(self, content: bytes, at_line_start: bool) -> int:
+        """Count Received: headers and note header names; where the header ends in ``content``, or -1."""
         if at_line_start and content.startswith(b"\r\n"):
             self._in_headers = False
-            return
+            return 0
         end = content.find(b"\r\n\r\n")
         if end >= 0:
             self._in_headers = False
             content = content[: end + 2]
         lowered = content.lower()
+        self.header_names.update(_HEADER_NAME.findall(lowered))
         self.received_headers += lowered.count(b"\nreceived:") + (at_line_start and lowered.startswith(b"received:"))
+        return end + 2 if end >= 0 else -1
+
+    def finish(self) -> None:
+        """The message has ended: a message that is all header still gets its added headers."""
+        if self._in_headers and self.add_headers is not None and self.problem is None:
+            self._in_headers = False
+            extra = self.add_headers(self.header_names)
+            self.size += len(extra)
+            self.sink.write(extra)
 
 
 class SpoolFile:

@@ -10,11 +10,15 @@ and commands pipelined after STARTTLS that would be executed inside TLS.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import email.utils
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.internet import defer, protocol
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer, protocol, task
 from twisted.logger import Logger
 from twisted.mail import smtp
 
@@ -76,6 +80,8 @@ class SMTPServer(CommandReader, smtp.ESMTP):
         self._helo: Any = None
         self._esmtp = False
         self._transaction: Transaction | None = None
+        self.authenticated_as: Account | None = None
+        self._sasl: Any = None  # the pending AUTH exchange, while one is open
         self._decoder: DataDecoder | None = None
         self._spool_file: SpoolFile | None = None
 
@@ -92,6 +98,7 @@ class SMTPServer(CommandReader, smtp.ESMTP):
         self._counted = True
         log.info("{session} connect from {peer}", session=self.session, peer=self.peer)
         super().connectionMade()
+        self.startedTLS = self.factory.implicit_tls
         self._helo = None
 
     def connectionLost(self, reason: Any = None) -> None:
@@ -139,6 +146,8 @@ class SMTPServer(CommandReader, smtp.ESMTP):
         return defer.Deferred.fromCoroutine(self._deliver())
 
     def command_received(self, line: bytes) -> Any:
+        if self._sasl is not None:
+            return self._finish_command(self._sasl_step(line))
         if b"\0" in line:
             return self.reply(500, "5.5.2", "Syntax error: NUL character in command")
         verb, _, argument = line.strip().partition(b" ")
@@ -146,8 +155,11 @@ class SMTPServer(CommandReader, smtp.ESMTP):
         if handler is None:
             shown = _printable(verb, 20) or "(empty line)"
             return self.reply(500, "5.5.1", f"Command unrecognized: {shown}")
+        return self._finish_command(lambda: getattr(self, handler)(argument.strip()))
+
+    def _finish_command(self, run: Any) -> Any:
         try:
-            result = getattr(self, handler)(argument.strip())
+            result = run() if callable(run) else run
         except Reply as r:
             return self.reply(r.code, r.status, r.text)
         if isinstance(result, defer.Deferred):
@@ -192,6 +204,10 @@ class SMTPServer(CommandReader, smtp.ESMTP):
         }
         if self.canStartTLS and not self.startedTLS:
             ext[b"STARTTLS"] = None
+        # RFC 4954 4 / RFC 8314: no password before TLS, so AUTH appears only
+        # inside TLS, and never on the MX port.
+        if self.factory.submission and self.startedTLS and self.authenticated_as is None:
+            ext[b"AUTH"] = [b"PLAIN", b"LOGIN"]
         return ext
 
     def do_HELO(self, argument: bytes) -> None:
@@ -232,8 +248,73 @@ class SMTPServer(CommandReader, smtp.ESMTP):
     def do_HELP(self, argument: bytes) -> None:
         self.reply(214, "2.0.0", "See RFC 5321; commands: " + " ".join(c.decode() for c in self.COMMANDS))
 
-    def do_AUTH(self, argument: bytes) -> None:
-        self.reply(503, "5.5.1", "Authentication is not available on this port; use the submission port")
+    def do_AUTH(self, argument: bytes) -> Any:
+        if not self.factory.submission:
+            raise Reply(503, "5.5.1", "Authentication is not available on this port; use the submission port")
+        if not self.startedTLS:
+            raise Reply(538, "5.7.11", "Encryption required: use STARTTLS first")
+        if self.authenticated_as is not None:
+            raise Reply(503, "5.5.1", "Already authenticated")
+        if self._transaction is not None:
+            raise Reply(503, "5.5.1", "AUTH is not allowed during a mail transaction")
+        mechanism, _, initial = argument.partition(b" ")
+        mechanism = mechanism.upper()
+        if mechanism == b"PLAIN":
+            self._sasl = ["PLAIN"]
+            if initial:
+                return self._sasl_step(initial)
+            self.sendCode(334, b"")
+        elif mechanism == b"LOGIN":
+            self._sasl = ["LOGIN"]
+            if initial:
+                return self._sasl_step(initial)
+            self.sendCode(334, base64.b64encode(b"Username:"))
+        else:
+            raise Reply(504, "5.5.4", "Unsupported mechanism; use PLAIN or LOGIN")
+        return None
+
+    def _sasl_step(self, line: bytes) -> Any:
+        """One client line of an AUTH exchange (RFC 4954 4)."""
+        state, self._sasl = self._sasl, None
+        if line.strip() == b"*":
+            raise Reply(501, "5.7.0", "Authentication cancelled")
+        try:
+            decoded = base64.b64decode(line.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            raise Reply(501, "5.5.2", "Cannot decode the AUTH response (base64)")
+        if state[0] == "LOGIN" and len(state) == 1:
+            self._sasl = ["LOGIN", decoded]
+            self.sendCode(334, base64.b64encode(b"Password:"))
+            return None
+        if state[0] == "LOGIN":
+            user, password = state[1], decoded
+        else:
+            try:
+                authzid, user, password = decoded.split(b"\0")
+            except ValueError:
+                raise Reply(501, "5.5.2", "Malformed AUTH PLAIN response")
+            if authzid and authzid != user:
+                raise Reply(535, "5.7.8", "Authentication credentials invalid")
+        try:
+            return defer.Deferred.fromCoroutine(self._login(user.decode("utf-8"), password.decode("utf-8")))
+        except UnicodeDecodeError:
+            raise Reply(501, "5.5.2", "User names and passwords must be UTF-8")
+
+    async def _login(self, user: str, password: str) -> None:
+        failures = self.factory.login_failures
+        if failures.blocked_for(self.peer):
+            log.info("{session} auth refused: {peer} is blocked", session=self.session, peer=self.peer)
+            raise Reply(454, "4.7.0", "Too many failed logins from your address; try again later")
+        try:
+            avatar = await self.factory.checker.requestAvatarId(UsernamePassword(user.encode(), password.encode()))
+        except UnauthorizedLogin:
+            failures.failed(self.peer)
+            log.info("{session} auth failed for {user!r} from {peer}", session=self.session, user=user[:100], peer=self.peer)
+            await task.deferLater(self.factory.clock, self.factory.auth_failure_delay, lambda: None)
+            raise Reply(535, "5.7.8", "Authentication credentials invalid")
+        self.authenticated_as = Account(avatar.decode("utf-8"))
+        log.info("{session} auth {user}", session=self.session, user=self.authenticated_as.address)
+        self.reply(235, "2.7.0", "Authentication successful")
 
     def do_STARTTLS(self, argument: bytes) -> None:
         if self.startedTLS:
@@ -263,9 +344,11 @@ class SMTPServer(CommandReader, smtp.ESMTP):
             status = "5.1.7" if prefix == b"FROM:" else "5.1.3"
             raise Reply(501, status, f"Bad address syntax: {e}")
 
-    def do_MAIL(self, argument: bytes) -> None:
+    def do_MAIL(self, argument: bytes) -> Any:
         if self._helo is None:
             raise Reply(503, "5.5.1", "Send EHLO or HELO first")
+        if self.factory.submission and self.authenticated_as is None:
+            raise Reply(530, "5.7.0", "Authentication required")
         if self._transaction is not None:
             raise Reply(503, "5.5.1", "Nested MAIL command: one sender per transaction, or RSET first")
         path = self._path(argument, b"FROM:")
@@ -280,7 +363,27 @@ class SMTPServer(CommandReader, smtp.ESMTP):
                     raise Reply(501, "5.5.4", "Syntax: BODY=7BIT or BODY=8BITMIME")
             else:
                 raise Reply(555, "5.5.4", f"Unsupported MAIL parameter {_printable(key, 30)}")
-        self._transaction = Transaction(sender=path.address)
+        if not self.factory.submission:
+            self._transaction = Transaction(sender=path.address)
+            self.reply(250, "2.1.0", "Sender OK")
+            return None
+        return defer.Deferred.fromCoroutine(self._check_sender(path.address))
+
+    async def _check_sender(self, sender: str) -> None:
+        """RFC 6409 6.1: an authenticated user sends as themselves or an alias of theirs."""
+        account = self.authenticated_as
+        assert account is not None
+        allowed = False
+        if sender and "@" in sender and self.factory.resolver.is_hosted(sender.rpartition("@")[2]):
+            try:
+                validate_address(sender.lower())
+                allowed = account in await self.factory.resolver.resolve(sender)
+            except AddressError:
+                allowed = False
+        if not allowed:
+            log.info("{session} sender <{sender}> refused for {user}", session=self.session, sender=_printable(sender, 300), user=account.address)
+            raise Reply(553, "5.7.1", f"<{_printable(sender)}>: Sender address rejected: not owned by {account.address}")
+        self._transaction = Transaction(sender=sender)
         self.reply(250, "2.1.0", "Sender OK")
 
     def do_RCPT(self, argument: bytes) -> Any:
@@ -301,6 +404,8 @@ class SMTPServer(CommandReader, smtp.ESMTP):
             return Reply(code, status, f"<{_printable(address)}>: Recipient address rejected: {why}")
 
         reason = self.factory.relay_denied(path)
+        if reason and self.factory.submission and not path.routed:
+            raise reject(550, "5.7.1", "delivery to other domains is not available on this server yet")
         if reason:
             raise reject(550, "5.7.1", f"Relay access denied ({reason})")
         try:
@@ -344,12 +449,26 @@ class SMTPServer(CommandReader, smtp.ESMTP):
             max_line=self.limits.max_text_line,
             max_received=self.limits.max_received_headers,
         )
+        if self.factory.submission:
+            self._decoder.add_headers = self._missing_headers
         self.mode = DATA
         self.reply(354, "", "End data with <CR><LF>.<CR><LF>")
 
+    def _missing_headers(self, present: set[bytes]) -> bytes:
+        """RFC 6409 8.2, 8.3: a submission server adds Date: and Message-ID: when missing."""
+        added = b""
+        if b"date" not in present:
+            added += b"Date: " + email.utils.formatdate(localtime=True).encode() + b"\r\n"
+        if b"message-id" not in present:
+            added += f"Message-ID: <{self.queue_id}.{new_id()}@{self.factory.hostname}>\r\n".encode()
+        return added
+
     def _received_header(self, transaction: Transaction) -> bytes:
         """RFC 5321 4.4: who handed us the message, when, and how."""
+        # RFC 3848: ESMTPS with TLS, ESMTPSA when also authenticated.
         protocol_name = "ESMTPS" if self.startedTLS else ("ESMTP" if self._esmtp else "SMTP")
+        if self.authenticated_as is not None:
+            protocol_name += "A"
         recipient = f"\r\n\tfor <{transaction.recipients[0]}>" if len(transaction.recipients) == 1 else ""
         date = email.utils.format_datetime(email.utils.localtime())
         return (
@@ -370,6 +489,7 @@ class SMTPServer(CommandReader, smtp.ESMTP):
                 log.info("{session} {queue_id} refused: {text}", session=self.session, queue_id=queue_id, text=text)
                 self.reply(code, status, text)
                 return
+            decoder.finish()
             message = spool_file.finish(transaction.sender)
             envelope = Envelope(
                 queue_id=queue_id,
@@ -418,6 +538,12 @@ class SMTPFactory(protocol.ServerFactory):
         delivery: Any,
         spool: Spool,
         tls: Any = None,
+        submission: bool = False,
+        implicit_tls: bool = False,
+        checker: Any = None,
+        login_failures: Any = None,
+        auth_failure_delay: float = 2.0,
+        clock: Any = None,
     ) -> None:
         self.hostname = hostname
         self.limits = limits
@@ -425,6 +551,13 @@ class SMTPFactory(protocol.ServerFactory):
         self.delivery = delivery
         self.spool = spool
         self.tls = tls
+        # Submission (RFC 6409): AUTH after TLS, then mail from the user's own addresses.
+        self.submission = submission
+        self.implicit_tls = implicit_tls
+        self.checker = checker
+        self.login_failures = login_failures
+        self.auth_failure_delay = auth_failure_delay
+        self.clock = clock
         self.connections = ConnectionCounter(limits.max_connections, limits.max_connections_per_ip)
 
     def buildProtocol(self, addr: Any) -> SMTPServer:
