@@ -155,3 +155,41 @@ def test_dropped_connection_mid_data_delivers_nothing(make_server):
     # And the server still serves.
     with smtplib.SMTP("127.0.0.1", server.port) as client:
         assert client.noop()[0] == 250
+
+
+def test_kill_9_loses_no_acknowledged_message(make_server):
+    """Every message answered 250 before a kill -9 of the server is in the maildir after a restart."""
+    import signal
+    import threading
+
+    server = make_server()
+    acknowledged: list[str] = []
+    stop = threading.Event()
+
+    def send(n: int) -> None:
+        for i in range(1000):
+            if stop.is_set():
+                return
+            subject = f"crash-{n}-{i}"
+            try:
+                with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+                    client.sendmail("a@remote.test", ["alice@example.org"], message(subject))
+            except (OSError, smtplib.SMTPException):
+                return
+            acknowledged.append(subject)
+
+    threads = [threading.Thread(target=send, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: len(acknowledged) >= 40, what="some acknowledged messages")
+    assert server.process is not None
+    server.process.send_signal(signal.SIGKILL)
+    server.process.wait(10)
+    stop.set()
+    for t in threads:
+        t.join()
+    server.process = None
+    server.start()
+    stored = {m.split(b"Subject: ")[1].split(b"\r\n")[0].decode() for m in server.messages("alice@example.org")}
+    assert set(acknowledged) <= stored
+    assert not [p for p in (server.maildir("alice@example.org") / "new").iterdir() if p.stat().st_size == 0]
