@@ -3,9 +3,10 @@
 The first start writes ``dev/mailplat.toml``, a self-signed certificate and a
 demo user whose random password is printed once (and kept in
 ``dev/demo-password.txt``); later starts reuse all of it.  The SMTP listener
-is ``$MAILPLAT_DEV_SMTP`` (default ``tcp:2525:interface=127.0.0.1``), POP3
-``$MAILPLAT_DEV_POP3`` (2110, STLS) and POP3S ``$MAILPLAT_DEV_POP3S`` (2995),
-read when the config is written.
+is ``$MAILPLAT_DEV_SMTP`` (default ``tcp:2525:interface=127.0.0.1``),
+submission ``$MAILPLAT_DEV_SUBMISSION`` (2587), POP3 ``$MAILPLAT_DEV_POP3``
+(2110, STLS) and POP3S ``$MAILPLAT_DEV_POP3S`` (2995), read when the config
+is written.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ CONFIG = os.path.join(DEV, "mailplat.toml")
 PASSWORD_FILE = os.path.join(DEV, "demo-password.txt")
 DEMO = "demo@example.test"
 DEFAULT_SMTP = "tcp:2525:interface=127.0.0.1"
+DEFAULT_SUBMISSION = "tcp:2587:interface=127.0.0.1"
 DEFAULT_POP3 = "tcp:2110:interface=127.0.0.1"
 DEFAULT_POP3S = "tcp:2995:interface=127.0.0.1"
 
@@ -33,9 +35,9 @@ domains = ["example.test"]
 
 [listen]
 smtp = {smtp}
+submission = {submission}
 pop3 = {pop3}
 pop3s = {pop3s}
-# submission and submissions are not available yet.
 
 [tls]
 certificate = "tls/cert.pem"
@@ -65,12 +67,14 @@ def create() -> str | None:
     if not os.path.exists(CONFIG):
         listen = {
             name: json.dumps(os.environ.get(f"MAILPLAT_DEV_{name.upper()}", default))
-            for name, default in (("smtp", DEFAULT_SMTP), ("pop3", DEFAULT_POP3), ("pop3s", DEFAULT_POP3S))
+            for name, default in (
+                ("smtp", DEFAULT_SMTP), ("submission", DEFAULT_SUBMISSION), ("pop3", DEFAULT_POP3), ("pop3s", DEFAULT_POP3S)
+            )
         }
         with open(CONFIG, "x") as f:
             f.write(TEMPLATE.format(demo=DEMO, **listen))
-    elif any(f"MAILPLAT_DEV_{name}" in os.environ for name in ("SMTP", "POP3", "POP3S")):
-        print(f"note: MAILPLAT_DEV_SMTP/POP3/POP3S are used only when {CONFIG} is written; edit [listen] there", file=sys.stderr)
+    elif any(f"MAILPLAT_DEV_{name}" in os.environ for name in ("SMTP", "SUBMISSION", "POP3", "POP3S")):
+        print(f"note: MAILPLAT_DEV_* listeners are used only when {CONFIG} is written; edit [listen] there", file=sys.stderr)
     if os.path.exists(PASSWORD_FILE):
         return None
     # The same code path as `mailplat user add --password-stdin`: the password
@@ -107,6 +111,7 @@ def banner(password: str | None) -> str:
         f"  smtp       {smtp}" + ("  (PORT: see the 'smtp listening on' line below)" if port == "PORT" else ""),
         f"  user       {DEMO}, {secret}",
         f"  send       swaks --server {host} --port {port} --to {DEMO}",
+        f"  submit     swaks --server {host} --port 2587 --tls --auth-user {DEMO} --from {DEMO} --to {DEMO}",
         f"  fetch      curl --insecure --ssl-reqd --user {DEMO}:PASSWORD pop3://{host}:2110/1  (pop3s on 2995)",
         f"  mail in    {os.path.join(DEV, 'mail', 'example.test', 'demo', 'new')}/",
         "",

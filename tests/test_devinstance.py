@@ -22,7 +22,10 @@ class DevInstance:
     def __init__(self, cwd: Path, run: int) -> None:
         self.out = cwd / f"devinstance-{run}.out"
         any_port = "tcp:0:interface=127.0.0.1"
-        env = dict(os.environ, MAILPLAT_DEV_SMTP=any_port, MAILPLAT_DEV_POP3=any_port, MAILPLAT_DEV_POP3S=any_port)
+        env = dict(
+            os.environ,
+            MAILPLAT_DEV_SMTP=any_port, MAILPLAT_DEV_SUBMISSION=any_port, MAILPLAT_DEV_POP3=any_port, MAILPLAT_DEV_POP3S=any_port,
+        )
         with open(self.out, "wb") as out:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "mailplat.devinstance"], cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
