@@ -406,3 +406,36 @@ def test_idle_timeout_and_connection_limit(make_server):
     assert first.closed()
     first.close()
     second.close()
+
+
+@pytest.mark.skipif(shutil.which("fetchmail") is None, reason="needs fetchmail (apt-get install fetchmail)")
+def test_fetchmail_stls_keep_then_delete(mailbox, tmp_path):
+    """fetchmail downloads every message over STLS (keeping them, remembered by UIDL), then fetches and deletes them."""
+    out = tmp_path / "fetched"
+    out.mkdir()
+    rc = tmp_path / "fetchmailrc"
+
+    def run(keep: str) -> subprocess.CompletedProcess[str]:
+        rc.write_text(
+            f'poll 127.0.0.1 service {mailbox.ports["pop3"]} protocol pop3 uidl user "bob@example.org" password "bob-password" '
+            f"sslproto 'TLS1.2+' no sslcertck {keep} mda \"/bin/sh -c 'cat > {out}/msg.$$'\"\n"
+        )
+        rc.chmod(0o600)
+        return subprocess.run(
+            ["fetchmail", "-f", str(rc), "--idfile", str(tmp_path / "ids"), "--nodetach", "--nosyslog"],
+            capture_output=True, text=True, timeout=120, env={**os.environ, "HOME": str(tmp_path)},
+        )
+
+    stored = mailbox.messages("bob@example.org")
+    first = run("keep")
+    assert first.returncode == 0, first.stdout + first.stderr
+    fetched = sorted(p.read_bytes() for p in out.iterdir())
+    assert len(fetched) == 3
+    assert all(any(f.endswith(m.split(b"\r\n\r\n", 1)[1].replace(b"\r\n", b"\n")) for f in fetched) for m in stored)
+    again = run("keep")
+    assert again.returncode == 1  # "no mail": every UIDL was seen before
+    final = run("fetchall nokeep")
+    assert final.returncode == 0, final.stdout + final.stderr
+    client = login(mailbox)
+    assert client.stat()[0] == 0
+    client.quit()
