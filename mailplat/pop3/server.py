@@ -15,13 +15,13 @@ import binascii
 from typing import Any
 
 from twisted.cred import credentials, error
-from twisted.internet import defer, interfaces, protocol, task
+from twisted.internet import defer, protocol, task
 from twisted.logger import Logger
 from twisted.mail import pop3
-from zope.interface import implementer
 
 from mailplat.config import POP3Settings
 from mailplat.connections import ConnectionCounter
+from mailplat.dotstuff import DotStuffedSender
 from mailplat.interfaces import IMaildrop, MaildropInUse, TemporaryFailure
 from mailplat.linereader import CommandReader
 from mailplat.plugins import call
@@ -30,9 +30,6 @@ from mailplat.smtp.receiving import new_id
 __all__ = ["POP3Factory", "POP3Server"]
 
 log = Logger()
-
-_CHUNK = 64 * 1024
-
 
 class ERR(Exception):
     """A -ERR reply that ends a command; ``code`` is an RFC 2449 response code."""
@@ -98,71 +95,6 @@ class TopReader:
 
     def close(self) -> None:
         self.source.close()
-
-
-@implementer(interfaces.IPushProducer)
-class MessageSender:
-    """Streams one message: dot-stuffed (RFC 1939 3) across chunk boundaries,
-    ending with the terminating line, and only as fast as the client reads.
-
-    A push producer: the transport pauses it when its buffer is full.  (As a
-    pull producer behind TLS, Twisted would pull the whole message into
-    memory at once.)
-    """
-
-    def __init__(self, source: Any, transport: Any, clock: Any) -> None:
-        self.source = source
-        self.transport = transport
-        self.clock = clock
-        self.done: defer.Deferred[None] = defer.Deferred()
-        self._at_line_start = True
-        self._paused = False
-        self._call: Any = None
-
-    def start(self) -> defer.Deferred[None]:
-        self.transport.registerProducer(self, True)
-        self._schedule()
-        return self.done
-
-    def _schedule(self) -> None:
-        if self._call is None and not self.done.called:
-            self._call = self.clock.callLater(0, self._pump)
-
-    def _pump(self) -> None:
-        self._call = None
-        # A few chunks per turn, so that other sessions get their share.
-        for _ in range(4):
-            if self._paused or self.done.called:
-                return
-            self._send_chunk()
-        self._schedule()
-
-    def _send_chunk(self) -> None:
-        chunk = self.source.read(_CHUNK)
-        if not chunk:
-            self.source.close()
-            self.transport.unregisterProducer()
-            self.transport.write(b".\r\n" if self._at_line_start else b"\r\n.\r\n")
-            self.done.callback(None)
-            return
-        stuffed = chunk.replace(b"\n.", b"\n..")
-        if self._at_line_start and stuffed.startswith(b"."):
-            stuffed = b"." + stuffed
-        self._at_line_start = chunk.endswith(b"\n")
-        self.transport.write(stuffed)
-
-    def pauseProducing(self) -> None:
-        self._paused = True
-
-    def resumeProducing(self) -> None:
-        self._paused = False
-        self._schedule()
-
-    def stopProducing(self) -> None:
-        self.source.close()
-        if self._call is not None:
-            self._call.cancel()
-            self._call = None
 
 
 class POP3Server(CommandReader, pop3.POP3):
@@ -440,7 +372,7 @@ class POP3Server(CommandReader, pop3.POP3):
             return defer.succeed(None)
         if body_lines is not None:
             source = TopReader(source, body_lines)
-        return MessageSender(source, self.transport, self.factory.clock).start()
+        return DotStuffedSender(source, self.transport, self.factory.clock).start()
 
     def do_DELE(self, number: str) -> None:
         i = self._message(number)
