@@ -35,6 +35,11 @@ def _parser() -> argparse.ArgumentParser:
     user.add_parser("list", help="list the users")
 
     commands.add_parser("check-config", help="validate the configuration and print the effective settings")
+
+    queue = commands.add_parser("queue", help="the outbound queue").add_subparsers(dest="action", required=True)
+    queue.add_parser("list", help="queued messages: id, sender, recipients, attempts, next try, last error")
+    queue.add_parser("flush", help="make the running server retry everything now")
+    queue.add_parser("remove", help="drop a queued message").add_argument("id")
     return parser
 
 
@@ -49,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = load(args.config)
         if args.command == "check-config":
             return check_config(settings)
+        if args.command == "queue":
+            return queue_command(settings, args)
         return user_command(settings, args)
     except ConfigError as e:
         print(f"mailplat: {e}", file=sys.stderr)
@@ -109,6 +116,10 @@ def user_command(settings: Settings, args: argparse.Namespace) -> int:
     if args.action == "add":
         if domain not in settings.domains:
             raise CommandError(f"{domain} is not one of the domains in {settings.path}; add it to domains first")
+        if "+" in address.rpartition("@")[0]:
+            # Mail for user+tag@domain is delivered to user@domain, so such a
+            # mailbox could never receive anything.
+            raise CommandError(f"{args.address!r}: '+' starts a subaddress tag (user+tag@ delivers to user@); choose an address without '+'")
         password = _read_password(args.password_stdin)
         try:
             users.add_user(address, password)
@@ -126,6 +137,36 @@ def user_command(settings: Settings, args: argparse.Namespace) -> int:
         except KeyError:
             raise CommandError(f"no such user: {address}")
         print(f"removed {address} (its mail stays on disk)")
+    return 0
+
+
+def queue_command(settings: Settings, args: argparse.Namespace) -> int:
+    import time
+
+    from mailplat.smtp.queue import PENDING, Queue
+
+    queue = Queue(os.path.join(settings.data_dir, "queue"))
+    if not os.path.isdir(queue.envelopes_dir):
+        if args.action == "remove":
+            raise CommandError(f"no such queued message: {args.id}")
+        print("the queue is empty" if args.action == "list" else "nothing to flush")
+        return 0
+    if args.action == "list":
+        messages = list(queue.all())
+        for message in messages:
+            print(f"{message.id}  from <{message.sender}>  queued {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(message.created))}")
+            for r in message.recipients:
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.next_try)) if r.state == PENDING else "-"
+                print(f"    <{r.address}>  {r.state}  attempts={r.attempts}  next try {when}  {r.last_error}")
+        print(f"{len(messages)} queued message(s)")
+    elif args.action == "flush":
+        queue.request_flush()
+        print("asked the running server to retry every queued message now")
+    else:
+        if args.id not in queue.ids():
+            raise CommandError(f"no such queued message: {args.id}")
+        queue.remove(args.id)
+        print(f"removed {args.id} from the queue")
     return 0
 
 

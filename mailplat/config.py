@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import socket
 import tomllib
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ __all__ = [
     "ConfigError",
     "ListenerNames",
     "POP3Settings",
+    "RelaySettings",
     "Settings",
     "SMTPLimits",
     "TLSSettings",
@@ -106,6 +108,19 @@ class POP3Settings:
 
 
 @dataclass(frozen=True)
+class RelaySettings:
+    """[relay]: how queued mail reaches other domains, and for how long we try."""
+
+    tls: str = "opportunistic"
+    port: int = 25
+    retry_initial: float = 60.0
+    retry_max: float = 3600.0
+    max_age: float = 5 * 86400.0
+    username: str = ""
+    password: str = ""
+
+
+@dataclass(frozen=True)
 class Settings:
     path: str
     hostname: str
@@ -121,6 +136,8 @@ class Settings:
     smtp: SMTPLimits = field(default_factory=SMTPLimits)
     workers: int = 1
     pop3: POP3Settings = field(default_factory=POP3Settings)
+    relay: RelaySettings = field(default_factory=lambda: RelaySettings())
+    dns_servers: tuple[str, ...] = ()
 
     @property
     def config_dir(self) -> str:
@@ -142,10 +159,12 @@ class Settings:
             lines += ["", "[tls]", f"certificate = {_toml(self.tls.certificate)}", f"key = {_toml(self.tls.key)}"]
         for backend in (self.auth, self.mailbox, self.delivery):
             lines += ["", f"[{backend.section}]", f"backend = {_toml(backend.name)}"]
-            lines += [f"{k} = {_toml(v)}" for k, v in backend.options.items()]
+            lines += [f"{_key(k)} = {_toml(v)}" for k, v in backend.options.items()]
         lines += ["", "[aliases]"]
         lines += [f"{_toml(k)} = {_toml(list(v))}" for k, v in self.aliases.items()]
-        lines += ["", "[relay]", f"smarthost = {_toml(self.smarthost)}", "", "[smtp]"]
+        lines += ["", "[relay]", f"smarthost = {_toml(self.smarthost)}"]
+        lines += [f"{k} = {_toml(v if k != 'password' or not v else '(set)')}" for k, v in vars(self.relay).items()]
+        lines += ["", "[dns]", f"servers = {_toml(list(self.dns_servers))}", "", "[smtp]"]
         lines += [f"{k} = {_toml(v)}" for k, v in vars(self.smtp).items()]
         lines += ["", "[pop3]"]
         lines += [f"{k} = {_toml(v)}" for k, v in vars(self.pop3).items() if v is not None]
@@ -160,7 +179,14 @@ def _toml(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml(v) for v in value) + "]"
     text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    # TOML basic strings may not hold control characters (a tab excepted) raw.
+    text = re.sub(r"[\x00-\x08\x0a-\x1f\x7f]", lambda m: f"\\u{ord(m.group()):04x}", text)
     return f'"{text}"'
+
+
+def _key(key: str) -> str:
+    """A key as TOML: bare when it may be, else quoted."""
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml(key)
 
 
 # --- reading ---------------------------------------------------------------
@@ -234,6 +260,9 @@ def load(path: str) -> Settings:
         raise ConfigError("", f"cannot read: {e.strerror}", "check the path and its permissions", path)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError("", f"not valid TOML: {e}", "see https://toml.io for the syntax", path)
+    except UnicodeDecodeError as e:
+        # tomllib decodes the bytes itself and lets this one through.
+        raise ConfigError("", f"not UTF-8 text (byte {e.start} is {e.object[e.start:e.start + 1]!r})", "save the file as UTF-8", path)
     return _parse(path, data)
 
 
@@ -287,11 +316,17 @@ def _parse(path: str, data: dict[str, Any]) -> Settings:
     delivery = _backend(path, "delivery", top.take("delivery", dict, {"backend": "local"}))
     aliases = _aliases(_Reader(path, "aliases", top.take("aliases", dict, {})), domains)
 
-    relay = _Reader(path, "relay", top.take("relay", dict, {}))
-    smarthost = relay.take("smarthost", str, "", example='"smtp.example.net:587"')
+    relay_reader = _Reader(path, "relay", top.take("relay", dict, {}))
+    smarthost = relay_reader.take("smarthost", str, "", example='"smtp.example.net:587"')
     if smarthost and not _is_host_port(smarthost):
-        raise relay.error("smarthost", f"{smarthost!r} is not host:port", 'e.g. smarthost = "smtp.example.net:587"')
-    relay.finish(["smarthost"])
+        raise relay_reader.error("smarthost", f"{smarthost!r} is not host:port", 'e.g. smarthost = "smtp.example.net:587"')
+    relay = _relay_settings(relay_reader)
+    dns = _Reader(path, "dns", top.take("dns", dict, {}))
+    servers = dns.take("servers", list, [], example='["127.0.0.1:53"]')
+    for server in servers:
+        if not isinstance(server, str) or not _is_host_port(server):
+            raise dns.error("servers", f"{server!r} is not ip:port", 'e.g. servers = ["127.0.0.1:53"], or leave it out for the system resolvers')
+    dns.finish(["servers"])
 
     smtp = _smtp_limits(_Reader(path, "smtp", top.take("smtp", dict, {})))
     pop3 = _pop3_settings(_Reader(path, "pop3", top.take("pop3", dict, {})))
@@ -299,11 +334,13 @@ def _parse(path: str, data: dict[str, Any]) -> Settings:
     return Settings(
         path=path, hostname=hostname, data_dir=data_dir, domains=tuple(domains), listen=listen, tls=tls,
         auth=auth, mailbox=mailbox, delivery=delivery, aliases=aliases, smarthost=smarthost, smtp=smtp, workers=workers, pop3=pop3,
+        relay=relay, dns_servers=tuple(servers),
     )
 
 
 _TOP_LEVEL_KEYS = [
-    "hostname", "data_dir", "workers", "domains", "listen", "tls", "auth", "mailbox", "delivery", "aliases", "relay", "smtp", "pop3",
+    "hostname", "data_dir", "workers", "domains", "listen", "tls", "auth", "mailbox", "delivery", "aliases", "relay", "dns", "smtp",
+    "pop3",
 ]
 
 
@@ -417,6 +454,27 @@ def _smtp_limits(table: _Reader) -> SMTPLimits:
         raise table.error("max_text_line", "must be at least 1000 (RFC 5321 4.5.3.1.6)", "max_text_line = 1000")
     table.finish(list(vars(d)))
     return limits
+
+
+def _relay_settings(table: _Reader) -> RelaySettings:
+    d = RelaySettings()
+    tls = table.take("tls", str, d.tls, example='"opportunistic"')
+    if tls not in ("opportunistic", "required", "verify"):
+        raise table.error("tls", f"must be \"opportunistic\", \"required\" or \"verify\", not {tls!r}", 'tls = "opportunistic"')
+    port = table.positive("port", d.port)
+    if port > 65535:
+        raise table.error("port", f"{port} is not a TCP port", "port = 25")
+    settings = RelaySettings(
+        tls=tls,
+        port=port,
+        retry_initial=table.positive("retry_initial", d.retry_initial, float),
+        retry_max=table.positive("retry_max", d.retry_max, float),
+        max_age=table.positive("max_age", d.max_age, float),
+        username=table.take("username", str, "", example='"relay-user"'),
+        password=table.take("password", str, "", example='"secret"'),
+    )
+    table.finish(["smarthost", *vars(d)])
+    return settings
 
 
 def _pop3_settings(table: _Reader) -> POP3Settings:

@@ -63,7 +63,9 @@ def verify_password(stored: str | None, password: str, allow_plain: bool = False
         return _verify_argon2(digest, password)
     if scheme == "BLF-CRYPT":
         try:
-            return bcrypt.checkpw(password.encode("utf-8"), digest.replace("$2y$", "$2b$", 1).encode("ascii"))
+            # bcrypt uses only the first 72 bytes; Dovecot's crypt() drops the
+            # rest, while bcrypt>=5 raises for longer passwords: truncate.
+            return bcrypt.checkpw(password.encode("utf-8")[:72], digest.replace("$2y$", "$2b$", 1).encode("ascii"))
         except ValueError:
             return False
     if scheme == "PLAIN" and allow_plain:

@@ -106,7 +106,7 @@ def find_factory(kind: str, name: str) -> Any:
     factories, errors = discover()
     matches = [f for f in factories if f.kind == kind and f.name == name]
     if len(matches) > 1:
-        where = ", ".join(sorted(type(f).__module__ for f in matches))
+        where = ", ".join(sorted(_origin(f) for f in matches))
         raise ConfigError("backend", f"two {kind} backends are called {name!r} (in {where})", "uninstall one of the packages")
     if matches:
         return matches[0]
@@ -115,6 +115,18 @@ def find_factory(kind: str, name: str) -> Any:
     if errors:
         problem += "; some plugin modules failed to import: " + " | ".join(errors)
     raise ConfigError("backend", problem, 'use a known name, or a dotted path "package.module:factory"')
+
+
+def _origin(factory: Any) -> str:
+    """The module a factory comes from, to tell two of one name apart.
+
+    A BackendFactory's class lives in mailplat.plugins whoever uses it: name
+    the module it builds from instead, which says which package it came with.
+    """
+    builder = getattr(factory, "builder", None)
+    if isinstance(factory, BackendFactory) and isinstance(builder, str):
+        return builder.partition(":")[0]
+    return type(factory).__module__
 
 
 def _import_factory(kind: str, dotted: str) -> Any:
@@ -143,7 +155,17 @@ def build_backend(settings: BackendSettings, context: BackendContext, file: str)
             verifyObject(IBackendFactory, factory)
         except Invalid as e:
             raise ConfigError("backend", f"{settings.name} is not a valid backend factory: {e}", "fix the plugin")
-        provider = factory.build(dict(settings.options), context)
+        try:
+            provider = factory.build(dict(settings.options), context)
+        except ConfigError:
+            raise
+        except Exception as e:
+            # A plugin's bug (or a builder module that fails to import) is
+            # still one line naming the section, not a traceback.
+            raise ConfigError(
+                "backend", f"{settings.name} failed to build: {type(e).__name__}: {e}",
+                "check this section's options; if they are right, the plugin has a bug",
+            )
         try:
             verifyObject(PROVIDES[kind], provider)
         except Invalid as e:

@@ -25,6 +25,8 @@ from mailplat.fsutil import makedirs_durable
 from mailplat.interfaces import BackendContext
 from mailplat.plugins import build_backend, call
 from mailplat.pop3.server import LoginFailures, POP3Factory
+from mailplat.smtp.outbound import QueueRunner
+from mailplat.smtp.queue import Queue
 from mailplat.smtp.receiving import Spool
 from mailplat.smtp.server import SMTPFactory
 from mailplat.tls import load_server_context
@@ -122,6 +124,13 @@ def make_service(
     login_failures = LoginFailures(settings.pop3.max_login_failures, settings.pop3.login_block_time, reactor)
 
     top = service.MultiService()
+    # The outbound queue: every process may add to it; the main one runs it.
+    outbound = QueueRunner(
+        Queue(os.path.join(settings.data_dir, "queue")), settings.relay, settings.smarthost, settings.hostname,
+        _dns_resolver(settings) if worker == 0 else None, (resolver, providers["delivery"]), reactor,
+    )
+    if worker == 0:
+        outbound.setServiceParent(top)
     listeners = []
     for name, description in settings.listen.items():
         factory: Any
@@ -130,6 +139,7 @@ def make_service(
                 settings.hostname, settings.smtp, resolver, providers["delivery"], spool, tls,
                 submission=name != "smtp", implicit_tls=name == "submissions", checker=checker,
                 login_failures=login_failures, auth_failure_delay=settings.pop3.auth_failure_delay, clock=reactor,
+                outbound=outbound,
             )
         else:
             factory = POP3Factory(settings.pop3, portal, tls, name == "pop3s", reactor, login_failures)
@@ -144,6 +154,16 @@ def make_service(
     if worker == 0 and settings.workers > 1:
         WorkerPool(settings.path, listeners, settings.workers, reactor).setServiceParent(top)
     return top
+
+
+def _dns_resolver(settings: Settings) -> Any:
+    """twisted.names resolver: [dns] servers, or the system's (resolv.conf, /etc/hosts)."""
+    from twisted.names import client
+
+    if settings.dns_servers:
+        servers = [(host, int(port)) for host, _, port in (s.rpartition(":") for s in settings.dns_servers)]
+        return client.createResolver(servers=servers)
+    return client.createResolver()
 
 
 def _with_backlog(description: str) -> str:

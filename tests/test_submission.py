@@ -120,10 +120,11 @@ def test_date_and_message_id_added_when_missing(server):
     assert kept.lower().count(b"message-id:") == 1
 
 
-def test_no_relay_even_when_authenticated(server):
-    """Recipients outside our domains are refused with 550 5.7.1: no relaying until the outbound queue exists."""
+@pytest.mark.parametrize("recipient", ["<@example.org:x@elsewhere.test>", "<x%elsewhere.test@example.org>", '<"x@y"@elsewhere.test>', "<x@[127.0.0.1]>"])
+def test_routing_tricks_refused_even_when_authenticated(server, recipient):
+    """Source routes, %-hacks, quoted local parts and address literals get 550 5.7.1 even from an authenticated user."""
     with submit(server) as client:
         client.login(*ALICE)
         client.mail("alice@example.org")
-        code, text = client.rcpt("someone@elsewhere.test")
+        code, text = client.docmd("RCPT", f"TO:{recipient}")
         assert code == 550 and text.startswith(b"5.7.1")

@@ -412,6 +412,8 @@ class POP3Server(CommandReader, pop3.POP3):
 class POP3Factory(protocol.ServerFactory):
     """Shared state of one POP3 listener."""
 
+    noisy = False  # our own connect/disconnect lines say it better
+
     def __init__(
         self, settings: POP3Settings, portal: Any, tls: Any, implicit_tls: bool, clock: Any, login_failures: LoginFailures
     ) -> None:

@@ -22,7 +22,7 @@ from twisted.internet import defer, protocol, task
 from twisted.logger import Logger
 from twisted.mail import smtp
 
-from mailplat.addresses import AddressError, AliasResolver, MailPath, parse_path, validate_address
+from mailplat.addresses import AddressError, AliasResolver, MailPath, parse_path, validate_address, validate_domain
 from mailplat.config import SMTPLimits
 from mailplat.connections import ConnectionCounter
 from mailplat.interfaces import Account, DeliveryFailure, Envelope, PermanentFailure, TemporaryFailure
@@ -52,6 +52,8 @@ class Transaction:
     sender: str
     recipients: list[str] = field(default_factory=list)
     accounts: dict[str, Account] = field(default_factory=dict)
+    # Recipients in other domains (submission only), for the outbound queue.
+    remote: list[str] = field(default_factory=list)
 
 
 def _printable(text: bytes | str, limit: int = 100) -> str:
@@ -404,8 +406,11 @@ class SMTPServer(CommandReader, smtp.ESMTP):
             return Reply(code, status, f"<{_printable(address)}>: Recipient address rejected: {why}")
 
         reason = self.factory.relay_denied(path)
-        if reason and self.factory.submission and not path.routed:
-            raise reject(550, "5.7.1", "delivery to other domains is not available on this server yet")
+        if reason and self.factory.submission and self.factory.outbound is not None and self._relayable(path):
+            transaction.recipients.append(address)
+            transaction.remote.append(address)
+            log.info("{session} accept from=<{sender}> rcpt=<{rcpt}> (relay)", session=self.session, sender=transaction.sender, rcpt=address)
+            return self.reply(250, "2.1.5", "Recipient OK")
         if reason:
             raise reject(550, "5.7.1", f"Relay access denied ({reason})")
         try:
@@ -431,6 +436,18 @@ class SMTPServer(CommandReader, smtp.ESMTP):
             self.reply(250, "2.1.5", "Recipient OK")
 
         return defer.Deferred.fromCoroutine(resolve())
+
+    @staticmethod
+    def _relayable(path: MailPath) -> bool:
+        """A plain address in another domain: no routing tricks, no address literal."""
+        local, _, domain = path.address.rpartition("@")
+        if path.routed or local.startswith('"') or any(c in local for c in "%!@") or domain.startswith("["):
+            return False
+        try:
+            validate_domain(domain.lower())
+        except AddressError:
+            return False
+        return all(0x21 <= ord(c) < 0x7F for c in local)
 
     def do_DATA(self, argument: bytes) -> None:
         transaction = self._transaction
@@ -499,7 +516,11 @@ class SMTPServer(CommandReader, smtp.ESMTP):
                 helo=self._helo or "",
             )
             try:
-                await call(self.factory.delivery.deliver, envelope, message)
+                if envelope.recipients:
+                    await call(self.factory.delivery.deliver, envelope, message)
+                if transaction.remote:
+                    assert self.factory.outbound is not None
+                    await self.factory.outbound.enqueue(queue_id, transaction.sender, transaction.remote, message)
             except DeliveryFailure as e:
                 code, status = (554, "5.0.0") if isinstance(e, PermanentFailure) else (451, "4.3.0")
                 log.info("{session} {queue_id} not delivered: {text}", session=self.session, queue_id=queue_id, text=e.text)
@@ -512,7 +533,7 @@ class SMTPServer(CommandReader, smtp.ESMTP):
             log.info(
                 "{session} {queue_id} delivered from=<{sender}> size={size} to={rcpts}",
                 session=self.session, queue_id=queue_id, sender=transaction.sender,
-                size=message.size, rcpts=",".join(a.address for a in envelope.recipients),
+                size=message.size, rcpts=",".join([a.address for a in envelope.recipients] + [f"{r} (queued)" for r in transaction.remote]),
             )
             self.reply(250, "2.0.0", f"OK: queued as {queue_id}")
         finally:
@@ -527,6 +548,8 @@ class SMTPServer(CommandReader, smtp.ESMTP):
 
 class SMTPFactory(protocol.ServerFactory):
     """Shared state of one SMTP listener: policy, limits and connection counts."""
+
+    noisy = False  # our own connect/disconnect lines say it better
 
     protocol = SMTPServer  # type: ignore[assignment]
 
@@ -544,6 +567,7 @@ class SMTPFactory(protocol.ServerFactory):
         login_failures: Any = None,
         auth_failure_delay: float = 2.0,
         clock: Any = None,
+        outbound: Any = None,
     ) -> None:
         self.hostname = hostname
         self.limits = limits
@@ -558,6 +582,8 @@ class SMTPFactory(protocol.ServerFactory):
         self.login_failures = login_failures
         self.auth_failure_delay = auth_failure_delay
         self.clock = clock
+        # The queue runner, where submission hands mail for other domains.
+        self.outbound = outbound
         self.connections = ConnectionCounter(limits.max_connections, limits.max_connections_per_ip)
 
     def buildProtocol(self, addr: Any) -> SMTPServer:

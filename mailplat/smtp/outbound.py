@@ -1,0 +1,196 @@
+"""The queue runner: retries queued mail with backoff, relays it, bounces what fails.
+
+It runs in the main process only; workers just add files to the queue, and
+the runner notices them on its next tick (once a second).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer, task
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+
+from mailplat.config import RelaySettings
+from mailplat.interfaces import DeliveryFailure, Envelope, PermanentFailure, SpooledMessage
+from mailplat.plugins import call
+from mailplat.smtp.bounce import FailedRecipient, build_bounce, is_bounce
+from mailplat.smtp.queue import DONE, FAILED, Queue, QueuedMessage, QueuedRecipient
+from mailplat.smtp.receiving import new_id
+from mailplat.smtp.relay import Reply, find_hosts, send_message
+
+__all__ = ["QueueRunner"]
+
+log = Logger()
+
+# Messages relayed at once.
+_CONCURRENCY = 20
+
+
+class QueueRunner(service.Service):
+    """Delivers what is due, one connection per destination domain."""
+
+    def __init__(
+        self, queue: Queue, relay: RelaySettings, smarthost: str, hostname: str, dns: Any, local: Any, reactor: Any
+    ) -> None:
+        self.queue = queue
+        self.relay = relay
+        self.smarthost = smarthost
+        self.hostname = hostname
+        self.dns = dns
+        # (resolver, delivery backend): bounces to our own users are delivered at once.
+        self.local = local
+        self.reactor = reactor
+        self.in_flight: set[str] = set()
+        self._loop: Any = None
+
+    def _thread(self, f: Any, *args: Any) -> Any:
+        return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args)
+
+    def startService(self) -> None:
+        super().startService()
+        self.queue.start()
+        self._loop = task.LoopingCall(self.tick)
+        self._loop.clock = self.reactor
+        self._loop.start(1.0, now=True).addErrback(lambda f: log.failure("queue runner stopped", f))
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+
+    def enqueue(self, queue_id: str, sender: str, recipients: list[str], message: SpooledMessage) -> defer.Deferred[None]:
+        """Store a message durably for relaying (the caller answers 250 after this)."""
+        def store() -> None:
+            with message.open() as source:
+                self.queue.enqueue(queue_id, sender, recipients, source)
+
+        return self._thread(store)
+
+    def tick(self) -> defer.Deferred[None]:
+        return defer.Deferred.fromCoroutine(self._tick())
+
+    async def _tick(self) -> None:
+        flush = await self._thread(self.queue.take_flush_request)
+        messages = await self._thread(lambda: list(self.queue.all()))
+        now = time.time()
+        for message in messages:
+            if len(self.in_flight) >= _CONCURRENCY:
+                break
+            if message.id in self.in_flight:
+                continue
+            if flush:
+                for r in message.recipients:
+                    r.next_try = 0.0
+            if message.pending(now) or message.finished:
+                self.in_flight.add(message.id)
+                d = defer.Deferred.fromCoroutine(self._process(message))
+                d.addErrback(lambda f, i=message.id: log.failure("{queue_id}: queue run failed", f, queue_id=i))
+                d.addBoth(lambda _, i=message.id: self.in_flight.discard(i))
+
+    async def _process(self, message: QueuedMessage) -> None:
+        now = time.time()
+        by_domain: dict[str, list[QueuedRecipient]] = {}
+        for recipient in message.pending(now):
+            by_domain.setdefault(recipient.domain, []).append(recipient)
+        for domain, recipients in by_domain.items():
+            await self._relay_domain(message, domain, recipients)
+            # The "done" mark right after each domain: the duplicate window is one transaction.
+            await self._thread(self.queue.save, message)
+        if message.finished:
+            await self._finish(message)
+
+    async def _relay_domain(self, message: QueuedMessage, domain: str, recipients: list[QueuedRecipient]) -> None:
+        addresses = [r.address for r in recipients]
+        replies: dict[str, Reply] = {}
+        error: DeliveryFailure | None = None
+        try:
+            hosts = await self._hosts(domain)
+            for host in hosts:
+                try:
+                    replies = await send_message(
+                        self.reactor, host, self.hostname, message.sender, addresses, self.queue.message_path(message.id),
+                        self.relay.tls, self.relay.username, self.relay.password,
+                    )
+                    for r in recipients:
+                        r.remote_mta = host[0]
+                    break
+                except DeliveryFailure as e:
+                    error = e
+                    log.info("{queue_id}: {host}: {error}", queue_id=message.id, host=host[0], error=e.text)
+        except DeliveryFailure as e:
+            error = e
+        now = time.time()
+        for r in recipients:
+            r.attempts += 1
+            reply = replies.get(r.address)
+            if reply is not None and reply.code // 100 == 2:
+                r.state, r.last_error, r.status = DONE, str(reply), reply.status
+                log.info("{queue_id}: relayed to <{rcpt}> via {host}: {reply}", queue_id=message.id, rcpt=r.address, host=r.remote_mta, reply=str(reply))
+                continue
+            if reply is not None:
+                r.last_error, r.status = str(reply), reply.status
+                permanent = reply.code // 100 == 5
+            else:
+                assert error is not None
+                r.last_error = error.text
+                permanent = isinstance(error, PermanentFailure)
+                r.status = "5.1.10" if permanent and "null MX" in error.text else ("5.4.4" if permanent else "4.4.1")
+            if permanent:
+                r.state = FAILED
+            elif now - message.created > self.relay.max_age:
+                r.state, r.status = FAILED, "4.4.7"
+                r.last_error = f"gave up after {int((now - message.created) / 3600)} hours; last error: {r.last_error}"
+            else:
+                delay = min(self.relay.retry_initial * 2 ** (r.attempts - 1), self.relay.retry_max)
+                r.next_try = now + delay
+            log.info("{queue_id}: <{rcpt}> {state}: {error}", queue_id=message.id, rcpt=r.address, state=r.state, error=r.last_error)
+
+    async def _hosts(self, domain: str) -> list[tuple[str, str, int]]:
+        if self.smarthost:
+            host, _, port = self.smarthost.rpartition(":")
+            address = host if host.replace(".", "").isdigit() else await self.dns.getHostByName(host)
+            return [(host, address, int(port))]
+        return await find_hosts(domain, self.dns, self.relay.port)
+
+    async def _finish(self, message: QueuedMessage) -> None:
+        failed = [r for r in message.recipients if r.state == FAILED]
+        if failed and not is_bounce(message.sender):
+            await self._bounce(message, failed)
+        await self._thread(self.queue.remove, message.id)
+        log.info("{queue_id}: removed from the queue", queue_id=message.id)
+
+    async def _bounce(self, message: QueuedMessage, failed: list[QueuedRecipient]) -> None:
+        def build() -> bytes:
+            with open(self.queue.message_path(message.id), "rb") as original:
+                return build_bounce(
+                    reporting_mta=self.hostname,
+                    original=original,
+                    envelope_sender=message.sender,
+                    recipients=[FailedRecipient(r.address, r.status or "5.0.0", r.last_error, r.remote_mta) for r in failed],
+                    queue_id=message.id,
+                    arrival=datetime.datetime.fromtimestamp(message.created, datetime.timezone.utc),
+                )
+
+        dsn = await self._thread(build)
+        bounce_id = new_id()
+        spooled = SpooledMessage("", len(dsn), "", dsn)
+        resolver, delivery = self.local
+        domain = message.sender.rpartition("@")[2].lower()
+        if resolver.is_hosted(domain):
+            accounts = await resolver.resolve(message.sender)
+            if accounts:
+                await call(delivery.deliver, Envelope(bounce_id, "", tuple(accounts)), spooled)
+            log.info("{queue_id}: bounce {bounce_id} delivered to <{sender}>", queue_id=message.id, bounce_id=bounce_id, sender=message.sender)
+            return
+        await self.enqueue(bounce_id, "", [message.sender], spooled)
+        log.info("{queue_id}: bounce {bounce_id} queued for <{sender}>", queue_id=message.id, bounce_id=bounce_id, sender=message.sender)
+
+
+def queue_directory(data_dir: str) -> str:
+    return os.path.join(data_dir, "queue")

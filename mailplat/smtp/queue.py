@@ -1,0 +1,147 @@
+"""The durable outbound queue under ``data_dir/queue``.
+
+A queued message is two files: ``msg/ID`` (the message, written once) and
+``env/ID.json`` (sender, and per recipient its state, attempts, next try and
+last reply).  Both are fsynced before the client hears 250.  The envelope is
+replaced atomically (temporary file, fsync, rename, fsync the folder) after
+every attempt.
+
+Crash window: between a remote server's 250 and our fsynced "done" mark a
+crash makes us deliver that recipient again after restart (a duplicate,
+never a loss).  The mark is written right after each domain's transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from mailplat.fsutil import fsync_directory, makedirs_durable
+
+__all__ = ["Queue", "QueuedMessage", "QueuedRecipient"]
+
+PENDING, DONE, FAILED = "pending", "done", "failed"
+
+
+@dataclass
+class QueuedRecipient:
+    address: str
+    state: str = PENDING
+    attempts: int = 0
+    next_try: float = 0.0
+    last_error: str = ""
+    status: str = ""  # enhanced status code of the last reply
+    remote_mta: str = ""
+
+    @property
+    def domain(self) -> str:
+        return self.address.rpartition("@")[2].lower()
+
+
+@dataclass
+class QueuedMessage:
+    id: str
+    sender: str
+    created: float
+    recipients: list[QueuedRecipient] = field(default_factory=list)
+
+    def pending(self, now: float) -> list[QueuedRecipient]:
+        return [r for r in self.recipients if r.state == PENDING and r.next_try <= now]
+
+    @property
+    def finished(self) -> bool:
+        return all(r.state != PENDING for r in self.recipients)
+
+    @property
+    def next_try(self) -> float:
+        times = [r.next_try for r in self.recipients if r.state == PENDING]
+        return min(times) if times else 0.0
+
+
+class Queue:
+    """The queue's files.  Blocking: the runner calls it from a thread."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.messages_dir = os.path.join(directory, "msg")
+        self.envelopes_dir = os.path.join(directory, "env")
+        self.flush_file = os.path.join(directory, "flush")
+
+    def start(self) -> None:
+        """Create the folders, and drop message files whose envelope never got written (never acknowledged)."""
+        for folder in (self.messages_dir, self.envelopes_dir):
+            makedirs_durable(folder)
+        envelopes = {name[: -len(".json")] for name in os.listdir(self.envelopes_dir) if name.endswith(".json")}
+        for name in os.listdir(self.messages_dir):
+            if name not in envelopes:
+                os.unlink(os.path.join(self.messages_dir, name))
+        for name in os.listdir(self.envelopes_dir):
+            if name.endswith(".tmp"):
+                os.unlink(os.path.join(self.envelopes_dir, name))
+
+    def message_path(self, queue_id: str) -> str:
+        return os.path.join(self.messages_dir, queue_id)
+
+    def enqueue(self, queue_id: str, sender: str, recipients: list[str], source: Any) -> None:
+        """Store a message durably: the message file, then its envelope (both fsynced)."""
+        path = self.message_path(queue_id)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        with open(fd, "wb") as out:
+            while chunk := source.read(1 << 20):
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        fsync_directory(self.messages_dir)
+        now = time.time()
+        self.save(QueuedMessage(queue_id, sender, now, [QueuedRecipient(r, next_try=now) for r in recipients]))
+
+    def save(self, message: QueuedMessage) -> None:
+        final = os.path.join(self.envelopes_dir, f"{message.id}.json")
+        tmp = final + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(asdict(message), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        fsync_directory(self.envelopes_dir)
+
+    def load(self, queue_id: str) -> QueuedMessage:
+        with open(os.path.join(self.envelopes_dir, f"{queue_id}.json"), encoding="utf-8") as f:
+            data = json.load(f)
+        data["recipients"] = [QueuedRecipient(**r) for r in data["recipients"]]
+        return QueuedMessage(**data)
+
+    def ids(self) -> list[str]:
+        return sorted(name[: -len(".json")] for name in os.listdir(self.envelopes_dir) if name.endswith(".json"))
+
+    def all(self) -> Iterator[QueuedMessage]:
+        for queue_id in self.ids():
+            try:
+                yield self.load(queue_id)
+            except FileNotFoundError:
+                continue
+
+    def remove(self, queue_id: str) -> None:
+        """Drop a message: envelope first, so that a crash leaves an orphan message file, cleaned at start."""
+        os.unlink(os.path.join(self.envelopes_dir, f"{queue_id}.json"))
+        fsync_directory(self.envelopes_dir)
+        try:
+            os.unlink(self.message_path(queue_id))
+        except FileNotFoundError:
+            pass
+
+    def request_flush(self) -> None:
+        """Ask the running server to retry everything now (`mailplat queue flush`)."""
+        with open(self.flush_file, "w"):
+            pass
+
+    def take_flush_request(self) -> bool:
+        try:
+            os.unlink(self.flush_file)
+            return True
+        except FileNotFoundError:
+            return False
