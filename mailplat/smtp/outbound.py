@@ -17,12 +17,12 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from mailplat.config import RelaySettings
-from mailplat.interfaces import DeliveryFailure, Envelope, PermanentFailure, SpooledMessage
+from mailplat.interfaces import DeliveryFailure, Envelope, PermanentFailure, SpooledMessage, TemporaryFailure
 from mailplat.plugins import call
 from mailplat.smtp.bounce import FailedRecipient, build_bounce, is_bounce
 from mailplat.smtp.queue import DONE, FAILED, Queue, QueuedMessage, QueuedRecipient
 from mailplat.smtp.receiving import new_id
-from mailplat.smtp.relay import Reply, find_hosts, send_message
+from mailplat.smtp.relay import Reply, addresses_of, find_hosts, send_message
 
 __all__ = ["QueueRunner"]
 
@@ -154,8 +154,10 @@ class QueueRunner(service.Service):
     async def _hosts(self, domain: str) -> list[tuple[str, str, int]]:
         if self.smarthost:
             host, _, port = self.smarthost.rpartition(":")
-            address = host if host.replace(".", "").isdigit() else await self.dns.getHostByName(host)
-            return [(host, address, int(port))]
+            addresses = [host] if host.replace(".", "").isdigit() else await addresses_of(host, self.dns)
+            if not addresses:
+                raise TemporaryFailure(f"no address found for the smarthost {host}")
+            return [(host, address, int(port)) for address in addresses]
         return await find_hosts(domain, self.dns, self.relay.port)
 
     async def _finish(self, message: QueuedMessage) -> None:

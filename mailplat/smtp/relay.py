@@ -19,7 +19,7 @@ from twisted.names import dns, error as dns_error
 from mailplat.dotstuff import DotStuffedSender
 from mailplat.interfaces import PermanentFailure, TemporaryFailure
 
-__all__ = ["Reply", "find_hosts", "send_message"]
+__all__ = ["Reply", "addresses_of", "find_hosts", "send_message"]
 
 _STATUS = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\b")
 # RFC 5321 4.5.3.2: how long to wait for each reply.
@@ -60,14 +60,19 @@ async def find_hosts(domain: str, resolver: Any, port: int) -> list[tuple[str, s
     names = [name for _, name in mx if name not in ("", ".")] or [domain]
     hosts = []
     for name in names:
-        try:
-            address = await resolver.getHostByName(name)
-        except Exception:
-            continue
-        hosts.append((name, address, port))
+        hosts += [(name, address, port) for address in await addresses_of(name, resolver)]
     if not hosts:
         raise TemporaryFailure(f"no address found for the mail hosts of {domain}")
     return hosts
+
+
+async def addresses_of(name: str, resolver: Any) -> list[str]:
+    """The IPv4 addresses of a host (an A query: ANY queries are refused by many servers, RFC 8482)."""
+    try:
+        answers, _, _ = await resolver.lookupAddress(name)
+    except Exception:
+        return []
+    return [record.payload.dottedQuad() for record in answers if record.type == dns.A]
 
 
 class _ClientProtocol(protocol.Protocol):

@@ -1,0 +1,184 @@
+"""The outbound queue over the wire: one mailplat submits, relays to another mailplat acting as a remote MX."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import signal
+import smtplib
+import socket
+import ssl
+import subprocess
+
+import pytest
+
+from conftest import MAILPLAT, message, wait_for
+from dnsserver import DNSServer
+
+ALICE = ("alice@example.org", "alice-password")
+
+REMOTE_CONFIG = """\
+hostname = "mx.elsewhere.test"
+data_dir = "var"
+domains = ["elsewhere.test"]
+
+[listen]
+smtp = "tcp:{port}:interface=127.0.0.1"
+
+[auth]
+backend = "passwd-file"
+path = "users.passwd"
+
+[mailbox]
+backend = "maildir"
+path = "mail"
+"""
+
+
+def tls_context() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+@pytest.fixture
+def remote(make_server):
+    """A second mailplat hosting elsewhere.test with the user carol, on a fixed port so that it can restart on it."""
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    return make_server(config=REMOTE_CONFIG.format(port=port), users={"carol@elsewhere.test": "carol-password"}, name="remote")
+
+
+@pytest.fixture
+def dns(remote):
+    """A DNS server whose MX for elsewhere.test points at 127.0.0.1."""
+    server = DNSServer().start({
+        "zones": {
+            "elsewhere.test": {"MX": [[10, "mx.elsewhere.test"]]},
+            "mx.elsewhere.test": {"A": ["127.0.0.1"]},
+            "nomail.test": {"MX": [[0, "."]]},
+            "down.test": {"MX": [[10, "mx.down.test"]]},
+            "mx.down.test": {"A": ["127.0.0.1"]},
+        }
+    })
+    yield server
+    server.stop()
+
+
+def sender_server(make_server, dns, remote, retry: float = 1):
+    """Our server: MX lookups through the test DNS server, remote port = the other mailplat's."""
+    return make_server(f"[dns]\nservers = [\"127.0.0.1:{dns.port}\"]\n[relay]\nport = {remote.port}\nretry_initial = {retry}\n", name="local")
+
+
+def submit(server, to: list[str], subject: str) -> None:
+    with smtplib.SMTP_SSL("127.0.0.1", server.ports["submissions"], context=tls_context(), timeout=20) as client:
+        client.login(*ALICE)
+        client.sendmail("alice@example.org", to, message(subject, sender="alice@example.org", to=to[0]))
+
+
+def queue_cli(server, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([MAILPLAT, "--config", str(server.config_path), "queue", *args], capture_output=True, text=True, timeout=60)
+
+
+def bounces(server) -> list[email.message.EmailMessage]:
+    found = []
+    for raw in server.messages("alice@example.org"):
+        parsed = email.message_from_bytes(raw, policy=email.policy.default)
+        if parsed.get_content_type() == "multipart/report":
+            found.append(parsed)
+    return found
+
+
+def test_relay_through_mx(make_server, dns, remote):
+    """Mail submitted for another domain is relayed to that domain's MX, found through DNS, and leaves the queue."""
+    local = sender_server(make_server, dns, remote)
+    submit(local, ["carol@elsewhere.test", "bob@example.org"], "to-the-world")
+    wait_for(lambda: any(b"Subject: to-the-world" in m for m in remote.messages("carol@elsewhere.test")), what="the relayed message")
+    assert any(b"Subject: to-the-world" in m for m in local.messages("bob@example.org"))
+    wait_for(lambda: "removed from the queue" in local.log(), what="the queue to empty")
+    assert queue_cli(local, "list").stdout.strip().endswith("0 queued message(s)")
+
+
+def test_relay_through_smarthost(make_server, remote):
+    """With [relay] smarthost every message goes to that host, no DNS needed."""
+    local = make_server(f'[relay]\nsmarthost = "127.0.0.1:{remote.port}"\n', name="local")
+    submit(local, ["carol@elsewhere.test"], "via-smarthost")
+    wait_for(lambda: any(b"Subject: via-smarthost" in m for m in remote.messages("carol@elsewhere.test")), what="the relayed message")
+
+
+def test_remote_5xx_bounces_to_sender(make_server, dns, remote):
+    """A 5xx from the remote bounces: the sender gets a DSN naming the recipient and the remote's reply, and it is never bounced again."""
+    local = sender_server(make_server, dns, remote)
+    submit(local, ["nobody@elsewhere.test"], "will-bounce")
+    wait_for(lambda: bounces(local), what="the bounce")
+    [dsn] = bounces(local)
+    status = next(p for p in dsn.iter_parts() if p.get_content_type() == "message/delivery-status").as_string()
+    assert "Final-Recipient: rfc822; nobody@elsewhere.test" in status
+    assert "Status: 5.1.1" in status and "550 5.1.1" in status
+    assert b"Subject: will-bounce" in dsn.as_bytes()
+    assert local.messages("alice@example.org")[-1].startswith(b"Return-Path: <>")
+
+
+def test_null_mx_bounces_at_once(make_server, dns, remote):
+    """A domain with a null MX (RFC 7505) bounces at once with 5.1.10."""
+    local = sender_server(make_server, dns, remote)
+    submit(local, ["someone@nomail.test"], "null-mx")
+    wait_for(lambda: bounces(local), what="the bounce")
+    assert "Status: 5.1.10" in bounces(local)[0].as_string()
+
+
+def test_temporary_failure_retries_then_flush(make_server, dns, remote):
+    """While the remote is down the message stays queued with its error; after it returns, `queue flush` delivers it."""
+    local = sender_server(make_server, dns, remote, retry=3600)
+    remote.stop()
+    submit(local, ["carol@elsewhere.test"], "retried")
+    wait_for(lambda: "attempts=1" in queue_cli(local, "list").stdout, what="a failed attempt")
+    listing = queue_cli(local, "list").stdout
+    assert "<carol@elsewhere.test>  pending" in listing and "cannot connect" in listing
+    remote.start()
+    assert queue_cli(local, "flush").returncode == 0
+    wait_for(lambda: any(b"Subject: retried" in m for m in remote.messages("carol@elsewhere.test")), what="the retried message")
+
+
+def test_kill_9_keeps_the_queue(make_server, dns, remote):
+    """A queued message survives kill -9 of the server and is delivered exactly once after the restart."""
+    local = sender_server(make_server, dns, remote, retry=3600)
+    remote.stop()
+    submit(local, ["carol@elsewhere.test"], "survivor")
+    wait_for(lambda: "attempts=1" in queue_cli(local, "list").stdout, what="a failed attempt")
+    assert local.process is not None
+    local.process.send_signal(signal.SIGKILL)
+    local.process.wait(10)
+    local.process = None
+    remote.start()
+    local.start()
+    queue_cli(local, "flush")
+    wait_for(lambda: any(b"Subject: survivor" in m for m in remote.messages("carol@elsewhere.test")), what="the message after restart")
+    wait_for(lambda: "removed from the queue" in local.log(), what="the queue to empty")
+    assert sum(b"Subject: survivor" in m for m in remote.messages("carol@elsewhere.test")) == 1
+
+
+def test_queue_remove(make_server, dns, remote):
+    """`mailplat queue remove ID` drops a queued message; an unknown id is an error."""
+    local = sender_server(make_server, dns, remote, retry=3600)
+    remote.stop()
+    submit(local, ["carol@elsewhere.test"], "to-remove")
+    wait_for(lambda: "attempts=1" in queue_cli(local, "list").stdout, what="a failed attempt")
+    queue_id = queue_cli(local, "list").stdout.split()[0]
+    removed = queue_cli(local, "remove", queue_id)
+    assert removed.returncode == 0 and queue_id in removed.stdout
+    assert queue_cli(local, "list").stdout.strip().endswith("0 queued message(s)")
+    assert queue_cli(local, "remove", queue_id).returncode == 1
+
+
+def test_mx_port_never_relays(make_server, dns, remote):
+    """Even with a working outbound queue, the MX port refuses other domains for unauthenticated clients."""
+    local = sender_server(make_server, dns, remote)
+    with smtplib.SMTP("127.0.0.1", local.port, timeout=20) as client:
+        client.ehlo()
+        client.mail("x@remote.test")
+        code, text = client.rcpt("carol@elsewhere.test")
+    assert code == 550 and text.startswith(b"5.7.1")
