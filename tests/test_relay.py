@@ -62,15 +62,18 @@ def dns(remote):
             "nomail.test": {"MX": [[0, "."]]},
             "down.test": {"MX": [[10, "mx.down.test"]]},
             "mx.down.test": {"A": ["127.0.0.1"]},
+            "a-only.test": {"A": ["127.0.0.1"]},
         }
     })
     yield server
     server.stop()
 
 
-def sender_server(make_server, dns, remote, retry: float = 1):
+def sender_server(make_server, dns, remote, retry: float = 1, relay: str = ""):
     """Our server: MX lookups through the test DNS server, remote port = the other mailplat's."""
-    return make_server(f"[dns]\nservers = [\"127.0.0.1:{dns.port}\"]\n[relay]\nport = {remote.port}\nretry_initial = {retry}\n", name="local")
+    return make_server(
+        f"[dns]\nservers = [\"127.0.0.1:{dns.port}\"]\n[relay]\nport = {remote.port}\nretry_initial = {retry}\n{relay}", name="local"
+    )
 
 
 def submit(server, to: list[str], subject: str) -> None:
@@ -182,3 +185,44 @@ def test_mx_port_never_relays(make_server, dns, remote):
         client.mail("x@remote.test")
         code, text = client.rcpt("carol@elsewhere.test")
     assert code == 550 and text.startswith(b"5.7.1")
+
+
+def test_a_record_fallback(make_server, dns, remote):
+    """A domain without MX records is reached at its own address (RFC 5321 5.1)."""
+    remote.stop()
+    remote.config_path.write_text(remote.config_path.read_text().replace('domains = ["elsewhere.test"]', 'domains = ["elsewhere.test", "a-only.test"]'))
+    remote.start()
+    local = sender_server(make_server, dns, remote)
+    submit(local, ["carol@a-only.test"], "a-fallback")
+    # The remote answered (it has no such user): the A record led to it.
+    wait_for(lambda: "<carol@a-only.test> failed: 550 5.1.1" in local.log(), what="the remote's answer")
+
+
+def test_tls_required_and_opportunistic(make_server, dns):
+    """With tls = "required" a remote without STARTTLS keeps the mail queued; a remote with it gets the mail over TLS."""
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    plain_remote = make_server(config=REMOTE_CONFIG.format(port=port), users={"carol@elsewhere.test": "carol-password"}, name="plain")
+    local = sender_server(make_server, dns, plain_remote, retry=3600, relay='tls = "required"\n')
+    submit(local, ["carol@elsewhere.test"], "needs-tls")
+    wait_for(lambda: "does not offer STARTTLS" in queue_cli(local, "list").stdout, what="the refusal to send in clear")
+    plain_remote.stop()
+    tls_config = REMOTE_CONFIG.format(port=port) + '\n[tls]\ncertificate = "tls/cert.pem"\nkey = "tls/key.pem"\n'
+    plain_remote.config_path.write_text(tls_config)
+    plain_remote.start()
+    queue_cli(local, "flush")
+    wait_for(lambda: any(b"Subject: needs-tls" in m for m in plain_remote.messages("carol@elsewhere.test")), what="the message over TLS")
+    stored = next(m for m in plain_remote.messages("carol@elsewhere.test") if b"Subject: needs-tls" in m)
+    assert b"with ESMTPS id" in stored
+
+
+def test_expiry_bounces_with_4_4_7(make_server, dns, remote):
+    """A message that cannot be delivered within max_age bounces with status 4.4.7 and the last error."""
+    local = sender_server(make_server, dns, remote, relay="max_age = 1\n")
+    remote.stop()
+    submit(local, ["carol@elsewhere.test"], "expires")
+    wait_for(lambda: bounces(local), timeout=20, what="the expiry bounce")
+    text = bounces(local)[0].as_string()
+    assert "Status: 4.4.7" in text and "cannot connect" in text
