@@ -94,6 +94,11 @@ class QueueRunner(service.Service):
                 d.addBoth(lambda _, i=message.id: self.in_flight.discard(i))
 
     async def _process(self, message: QueuedMessage) -> None:
+        if not await self._thread(os.path.exists, self.queue.message_path(message.id)):
+            # Only a hand-made change to the queue folder does this.
+            log.error("{queue_id}: the message file is missing; dropping its envelope", queue_id=message.id)
+            await self._thread(self.queue.remove, message.id)
+            return
         now = time.time()
         by_domain: dict[str, list[QueuedRecipient]] = {}
         for recipient in message.pending(now):
@@ -192,7 +197,3 @@ class QueueRunner(service.Service):
             return
         await self.enqueue(bounce_id, "", [message.sender], spooled)
         log.info("{queue_id}: bounce {bounce_id} queued for <{sender}>", queue_id=message.id, bounce_id=bounce_id, sender=message.sender)
-
-
-def queue_directory(data_dir: str) -> str:
-    return os.path.join(data_dir, "queue")
