@@ -175,6 +175,7 @@ def test_queue_remove(make_server, dns, remote):
     assert removed.returncode == 0 and queue_id in removed.stdout
     assert queue_cli(local, "list").stdout.strip().endswith("0 queued message(s)")
     assert queue_cli(local, "remove", queue_id).returncode == 1
+    wait_for(lambda: f"{queue_id}: removed from the queue by the admin" in local.log(), what="the removal in the server's log")
 
 
 def test_mx_port_never_relays(make_server, dns, remote):
@@ -226,3 +227,17 @@ def test_expiry_bounces_with_4_4_7(make_server, dns, remote):
     wait_for(lambda: bounces(local), timeout=20, what="the expiry bounce")
     text = bounces(local)[0].as_string()
     assert "Status: 4.4.7" in text and "cannot connect" in text
+
+
+def test_remote_4xx_keeps_the_recipient_queued(make_server, dns, remote):
+    """A 4xx for one recipient keeps just that one queued; it is delivered on the retry, and the other is not sent twice."""
+    remote.stop()
+    remote.config_path.write_text(remote.config_path.read_text() + "\n[smtp]\nmax_recipients = 1\n")
+    remote.start()
+    local = sender_server(make_server, dns, remote)
+    submit(local, ["carol+first@elsewhere.test", "carol+second@elsewhere.test"], "four-xx")
+    wait_for(lambda: "<carol+second@elsewhere.test> pending: 452 4.5.3" in local.log(), what="the 452")
+    wait_for(lambda: "relayed to <carol+second@elsewhere.test>" in local.log(), timeout=20, what="the retry")
+    copies = [m for m in remote.messages("carol@elsewhere.test") if b"Subject: four-xx" in m]
+    assert len(copies) == 2
+    assert b"for <carol+first@elsewhere.test>" in b"".join(copies) and b"for <carol+second@elsewhere.test>" in b"".join(copies)

@@ -47,6 +47,9 @@ class QueueRunner(service.Service):
         self.local = local
         self.reactor = reactor
         self.in_flight: set[str] = set()
+        self.schedule: dict[str, float] = {}
+        self.flushed: set[str] = set()
+        self._ticking = False
         self._loop: Any = None
 
     def _thread(self, f: Any, *args: Any) -> Any:
@@ -72,26 +75,70 @@ class QueueRunner(service.Service):
 
         return self._thread(store)
 
-    def tick(self) -> defer.Deferred[None]:
-        return defer.Deferred.fromCoroutine(self._tick())
+    def tick(self) -> defer.Deferred[None] | None:
+        if self._ticking:
+            return None
+        self._ticking = True
+        d = defer.Deferred.fromCoroutine(self._tick())
+        d.addBoth(self._ticked)
+        return d
+
+    def _ticked(self, result: Any) -> Any:
+        self._ticking = False
+        return result
 
     async def _tick(self) -> None:
+        """Learn about new queue files, forget removed ones, and start what is due.
+
+        The schedule (id -> next try) lives in memory; the folder is only
+        listed, and an envelope read when it is new or due.
+        """
         flush = await self._thread(self.queue.take_flush_request)
-        messages = await self._thread(lambda: list(self.queue.all()))
+        ids = set(await self._thread(self.queue.ids))
+        for gone in set(self.schedule) - ids - self.in_flight:
+            del self.schedule[gone]
+            log.info("{queue_id}: removed from the queue by the admin", queue_id=gone)
+        new = [i for i in ids if i not in self.schedule]
+        for message in await self._thread(self._load_all, new):
+            self.schedule[message.id] = 0.0 if message.finished else message.next_try
+        if flush:
+            self.flushed.update(self.schedule)
+            for queue_id in self.schedule:
+                self.schedule[queue_id] = 0.0
         now = time.time()
-        for message in messages:
-            if len(self.in_flight) >= _CONCURRENCY:
-                break
-            if message.id in self.in_flight:
-                continue
-            if flush:
-                for r in message.recipients:
-                    r.next_try = 0.0
-            if message.pending(now) or message.finished:
-                self.in_flight.add(message.id)
-                d = defer.Deferred.fromCoroutine(self._process(message))
-                d.addErrback(lambda f, i=message.id: log.failure("{queue_id}: queue run failed", f, queue_id=i))
-                d.addBoth(lambda _, i=message.id: self.in_flight.discard(i))
+        due = sorted((t, i) for i, t in self.schedule.items() if t <= now and i not in self.in_flight)
+        for _, queue_id in due[: max(0, _CONCURRENCY - len(self.in_flight))]:
+            self.in_flight.add(queue_id)
+            d = defer.Deferred.fromCoroutine(self._run(queue_id))
+            d.addErrback(lambda f, i=queue_id: log.failure("{queue_id}: queue run failed", f, queue_id=i))
+            d.addBoth(lambda _, i=queue_id: self.in_flight.discard(i))
+
+    def _load_all(self, ids: list[str]) -> list[QueuedMessage]:
+        loaded = []
+        for queue_id in ids:
+            try:
+                loaded.append(self.queue.load(queue_id))
+            except (FileNotFoundError, ValueError, TypeError) as e:
+                log.error("{queue_id}: unreadable envelope: {error}", queue_id=queue_id, error=str(e))
+        return loaded
+
+    async def _run(self, queue_id: str) -> None:
+        try:
+            message = await self._thread(self.queue.load, queue_id)
+        except FileNotFoundError:
+            self.schedule.pop(queue_id, None)
+            return
+        if queue_id in self.flushed:
+            self.flushed.discard(queue_id)
+            for r in message.recipients:
+                r.next_try = 0.0
+        try:
+            await self._process(message)
+        finally:
+            if message.finished:
+                self.schedule.pop(queue_id, None)
+            else:
+                self.schedule[queue_id] = message.next_try
 
     async def _process(self, message: QueuedMessage) -> None:
         if not await self._thread(os.path.exists, self.queue.message_path(message.id)):
