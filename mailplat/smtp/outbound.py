@@ -29,7 +29,7 @@ __all__ = ["QueueRunner"]
 log = Logger()
 
 # Messages relayed at once.
-_CONCURRENCY = 20
+_CONCURRENCY = 50
 
 
 class QueueRunner(service.Service):
@@ -73,7 +73,13 @@ class QueueRunner(service.Service):
             with message.open() as source:
                 self.queue.enqueue(queue_id, sender, recipients, source)
 
-        return self._thread(store)
+        def stored(result: None) -> None:
+            # Queued by this process: due now, and no need to wait for the next tick.
+            if self.running:
+                self.schedule.setdefault(queue_id, 0.0)
+                self.reactor.callLater(0, self.tick)
+
+        return self._thread(store).addCallback(stored)
 
     def tick(self) -> defer.Deferred[None] | None:
         if self._ticking:
@@ -139,6 +145,8 @@ class QueueRunner(service.Service):
                 self.schedule.pop(queue_id, None)
             else:
                 self.schedule[queue_id] = message.next_try
+            if self.running:
+                self.reactor.callLater(0, self.tick)
 
     async def _process(self, message: QueuedMessage) -> None:
         if not await self._thread(os.path.exists, self.queue.message_path(message.id)):
