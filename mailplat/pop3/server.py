@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from twisted.mail import pop3
 
 from mailplat.config import POP3Settings
-from mailplat.connections import ConnectionCounter
+from mailplat.connections import ConnectionCounter, set_no_delay
 from mailplat.dotstuff import DotStuffedSender
 from mailplat.interfaces import IMaildrop, MaildropInUse, TemporaryFailure
 from mailplat.linereader import CommandReader
@@ -128,6 +128,7 @@ class POP3Server(CommandReader, pop3.POP3):
             self.transport.loseConnection()
             return
         self._counted = True
+        set_no_delay(self.transport)
         log.info("{session} pop3 connect from {peer}", session=self.session, peer=self.peer)
         self.successResponse("mailplat POP3 ready")
         self.setTimeout(self.timeOut)

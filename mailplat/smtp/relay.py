@@ -16,6 +16,7 @@ from typing import Any
 from twisted.internet import defer, endpoints, protocol, ssl
 from twisted.names import dns, error as dns_error
 
+from mailplat.connections import set_no_delay
 from mailplat.dotstuff import DotStuffedSender
 from mailplat.interfaces import PermanentFailure, TemporaryFailure
 
@@ -148,6 +149,7 @@ async def send_message(
         client: _ClientProtocol = await endpoints.TCP4ClientEndpoint(reactor, address, port, timeout=30).connect(factory)
     except Exception as e:
         raise TemporaryFailure(f"cannot connect to {name} [{address}]:{port}: {e}")
+    set_no_delay(client.transport)
     try:
         return await _transaction(client, reactor, name, helo, sender, recipients, message_path, tls, username, password)
     finally:

@@ -24,7 +24,7 @@ from twisted.mail import smtp
 
 from mailplat.addresses import AddressError, AliasResolver, MailPath, parse_path, validate_address, validate_domain
 from mailplat.config import SMTPLimits
-from mailplat.connections import ConnectionCounter
+from mailplat.connections import ConnectionCounter, set_no_delay
 from mailplat.interfaces import Account, DeliveryFailure, Envelope, PermanentFailure, TemporaryFailure
 from mailplat.linereader import CommandReader
 from mailplat.plugins import call
@@ -98,6 +98,7 @@ class SMTPServer(CommandReader, smtp.ESMTP):
             self.transport.loseConnection()
             return
         self._counted = True
+        set_no_delay(self.transport)
         log.info("{session} connect from {peer}", session=self.session, peer=self.peer)
         super().connectionMade()
         self.startedTLS = self.factory.implicit_tls
