@@ -241,3 +241,23 @@ def test_remote_4xx_keeps_the_recipient_queued(make_server, dns, remote):
     copies = [m for m in remote.messages("carol@elsewhere.test") if b"Subject: four-xx" in m]
     assert len(copies) == 2
     assert b"for <carol+first@elsewhere.test>" in b"".join(copies) and b"for <carol+second@elsewhere.test>" in b"".join(copies)
+
+
+def test_smarthost_login(make_server):
+    """With username and password the relay logs in to the smarthost after STARTTLS (its submission port): the smarthost then judges the sender, not the login."""
+    smarthost = make_server(
+        config=REMOTE_CONFIG.format(port=0).replace(
+            "[listen]\n", '[listen]\nsubmission = "tcp:0:interface=127.0.0.1"\n'
+        ) + '\n[tls]\ncertificate = "tls/cert.pem"\nkey = "tls/key.pem"\n',
+        users={"carol@elsewhere.test": "carol-password"}, name="smarthost",
+    )
+    relay = f'[relay]\nsmarthost = "127.0.0.1:{smarthost.ports["submission"]}"\nusername = "carol@elsewhere.test"\n'
+    good = make_server(relay + 'password = "carol-password"\n', name="good")
+    submit(good, ["carol@elsewhere.test"], "smarthost-login")
+    # Logged in: the smarthost's answer is about the sender (553), not "Authentication required" (530).
+    wait_for(lambda: "553 5.7.1 <alice@example.org>: Sender address rejected" in good.log(), what="the smarthost's verdict")
+    assert "auth carol@elsewhere.test" in smarthost.log()
+    bad = make_server(relay + 'password = "wrong"\n', name="bad")
+    submit(bad, ["carol@elsewhere.test"], "smarthost-bad-login")
+    wait_for(lambda: "refused our login: 535 5.7.8" in bad.log(), what="the refused login")
+    assert "<carol@elsewhere.test> pending" in bad.log()
