@@ -110,8 +110,8 @@ class Queue:
         fsync_directory(self.envelopes_dir)
 
     def load(self, queue_id: str) -> QueuedMessage:
-        with open(os.path.join(self.envelopes_dir, f"{queue_id}.json"), encoding="utf-8") as f:
-            data = json.load(f)
+        with open(os.path.join(self.envelopes_dir, f"{queue_id}.json"), "rb") as f:
+            data = json.loads(f.read())
         data["recipients"] = [QueuedRecipient(**r) for r in data["recipients"]]
         return QueuedMessage(**data)
 
