@@ -138,12 +138,12 @@ class MailplatServer:
             stderr=subprocess.STDOUT,
         )
         log.close()
-        wanted = set(re.findall(r'^(\w+)\s*=\s*"tcp:', self.config_path.read_text().split("[listen]")[1].split("\n[")[0], re.M))
+        wanted = set(re.findall(r'^(\w+)\s*=\s*"tcp6?:', self.config_path.read_text().split("[listen]")[1].split("\n[")[0], re.M))
 
         def ready() -> bool:
             if self.process is not None and self.process.poll() is not None:
                 raise AssertionError(f"mailplat exited with {self.process.returncode}:\n{self.log()}")
-            found = dict(re.findall(r"(\w+) listening on [^\s:]+:(\d+)", self.log()))
+            found = dict(re.findall(r"(\w+) listening on \S+:(\d+)", self.log()))
             self.ports = {name: int(port) for name, port in found.items()}
             return wanted <= set(self.ports)
 

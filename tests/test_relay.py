@@ -63,6 +63,8 @@ def dns(remote):
             "down.test": {"MX": [[10, "mx.down.test"]]},
             "mx.down.test": {"A": ["127.0.0.1"]},
             "a-only.test": {"A": ["127.0.0.1"]},
+            "six.test": {"MX": [[10, "mx.six.test"]]},
+            "mx.six.test": {"AAAA": ["::1"]},
         }
     })
     yield server
@@ -261,3 +263,15 @@ def test_smarthost_login(make_server):
     submit(bad, ["carol@elsewhere.test"], "smarthost-bad-login")
     wait_for(lambda: "refused our login: 535 5.7.8" in bad.log(), what="the refused login")
     assert "<carol@elsewhere.test> pending" in bad.log()
+
+
+def test_ipv6_mx(make_server, dns):
+    """An MX host that has only an AAAA record is reached over IPv6."""
+    v6 = make_server(
+        config=REMOTE_CONFIG.format(port=0).replace('smtp = "tcp:0:interface=127.0.0.1"', 'smtp = "tcp6:0:interface=\\\\:\\\\:1"')
+        .replace('domains = ["elsewhere.test"]', 'domains = ["six.test"]'),
+        users={"carol@six.test": "carol-password"}, name="v6",
+    )
+    local = sender_server(make_server, dns, v6)
+    submit(local, ["carol@six.test"], "over-ipv6")
+    wait_for(lambda: any(b"Subject: over-ipv6" in m for m in v6.messages("carol@six.test")), what="the message over IPv6")

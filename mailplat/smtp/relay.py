@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import re
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,12 +69,17 @@ async def find_hosts(domain: str, resolver: Any, port: int) -> list[tuple[str, s
 
 
 async def addresses_of(name: str, resolver: Any) -> list[str]:
-    """The IPv4 addresses of a host (an A query: ANY queries are refused by many servers, RFC 8482)."""
-    try:
-        answers, _, _ = await resolver.lookupAddress(name)
-    except Exception:
-        return []
-    return [record.payload.dottedQuad() for record in answers if record.type == dns.A]
+    """A host's IPv4, then IPv6 addresses (A and AAAA queries: ANY is refused by many servers, RFC 8482)."""
+    found: list[str] = []
+    for lookup, kind in ((resolver.lookupAddress, dns.A), (resolver.lookupIPV6Address, dns.AAAA)):
+        try:
+            answers, _, _ = await lookup(name)
+        except Exception:
+            continue
+        for record in answers:
+            if record.type == kind:
+                found.append(record.payload.dottedQuad() if kind == dns.A else socket.inet_ntop(socket.AF_INET6, record.payload.address))
+    return found
 
 
 class _ClientProtocol(protocol.Protocol):
@@ -146,7 +152,8 @@ async def send_message(
     factory = protocol.Factory.forProtocol(lambda: _ClientProtocol(reactor))
     factory.noisy = False
     try:
-        client: _ClientProtocol = await endpoints.TCP4ClientEndpoint(reactor, address, port, timeout=30).connect(factory)
+        endpoint_type = endpoints.TCP6ClientEndpoint if ":" in address else endpoints.TCP4ClientEndpoint
+        client: _ClientProtocol = await endpoint_type(reactor, address, port, timeout=30).connect(factory)
     except Exception as e:
         raise TemporaryFailure(f"cannot connect to {name} [{address}]:{port}: {e}")
     set_no_delay(client.transport)
