@@ -11,6 +11,7 @@ and QUITs; prints messages/s, MB/s, the server's CPU seconds and its memory.
 --server mailplat starts `twistd -n mailplat` from the repo's .venv (POP3S);
 --server dovecot starts a throwaway Dovecot (Debian's dovecot-pop3d) with
 its own config in a temporary folder.  Both are measured over POP3S (TLS).
+--target HOST:PORT measures any POP3S server already running.
 """
 
 from __future__ import annotations
@@ -204,17 +205,36 @@ def rss_mb(pid: int) -> float:
     return total / 1024
 
 
+class Running:
+    """A server started elsewhere: --target, with its maildir and its PID for CPU and memory."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def send_signal(self, sig: int) -> None:
+        pass
+
+    def wait(self, timeout: float) -> None:
+        pass
+
+
 def run(args: argparse.Namespace) -> dict:
     root = Path(tempfile.mkdtemp(prefix=f"pop3-bench-{args.server}-"))
-    process, port, maildir = (start_mailplat if args.server == "mailplat" else start_dovecot)(root)
+    host, user, password = "127.0.0.1", USER, PASSWORD
+    if args.target:
+        host, _, port_text = args.target.rpartition(":")
+        process, port, maildir = Running(args.server_pid), int(port_text), Path(args.maildir)
+        user, password = args.user, args.password
+    else:
+        process, port, maildir = (start_mailplat if args.server == "mailplat" else start_dovecot)(root)
     try:
         expected = populate(maildir, args.count, args.size)
-        if args.server == "dovecot":
+        if args.server == "dovecot" and not args.target:
             # Dovecot's mail processes run as nobody (they refuse root).
             subprocess.run(["chown", "-R", "nobody:nogroup", str(root / "mail"), str(root / "home")], check=True)
-        client = poplib.POP3_SSL("127.0.0.1", port, context=_insecure(), timeout=120)
-        client.user(USER)
-        client.pass_(PASSWORD)
+        client = poplib.POP3_SSL(host, port, context=_insecure(), timeout=120)
+        client.user(user)
+        client.pass_(password)
         # Memory is sampled after login: argon2 verification itself takes 64 MiB for a moment.
         peak = [rss_mb(process.pid)]
         before_rss = peak[0]
@@ -271,7 +291,14 @@ def main() -> None:
     parser.add_argument("-n", "--count", type=int, default=2000)
     parser.add_argument("-s", "--size", type=int, default=10240)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--target", help="HOST:PORT of any POP3S server already running (with --maildir, --user, --password, --server-pid)")
+    parser.add_argument("--maildir", help="with --target: the user's maildir folder, filled before the run")
+    parser.add_argument("--user")
+    parser.add_argument("--password")
+    parser.add_argument("--server-pid", type=int, default=0, help="with --target: the server's main PID, for CPU and memory")
     args = parser.parse_args()
+    if args.target and not (args.maildir and args.user and args.password and args.server_pid):
+        parser.error("--target needs --maildir, --user, --password and --server-pid")
     result = run(args)
     if args.json:
         print(json.dumps(result))
