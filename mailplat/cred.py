@@ -7,6 +7,7 @@ from typing import Any
 from twisted.cred import credentials, error
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.portal import IRealm
+from twisted.internet import defer
 from zope.interface import implementer
 
 from mailplat.interfaces import Account, IMaildrop
@@ -33,8 +34,6 @@ class AuthBackendChecker:
         return account.address.encode("utf-8")
 
     def requestAvatarId(self, creds: Any) -> Any:
-        from twisted.internet import defer
-
         return defer.Deferred.fromCoroutine(self._check(creds))
 
 
@@ -50,8 +49,6 @@ class MaildropRealm:
         return IMaildrop, maildrop, maildrop.close
 
     def requestAvatar(self, avatarId: bytes, mind: Any, *interfaces: Any) -> Any:
-        from twisted.internet import defer
-
         if IMaildrop not in interfaces:
             raise NotImplementedError("only maildrops are served here")
         return defer.Deferred.fromCoroutine(self._open(avatarId))
