@@ -8,16 +8,18 @@ through :func:`mailplat.plugins.call`, which adapts all three.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from zope.interface import Attribute, Interface
+from zope.interface import Attribute, Interface, implementer
 
 __all__ = [
     "Account",
     "BackendContext",
+    "Client",
     "DeliveryFailure",
     "Envelope",
     "IAuthBackend",
@@ -29,9 +31,11 @@ __all__ = [
     "IUserManager",
     "MaildropEntry",
     "MaildropInUse",
+    "MessageFilter",
     "PermanentFailure",
     "SpooledMessage",
     "TemporaryFailure",
+    "Verdict",
 ]
 
 
@@ -61,19 +65,54 @@ class SpooledMessage:
     ``sender`` is the envelope sender ("" for the null sender ``<>``), which a
     mailbox writes into ``Return-Path:`` at final delivery.  A small message
     is kept in memory (``content``, and ``path`` is ""); a large one is a file
-    at ``path``.  Read it through :meth:`open`, which works for both.
+    at ``path``, read after ``prefix`` (header lines added after spooling).
+    Read it through :meth:`open`, which works for both.
     """
 
     path: str
     size: int
     sender: str
     content: bytes | None = None
+    prefix: bytes = b""
 
     def open(self) -> IO[bytes]:
         """Open the message for reading; the caller closes it."""
         if self.content is not None:
             return io.BytesIO(self.content)
+        if self.prefix:
+            return io.BufferedReader(_Concatenation(self.prefix, open(self.path, "rb")))
         return open(self.path, "rb")
+
+    def with_headers(self, block: bytes) -> SpooledMessage:
+        """The same message with header lines (CRLF-terminated) put on top."""
+        if not block:
+            return self
+        if self.content is not None:
+            return dataclasses.replace(self, content=block + self.content, size=self.size + len(block))
+        return dataclasses.replace(self, prefix=block + self.prefix, size=self.size + len(block))
+
+
+class _Concatenation(io.RawIOBase):
+    """Some bytes, then a file: a message whose added headers are not in its file."""
+
+    def __init__(self, head: bytes, tail: IO[bytes]) -> None:
+        self._head = memoryview(head)
+        self._tail = tail
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self._head:
+            n = min(len(buffer), len(self._head))
+            buffer[:n] = self._head[:n]
+            self._head = self._head[n:]
+            return n
+        return self._tail.readinto(buffer)  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        self._tail.close()
+        super().close()
 
 
 @dataclass(frozen=True)
@@ -86,6 +125,65 @@ class Envelope:
     client_address: str = ""
     helo: str = ""
     authenticated_as: Account | None = None
+    # The mailbox folder for local delivery: "" is the inbox; a filter's
+    # quarantine verdict makes it "Quarantine".
+    folder: str = ""
+
+
+@dataclass(frozen=True)
+class Client:
+    """The SMTP client a filter is asked about."""
+
+    address: str
+    # "smtp", "submission" or "submissions": the listener it connected to.
+    listener: str
+    # The HELO/EHLO name; "" until the client sent one.
+    helo: str = ""
+    authenticated_as: Account | None = None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A filter's answer.  Build one with the class methods below.
+
+    ``headers`` are ``(name, value)`` pairs added on top of the message;
+    they may come with any verdict that lets the message through.
+    """
+
+    action: str = "accept"  # "accept" | "reject" | "tempfail" | "quarantine" | "discard"
+    text: str = ""
+    headers: tuple[tuple[str, str], ...] = ()
+
+    ACTIONS = ("accept", "reject", "tempfail", "quarantine", "discard")
+
+    def __post_init__(self) -> None:
+        if self.action not in self.ACTIONS:
+            raise ValueError(f"unknown verdict {self.action!r}; use one of {', '.join(self.ACTIONS)}")
+
+    @classmethod
+    def accept(cls, headers: tuple[tuple[str, str], ...] = ()) -> Verdict:
+        """Let it through (adding ``headers``); the next filter still runs."""
+        return cls("accept", "", tuple(headers))
+
+    @classmethod
+    def reject(cls, text: str) -> Verdict:
+        """Refuse for good: SMTP 550 5.7.1 with ``text``."""
+        return cls("reject", text)
+
+    @classmethod
+    def tempfail(cls, text: str) -> Verdict:
+        """Ask the client to come back later: SMTP 451 4.7.1 with ``text``."""
+        return cls("tempfail", text)
+
+    @classmethod
+    def quarantine(cls, text: str = "", headers: tuple[tuple[str, str], ...] = ()) -> Verdict:
+        """Accept, but deliver into each recipient's Quarantine folder."""
+        return cls("quarantine", text, tuple(headers))
+
+    @classmethod
+    def discard(cls, text: str = "") -> Verdict:
+        """Accept and throw away (the client is told 250; we log it)."""
+        return cls("discard", text)
 
 
 @dataclass(frozen=True)
@@ -111,6 +209,9 @@ class BackendContext:
     # Providers of other kinds built before this one, by kind ("auth",
     # "mailbox"), so that e.g. the local delivery backend finds the mailbox.
     providers: dict[str, Any] = field(default_factory=dict)
+    # A twisted.names resolver using the [dns] servers (None for the admin
+    # command): what a backend that looks things up in DNS should use.
+    dns: Any = None
 
     def resolve_path(self, path: str) -> str:
         """A path from the config file, relative to the folder holding it."""
@@ -182,8 +283,12 @@ class IUserManager(Interface):
 class IMailboxBackend(Interface):
     """Where a local account's mail is stored."""
 
-    def deliver(account: Account, message: SpooledMessage) -> None:
-        """Store the message; durable (fsynced) once this completes."""
+    def deliver(account: Account, message: SpooledMessage, folder: str = "") -> None:
+        """Store the message; durable (fsynced) once this completes.
+
+        ``folder`` is "" for the inbox, else a folder name such as
+        "Quarantine" (created when missing).
+        """
 
     def open(account: Account) -> IMaildrop:
         """One retrieval session's view of the account's mail."""
@@ -221,7 +326,45 @@ class IDeliveryBackend(Interface):
 
 
 class IMessageFilter(Interface):
-    """A verdict on a message: spam, viruses, local policy."""
+    """A verdict at each step of an SMTP session: spam, viruses, local policy.
 
-    def check(envelope: Envelope, message: SpooledMessage) -> None:
-        """Return normally to accept; raise PermanentFailure or TemporaryFailure to refuse."""
+    Each method returns a :class:`Verdict`, or None for "no opinion"
+    (accept).  Filters run in the configured order; the first verdict that
+    is not ``accept`` ends the checks of that step.  Subclass
+    :class:`MessageFilter` to write only the steps you need.
+    """
+
+    def check_connect(client: Client) -> Verdict | None:
+        """A client connected (``client.helo`` is still "")."""
+
+    def check_helo(client: Client) -> Verdict | None:
+        """The client sent HELO or EHLO (``client.helo``)."""
+
+    def check_mail(client: Client, sender: str) -> Verdict | None:
+        """MAIL FROM; ``sender`` is "" for the null sender."""
+
+    def check_rcpt(client: Client, sender: str, recipient: str) -> Verdict | None:
+        """RCPT TO, for one recipient as the client wrote it."""
+
+    def check_data(client: Client, sender: str, recipients: tuple[str, ...], message: SpooledMessage) -> Verdict | None:
+        """The whole message, spooled; read it as a stream with ``message.open()``."""
+
+
+@implementer(IMessageFilter)
+class MessageFilter:
+    """A filter with no opinion at any step: override the ones you need."""
+
+    def check_connect(self, client: Client) -> Verdict | None:
+        return None
+
+    def check_helo(self, client: Client) -> Verdict | None:
+        return None
+
+    def check_mail(self, client: Client, sender: str) -> Verdict | None:
+        return None
+
+    def check_rcpt(self, client: Client, sender: str, recipient: str) -> Verdict | None:
+        return None
+
+    def check_data(self, client: Client, sender: str, recipients: tuple[str, ...], message: SpooledMessage) -> Verdict | None:
+        return None

@@ -45,6 +45,7 @@ def backend_context(settings: Settings, reactor: Any, admin: bool = False) -> Ba
         data_dir=settings.data_dir,
         reactor=reactor,
         admin=admin,
+        dns=None if admin else _dns_resolver(settings),
     )
 
 

@@ -9,3 +9,6 @@ from mailplat.plugins import BackendFactory
 passwdFile = BackendFactory("auth", "passwd-file", "mailplat.backends.passwdfile:build")
 maildir = BackendFactory("mailbox", "maildir", "mailplat.backends.maildir:build")
 local = BackendFactory("delivery", "local", "mailplat.backends.local:build")
+spamd = BackendFactory("filter", "spamd", "mailplat.filters.spamd:build")
+clamd = BackendFactory("filter", "clamd", "mailplat.filters.clamd:build")
+dnsbl = BackendFactory("filter", "dnsbl", "mailplat.filters.dnsbl:build")
