@@ -189,7 +189,8 @@ def merge_toml(base: str, extra: str) -> str:
         if not block.strip():
             continue
         header = block.splitlines()[0].strip()
-        if header.startswith("[") and header in text:
+        # An array of tables ([[filter]]) gets a new entry each time.
+        if header.startswith("[") and not header.startswith("[[") and header in text:
             body = block.split("\n", 1)[1] if "\n" in block else ""
             text = text.replace(header + "\n", header + "\n" + body, 1)
         elif header.startswith("["):
