@@ -50,7 +50,9 @@ class ConfigError(Exception):
         """This error, placed in ``file`` under ``[section]``."""
         key = self.key
         if section and not key.startswith("["):
-            key = f"[{section}] {key}" if key else f"[{section}]"
+            # A section may come already written out: "[filter] #2 (spamd)".
+            where = section if section.startswith("[") else f"[{section}]"
+            key = f"{where} {key}" if key else where
         return ConfigError(key, self.problem, self.fix, self.file or file)
 
     def __str__(self) -> str:
@@ -68,6 +70,19 @@ class BackendSettings:
     section: str
     name: str
     options: dict[str, Any]
+    # Where errors point when the section is not enough (several [[filter]] tables).
+    label: str = ""
+
+
+@dataclass(frozen=True)
+class FilterSettings:
+    """One ``[[filter]]`` table: the backend, plus what mailplat itself applies."""
+
+    backend: BackendSettings
+    timeout: float = 30.0
+    # "tempfail": a filter that fails or times out gives 451 (fail closed).
+    on_error: str = "tempfail"
+    listeners: tuple[str, ...] = ("smtp",)
 
 
 @dataclass(frozen=True)
@@ -138,6 +153,7 @@ class Settings:
     pop3: POP3Settings = field(default_factory=POP3Settings)
     relay: RelaySettings = field(default_factory=lambda: RelaySettings())
     dns_servers: tuple[str, ...] = ()
+    filters: tuple[FilterSettings, ...] = ()
 
     @property
     def config_dir(self) -> str:
@@ -160,6 +176,10 @@ class Settings:
         for backend in (self.auth, self.mailbox, self.delivery):
             lines += ["", f"[{backend.section}]", f"backend = {_toml(backend.name)}"]
             lines += [f"{_key(k)} = {_toml(v)}" for k, v in backend.options.items()]
+        for f in self.filters:
+            lines += ["", "[[filter]]", f"backend = {_toml(f.backend.name)}", f"timeout = {_toml(f.timeout)}"]
+            lines += [f"on_error = {_toml(f.on_error)}", f"listeners = {_toml(list(f.listeners))}"]
+            lines += [f"{_key(k)} = {_toml(v)}" for k, v in f.backend.options.items()]
         lines += ["", "[aliases]"]
         lines += [f"{_toml(k)} = {_toml(list(v))}" for k, v in self.aliases.items()]
         lines += ["", "[relay]", f"smarthost = {_toml(self.smarthost)}"]
@@ -240,7 +260,7 @@ class _Reader:
 
     def unknown(self, key: str, known: list[str]) -> ConfigError:
         hint = difflib.get_close_matches(key, known, n=1)
-        where = f"[{self.section}] " if self.section else ""
+        where = (self.section if self.section.startswith("[") else f"[{self.section}]") + " " if self.section else ""
         fix = f"did you mean {hint[0]!r}?" if hint else f"known keys here: {', '.join(known)}"
         return ConfigError(f"{where}{key}", "unknown key", fix, self.file)
 
@@ -328,19 +348,20 @@ def _parse(path: str, data: dict[str, Any]) -> Settings:
             raise dns.error("servers", f"{server!r} is not ip:port", 'e.g. servers = ["127.0.0.1:53"], or leave it out for the system resolvers')
     dns.finish(["servers"])
 
+    filters = _filters(path, top.take("filter", list, [], example='[{ backend = "spamd" }] (write it as a [[filter]] table)'), listen)
     smtp = _smtp_limits(_Reader(path, "smtp", top.take("smtp", dict, {})))
     pop3 = _pop3_settings(_Reader(path, "pop3", top.take("pop3", dict, {})))
     top.finish(_TOP_LEVEL_KEYS)
     return Settings(
         path=path, hostname=hostname, data_dir=data_dir, domains=tuple(domains), listen=listen, tls=tls,
         auth=auth, mailbox=mailbox, delivery=delivery, aliases=aliases, smarthost=smarthost, smtp=smtp, workers=workers, pop3=pop3,
-        relay=relay, dns_servers=tuple(servers),
+        relay=relay, dns_servers=tuple(servers), filters=filters,
     )
 
 
 _TOP_LEVEL_KEYS = [
     "hostname", "data_dir", "workers", "domains", "listen", "tls", "auth", "mailbox", "delivery", "aliases", "relay", "dns", "smtp",
-    "pop3",
+    "pop3", "filter",
 ]
 
 
@@ -390,6 +411,27 @@ def _backend(path: str, section: str, table: dict[str, Any]) -> BackendSettings:
     if not isinstance(name, str) or not name:
         raise ConfigError(f"[{section}] backend", "is required and must be a backend name", f'e.g. backend = "{_DEFAULT_BACKENDS[section]}"', path)
     return BackendSettings(section, name, options)
+
+
+def _filters(path: str, tables: list[Any], listen: dict[str, str]) -> tuple[FilterSettings, ...]:
+    filters = []
+    for number, table in enumerate(tables, 1):
+        if not isinstance(table, dict):
+            raise ConfigError("filter", f"entry {number} is not a table", 'write each filter as a [[filter]] table with backend = "..."', path)
+        reader = _Reader(path, f"[filter] #{number}", dict(table))
+        name = reader.take("backend", str, example='"spamd"')
+        timeout = reader.positive("timeout", FilterSettings.timeout, float)
+        on_error = reader.take("on_error", str, "tempfail", example='"tempfail"')
+        if on_error not in ("tempfail", "accept"):
+            raise reader.error("on_error", f'must be "tempfail" or "accept", not {on_error!r}', 'on_error = "tempfail" fails closed (451)')
+        listeners = reader.take("listeners", list, ["smtp"], example='["smtp"]')
+        for listener in listeners:
+            if listener not in ("smtp", "submission", "submissions"):
+                raise reader.error("listeners", f"{listener!r} is not an SMTP listener", 'choose among "smtp", "submission" and "submissions"')
+        # What is left are the backend's own options.
+        label = f"[filter] #{number} ({name})"
+        filters.append(FilterSettings(BackendSettings("filter", name, reader.table, label), timeout, on_error, tuple(listeners)))
+    return tuple(filters)
 
 
 _DEFAULT_BACKENDS = {"auth": "passwd-file", "mailbox": "maildir", "delivery": "local"}

@@ -171,7 +171,7 @@ def build_backend(settings: BackendSettings, context: BackendContext, file: str)
         except Invalid as e:
             raise ConfigError("backend", f"{settings.name} built a provider that does not provide {PROVIDES[kind].__name__}: {e}", "fix the plugin")
     except ConfigError as e:
-        raise e.within(file, settings.section)
+        raise e.within(file, settings.label or settings.section)
     return provider
 
 

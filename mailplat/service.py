@@ -13,7 +13,7 @@ from typing import Any
 
 from twisted.application import service
 from twisted.cred.portal import Portal
-from twisted.internet import endpoints
+from twisted.internet import defer, endpoints
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
@@ -25,6 +25,7 @@ from mailplat.fsutil import makedirs_durable
 from mailplat.interfaces import BackendContext
 from mailplat.plugins import build_backend, call
 from mailplat.pop3.server import LoginFailures, POP3Factory
+from mailplat.smtp.filtering import ConfiguredFilter, FilterChain
 from mailplat.smtp.outbound import QueueRunner
 from mailplat.smtp.queue import Queue
 from mailplat.smtp.receiving import Spool
@@ -49,12 +50,13 @@ def backend_context(settings: Settings, reactor: Any, admin: bool = False) -> Ba
     )
 
 
-def build_providers(settings: Settings, reactor: Any) -> dict[str, Any]:
-    """Build and verify every configured backend: auth, mailbox, delivery."""
+def build_providers(settings: Settings, reactor: Any) -> tuple[BackendContext, list[ConfiguredFilter]]:
+    """Build and verify every configured backend: auth, mailbox, delivery, filters."""
     context = backend_context(settings, reactor)
     for section in (settings.auth, settings.mailbox, settings.delivery):
         context.providers[section.section] = build_backend(section, context, settings.path)
-    return context.providers
+    filters = [ConfiguredFilter(f, build_backend(f.backend, context, settings.path)) for f in settings.filters]
+    return context, filters
 
 
 class Listener(service.Service):
@@ -114,7 +116,8 @@ def make_service(
     except OSError as e:
         raise ConfigError("data_dir", f"cannot use {settings.data_dir}: {e.strerror}", "choose a folder mailplat may write to", settings.path)
     _raise_file_limit()
-    providers = build_providers(settings, reactor)
+    context, filters = build_providers(settings, reactor)
+    providers = context.providers
     auth = providers["auth"]
     resolver = AliasResolver(settings.domains, settings.aliases, lambda address: call(auth.lookup, address))
     tls = load_server_context(settings.tls.certificate, settings.tls.key) if settings.tls else None
@@ -124,11 +127,17 @@ def make_service(
     # One count of failed logins for every listener: a guesser may switch ports.
     login_failures = LoginFailures(settings.pop3.max_login_failures, settings.pop3.login_block_time, reactor)
 
-    top = service.MultiService()
+    top = _StopInReverse()
+    # A backend that holds resources (a pool, a socket) says so by providing
+    # IService: it starts before the listeners serve anyone and stops after
+    # they have closed.
+    for provider in [*providers.values(), *(f.provider for f in filters)]:
+        if service.IService.providedBy(provider) and provider.parent is None:
+            provider.setServiceParent(top)
     # The outbound queue: every process may add to it; the main one runs it.
     outbound = QueueRunner(
         Queue(os.path.join(settings.data_dir, "queue")), settings.relay, settings.smarthost, settings.hostname,
-        _dns_resolver(settings) if worker == 0 else None, (resolver, providers["delivery"]), reactor,
+        context.dns if worker == 0 else None, (resolver, providers["delivery"]), reactor,
     )
     if worker == 0:
         outbound.setServiceParent(top)
@@ -140,7 +149,8 @@ def make_service(
                 settings.hostname, settings.smtp, resolver, providers["delivery"], spool, tls,
                 submission=name != "smtp", implicit_tls=name == "submissions", checker=checker,
                 login_failures=login_failures, auth_failure_delay=settings.pop3.auth_failure_delay, clock=reactor,
-                outbound=outbound,
+                outbound=outbound, listener=name,
+                filters=FilterChain([f for f in filters if name in f.settings.listeners], reactor),
             )
         else:
             factory = POP3Factory(settings.pop3, portal, tls, name == "pop3s", reactor, login_failures)
@@ -155,6 +165,23 @@ def make_service(
     if worker == 0 and settings.workers > 1:
         WorkerPool(settings.path, listeners, settings.workers, reactor).setServiceParent(top)
     return top
+
+
+class _StopInReverse(service.MultiService):
+    """Stops its children one by one, last first, each after the previous one
+    finished: a MultiService stops them all at once, so a backend could go
+    away while a listener still serves a client."""
+
+    def stopService(self) -> defer.Deferred[None]:
+        service.Service.stopService(self)
+        return defer.Deferred.fromCoroutine(self._stop_children())
+
+    async def _stop_children(self) -> None:
+        for child in reversed(list(self)):
+            try:
+                await defer.maybeDeferred(child.stopService)
+            except Exception:
+                log.failure("stopping {service}", service=child)
 
 
 def _dns_resolver(settings: Settings) -> Any:

@@ -34,7 +34,7 @@ class LocalDelivery:
 
     async def deliver(self, envelope: Envelope, message: SpooledMessage) -> None:
         results = await defer.DeferredList(
-            [call(self.mailbox.deliver, account, message) for account in envelope.recipients],
+            [self._deliver_one(account, envelope, message) for account in envelope.recipients],
             consumeErrors=True,
         )
         failures = [(account, result) for account, (ok, result) in zip(envelope.recipients, results) if not ok]
@@ -48,6 +48,14 @@ class LocalDelivery:
         if all(f.check(PermanentFailure) for _, f in failures) and len(failures) == len(results):
             raise PermanentFailure(failures[0][1].value.text)
         raise TemporaryFailure("local delivery failed; try again later")
+
+
+    def _deliver_one(self, account: Any, envelope: Envelope, message: SpooledMessage) -> defer.Deferred[Any]:
+        # Only a folder is passed on, so that a mailbox backend written
+        # before folders existed still takes mail for the inbox.
+        if envelope.folder:
+            return call(self.mailbox.deliver, account, message, folder=envelope.folder)
+        return call(self.mailbox.deliver, account, message)
 
 
 def build(options: dict[str, Any], context: BackendContext) -> LocalDelivery:

@@ -92,6 +92,15 @@ class Maildir:
             raise PermanentFailure("invalid mailbox name")
         return path
 
+    @staticmethod
+    def _subfolder(maildir: str, name: str) -> str:
+        """A Maildir++ folder ("Quarantine" is ``.Quarantine``); "" is the inbox."""
+        if not name:
+            return maildir
+        if not all(c.isalnum() or c in "-_" for c in name):
+            raise PermanentFailure(f"invalid folder name {name!r}")
+        return os.path.join(maildir, "." + name)
+
     def _thread(self, f: Any, *args: Any) -> Any:
         return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args)
 
@@ -103,8 +112,8 @@ class Maildir:
         now = time.time()
         return f"{int(now)}.M{int(now % 1 * 1e6):06d}P{os.getpid()}Q{next(_deliveries)}.{self._host},S={size}"
 
-    def deliver(self, account: Account, message: SpooledMessage) -> Any:
-        folder = self.folder(account)
+    def deliver(self, account: Account, message: SpooledMessage, folder: str = "") -> Any:
+        folder = self._subfolder(self.folder(account), folder)
         if message.content is None or not os.path.isdir(os.path.join(folder, "cur")):
             # A large message to copy, or folders to create: all in a thread.
             return self._thread(self._deliver, folder, message)
@@ -210,6 +219,15 @@ class MaildirDrop:
 
     def read(self, uid: str) -> IO[bytes]:
         return open(self._files[uid], "rb")
+
+    @staticmethod
+    def _subfolder(maildir: str, name: str) -> str:
+        """A Maildir++ folder ("Quarantine" is ``.Quarantine``); "" is the inbox."""
+        if not name:
+            return maildir
+        if not all(c.isalnum() or c in "-_" for c in name):
+            raise PermanentFailure(f"invalid folder name {name!r}")
+        return os.path.join(maildir, "." + name)
 
     def _thread(self, f: Any, *args: Any) -> Any:
         return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args)

@@ -19,15 +19,17 @@ from typing import Any
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, protocol, task
+from twisted.internet.interfaces import ITLSTransport
 from twisted.logger import Logger
 from twisted.mail import smtp
 
 from mailplat.addresses import AddressError, AliasResolver, MailPath, parse_path, validate_address, validate_domain
 from mailplat.config import SMTPLimits
 from mailplat.connections import ConnectionCounter, set_no_delay
-from mailplat.interfaces import Account, DeliveryFailure, Envelope, PermanentFailure, TemporaryFailure
+from mailplat.interfaces import Account, Client, DeliveryFailure, Envelope, PermanentFailure, TemporaryFailure
 from mailplat.linereader import CommandReader
 from mailplat.plugins import call
+from mailplat.smtp.filtering import FilterChain, Outcome, header_block
 from mailplat.smtp.receiving import DataDecoder, Spool, SpoolFile, new_id
 
 __all__ = ["SMTPFactory", "SMTPServer"]
@@ -54,6 +56,8 @@ class Transaction:
     accounts: dict[str, Account] = field(default_factory=dict)
     # Recipients in other domains (submission only), for the outbound queue.
     remote: list[str] = field(default_factory=list)
+    # What the filters said at MAIL and RCPT.
+    filtered: Outcome = field(default_factory=Outcome)
 
 
 def _printable(text: bytes | str, limit: int = 100) -> str:
@@ -61,6 +65,12 @@ def _printable(text: bytes | str, limit: int = 100) -> str:
     if isinstance(text, bytes):
         text = text.decode("utf-8", "replace")
     return "".join(c if 0x20 < ord(c) < 0x7F else "?" for c in text[:limit])
+
+
+def _reply_text(text: str, default: str) -> str:
+    """A plugin's text made safe for one reply line: printable ASCII, spaces kept."""
+    words = "".join(c if 0x20 <= ord(c) < 0x7F else " " for c in text[:300]).split()
+    return " ".join(words) or default
 
 
 class SMTPServer(CommandReader, smtp.ESMTP):
@@ -86,6 +96,10 @@ class SMTPServer(CommandReader, smtp.ESMTP):
         self._sasl: Any = None  # the pending AUTH exchange, while one is open
         self._decoder: DataDecoder | None = None
         self._spool_file: SpoolFile | None = None
+        # What the filters said at connect and at HELO: applies to every message.
+        self._connect_filtered = Outcome()
+        self._helo_filtered = Outcome()
+        self._refused_at_connect = ""
 
     # -- connection ---------------------------------------------------------
 
@@ -100,9 +114,46 @@ class SMTPServer(CommandReader, smtp.ESMTP):
         self._counted = True
         set_no_delay(self.transport)
         log.info("{session} connect from {peer}", session=self.session, peer=self.peer)
-        super().connectionMade()
+        # What ESMTP.connectionMade does, without its greeting: the filters
+        # may want to change it.
+        self.canStartTLS = ITLSTransport.providedBy(self.transport) and self.ctx is not None
         self.startedTLS = self.factory.implicit_tls
         self._helo = None
+        self.setTimeout(self.timeout)
+        if self.factory.filters:
+            self._wait(defer.Deferred.fromCoroutine(self._greet_after_filters()))
+        else:
+            self.sendCode(220, self.greeting())
+
+    async def _greet_after_filters(self) -> None:
+        outcome = await self.factory.filters.run("connect", self.session, self._client())
+        if self.transport.disconnecting:
+            return
+        verdict = outcome.verdict
+        if verdict is not None and verdict.action == "tempfail":
+            self.reply(421, "4.7.1", _reply_text(verdict.text, "Service not available; try again later"))
+            self.transport.loseConnection()
+            return
+        if verdict is not None and verdict.action == "reject":
+            # RFC 5321 3.1: a 554 greeting; then only QUIT is useful.
+            self._refused_at_connect = _reply_text(verdict.text, "Access denied")
+            self.sendCode(554, f"5.7.1 {self._refused_at_connect}".encode())
+            return
+        self._connect_filtered = outcome
+        self.sendCode(220, self.greeting())
+
+    def _client(self) -> Client:
+        return Client(self.peer, self.factory.listener, self._helo or "", self.authenticated_as)
+
+    async def _filter(self, step: str, *args: Any) -> Outcome:
+        """Run the filters for one step; a refusal becomes the command's reply."""
+        outcome = await self.factory.filters.run(step, self.session, self._client(), *args)
+        verdict = outcome.verdict
+        if verdict is not None and verdict.action == "reject":
+            raise Reply(550, "5.7.1", _reply_text(verdict.text, "Rejected by local policy"))
+        if verdict is not None and verdict.action == "tempfail":
+            raise Reply(451, "4.7.1", _reply_text(verdict.text, "Try again later"))
+        return outcome
 
     def connectionLost(self, reason: Any = None) -> None:
         self.setTimeout(None)
@@ -154,6 +205,8 @@ class SMTPServer(CommandReader, smtp.ESMTP):
         if b"\0" in line:
             return self.reply(500, "5.5.2", "Syntax error: NUL character in command")
         verb, _, argument = line.strip().partition(b" ")
+        if self._refused_at_connect and verb.upper() != b"QUIT":
+            return self.reply(503, "5.7.1", f"{self._refused_at_connect}; only QUIT is accepted")
         handler = self.COMMANDS.get(verb.upper())
         if handler is None:
             shown = _printable(verb, 20) or "(empty line)"
@@ -213,22 +266,38 @@ class SMTPServer(CommandReader, smtp.ESMTP):
             ext[b"AUTH"] = [b"PLAIN", b"LOGIN"]
         return ext
 
-    def do_HELO(self, argument: bytes) -> None:
-        self._greet(argument, esmtp=False)
-        self.reply(250, "2.0.0", f"{self.factory.hostname} Hello {_printable(argument)}")
+    def do_HELO(self, argument: bytes) -> Any:
+        return self._greet(argument, esmtp=False)
 
-    def do_EHLO(self, argument: bytes) -> None:
-        self._greet(argument, esmtp=True)
-        lines = [f"{self.factory.hostname} Hello {_printable(argument)}".encode()]
-        lines += self.listExtensions().splitlines()
-        self.sendCode(250, b"\n".join(lines))
+    def do_EHLO(self, argument: bytes) -> Any:
+        return self._greet(argument, esmtp=True)
 
-    def _greet(self, argument: bytes, esmtp: bool) -> None:
+    def _greet(self, argument: bytes, esmtp: bool) -> Any:
         if not argument:
             raise Reply(501, "5.5.4", "Syntax: EHLO/HELO followed by your host name")
         self._helo = _printable(argument.split()[0], 255)
         self._esmtp = esmtp
         self._transaction = None
+        if self.factory.filters:
+            return defer.Deferred.fromCoroutine(self._greet_after_helo_filters(argument))
+        self._hello(argument)
+        return None
+
+    async def _greet_after_helo_filters(self, argument: bytes) -> None:
+        self._helo_filtered = Outcome()
+        try:
+            self._helo_filtered = await self._filter("helo")
+        except Reply:
+            self._helo = None
+            raise
+        self._hello(argument)
+
+    def _hello(self, argument: bytes) -> None:
+        greeting = f"{self.factory.hostname} Hello {_printable(argument)}"
+        if not self._esmtp:
+            return self.reply(250, "2.0.0", greeting)
+        lines = [greeting.encode()] + self.listExtensions().splitlines()
+        self.sendCode(250, b"\n".join(lines))
 
     def do_RSET(self, argument: bytes) -> None:
         self._transaction = None
@@ -366,11 +435,18 @@ class SMTPServer(CommandReader, smtp.ESMTP):
                     raise Reply(501, "5.5.4", "Syntax: BODY=7BIT or BODY=8BITMIME")
             else:
                 raise Reply(555, "5.5.4", f"Unsupported MAIL parameter {_printable(key, 30)}")
-        if not self.factory.submission:
-            self._transaction = Transaction(sender=path.address)
-            self.reply(250, "2.1.0", "Sender OK")
-            return None
-        return defer.Deferred.fromCoroutine(self._check_sender(path.address))
+        if self.factory.submission:
+            return defer.Deferred.fromCoroutine(self._check_sender(path.address))
+        if self.factory.filters:
+            return defer.Deferred.fromCoroutine(self._start_transaction(path.address))
+        self._transaction = Transaction(sender=path.address)
+        self.reply(250, "2.1.0", "Sender OK")
+        return None
+
+    async def _start_transaction(self, sender: str) -> None:
+        filtered = await self._filter("mail", sender) if self.factory.filters else Outcome()
+        self._transaction = Transaction(sender=sender, filtered=filtered)
+        self.reply(250, "2.1.0", "Sender OK")
 
     async def _check_sender(self, sender: str) -> None:
         """RFC 6409 6.1: an authenticated user sends as themselves or an alias of theirs."""
@@ -386,8 +462,7 @@ class SMTPServer(CommandReader, smtp.ESMTP):
         if not allowed:
             log.info("{session} sender <{sender}> refused for {user}", session=self.session, sender=_printable(sender, 300), user=account.address)
             raise Reply(553, "5.7.1", f"<{_printable(sender)}>: Sender address rejected: not owned by {account.address}")
-        self._transaction = Transaction(sender=sender)
-        self.reply(250, "2.1.0", "Sender OK")
+        await self._start_transaction(sender)
 
     def do_RCPT(self, argument: bytes) -> Any:
         transaction = self._transaction
@@ -408,10 +483,9 @@ class SMTPServer(CommandReader, smtp.ESMTP):
 
         reason = self.factory.relay_denied(path)
         if reason and self.factory.submission and self.factory.outbound is not None and self._relayable(path):
-            transaction.recipients.append(address)
-            transaction.remote.append(address)
-            log.info("{session} accept from=<{sender}> rcpt=<{rcpt}> (relay)", session=self.session, sender=transaction.sender, rcpt=address)
-            return self.reply(250, "2.1.5", "Recipient OK")
+            if self.factory.filters:
+                return defer.Deferred.fromCoroutine(self._accept_remote_after_filters(transaction, address))
+            return self._accept_remote(transaction, address)
         if reason:
             raise reject(550, "5.7.1", f"Relay access denied ({reason})")
         try:
@@ -428,6 +502,8 @@ class SMTPServer(CommandReader, smtp.ESMTP):
                 raise reject(451, "4.3.0", e.text)
             if not accounts:
                 raise reject(550, "5.1.1", "User unknown")
+            if self.factory.filters:
+                await self._filter_recipient(transaction, address)
             if self._transaction is not transaction:
                 return
             transaction.recipients.append(address)
@@ -437,6 +513,21 @@ class SMTPServer(CommandReader, smtp.ESMTP):
             self.reply(250, "2.1.5", "Recipient OK")
 
         return defer.Deferred.fromCoroutine(resolve())
+
+    async def _filter_recipient(self, transaction: Transaction, address: str) -> None:
+        filtered = await self._filter("rcpt", transaction.sender, address)
+        transaction.filtered = transaction.filtered.merge(filtered)
+
+    async def _accept_remote_after_filters(self, transaction: Transaction, address: str) -> None:
+        await self._filter_recipient(transaction, address)
+        if self._transaction is transaction:
+            self._accept_remote(transaction, address)
+
+    def _accept_remote(self, transaction: Transaction, address: str) -> None:
+        transaction.recipients.append(address)
+        transaction.remote.append(address)
+        log.info("{session} accept from=<{sender}> rcpt=<{rcpt}> (relay)", session=self.session, sender=transaction.sender, rcpt=address)
+        self.reply(250, "2.1.5", "Recipient OK")
 
     @staticmethod
     def _relayable(path: MailPath) -> bool:
@@ -509,12 +600,28 @@ class SMTPServer(CommandReader, smtp.ESMTP):
                 return
             decoder.finish()
             message = spool_file.finish(transaction.sender)
+            folder = ""
+            if self.factory.filters:
+                try:
+                    filtered = await self._filter_message(transaction, message)
+                except Reply as refusal:
+                    log.info("{session} {queue_id} refused by a filter: {text}", session=self.session, queue_id=queue_id, text=refusal.text)
+                    self.reply(refusal.code, refusal.status, refusal.text)
+                    return
+                if filtered.discard:
+                    log.info("{session} {queue_id} discarded by a filter", session=self.session, queue_id=queue_id)
+                    self.reply(250, "2.0.0", f"OK: queued as {queue_id}")
+                    return
+                message = message.with_headers(header_block(filtered.headers))
+                folder = "Quarantine" if filtered.quarantine else ""
             envelope = Envelope(
                 queue_id=queue_id,
                 sender=transaction.sender,
                 recipients=tuple(transaction.accounts.values()),
                 client_address=self.peer,
                 helo=self._helo or "",
+                authenticated_as=self.authenticated_as,
+                folder=folder,
             )
             try:
                 if envelope.recipients:
@@ -539,6 +646,16 @@ class SMTPServer(CommandReader, smtp.ESMTP):
             self.reply(250, "2.0.0", f"OK: queued as {queue_id}")
         finally:
             spool_file.discard()
+
+    async def _filter_message(self, transaction: Transaction, message: Any) -> Outcome:
+        """The end-of-DATA filters, with what earlier steps decided."""
+        filtered = await self._filter("data", transaction.sender, tuple(transaction.recipients), message)
+        filtered = self._connect_filtered.merge(self._helo_filtered).merge(transaction.filtered).merge(filtered)
+        if filtered.quarantine and transaction.remote and not filtered.discard:
+            # A quarantine lives in a local mailbox: mail for other domains
+            # cannot be held there, so it is refused rather than relayed.
+            raise Reply(550, "5.7.1", "Message held by a content filter; it cannot be relayed")
+        return filtered
 
     def _abort_data(self) -> None:
         if self._spool_file is not None:
@@ -569,6 +686,8 @@ class SMTPFactory(protocol.ServerFactory):
         auth_failure_delay: float = 2.0,
         clock: Any = None,
         outbound: Any = None,
+        listener: str = "smtp",
+        filters: FilterChain | None = None,
     ) -> None:
         self.hostname = hostname
         self.limits = limits
@@ -585,6 +704,8 @@ class SMTPFactory(protocol.ServerFactory):
         self.clock = clock
         # The queue runner, where submission hands mail for other domains.
         self.outbound = outbound
+        self.listener = listener
+        self.filters = filters if filters is not None else FilterChain((), clock)
         self.connections = ConnectionCounter(limits.max_connections, limits.max_connections_per_ip)
 
     def buildProtocol(self, addr: Any) -> SMTPServer:
