@@ -6,6 +6,7 @@ import argparse
 import getpass
 import os
 import sys
+import time
 from typing import Any
 
 from twisted.logger import globalLogBeginner
@@ -140,10 +141,34 @@ def user_command(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def queue_command(settings: Settings, args: argparse.Namespace) -> int:
-    import time
+def _print_queue(queue: Any) -> int:
+    """One line per message and one per recipient, written in one go."""
+    from mailplat.smtp.queue import PENDING
 
-    from mailplat.smtp.queue import PENDING, Queue
+    times: dict[int, str] = {}
+
+    def when(timestamp: float) -> str:
+        # Many entries share a second: format each second once.
+        second = int(timestamp)
+        if second not in times:
+            times[second] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+        return times[second]
+
+    lines = []
+    count = 0
+    for envelope in queue.envelopes():
+        count += 1
+        lines.append(f"{envelope['id']}  from <{envelope['sender']}>  queued {when(envelope['created'])}")
+        for r in envelope["recipients"]:
+            next_try = when(r["next_try"]) if r["state"] == PENDING else "-"
+            lines.append(f"    <{r['address']}>  {r['state']}  attempts={r['attempts']}  next try {next_try}  {r['last_error']}")
+    if lines:
+        sys.stdout.write("\n".join(lines) + "\n")
+    return count
+
+
+def queue_command(settings: Settings, args: argparse.Namespace) -> int:
+    from mailplat.smtp.queue import Queue
 
     queue = Queue(os.path.join(settings.data_dir, "queue"))
     if not os.path.isdir(queue.envelopes_dir):
@@ -152,13 +177,8 @@ def queue_command(settings: Settings, args: argparse.Namespace) -> int:
         print("the queue is empty" if args.action == "list" else "nothing to flush")
         return 0
     if args.action == "list":
-        messages = list(queue.all())
-        for message in messages:
-            print(f"{message.id}  from <{message.sender}>  queued {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(message.created))}")
-            for r in message.recipients:
-                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.next_try)) if r.state == PENDING else "-"
-                print(f"    <{r.address}>  {r.state}  attempts={r.attempts}  next try {when}  {r.last_error}")
-        print(f"{len(messages)} queued message(s)")
+        count = _print_queue(queue)
+        print(f"{count} queued message(s)")
     elif args.action == "flush":
         queue.request_flush()
         print("asked the running server to retry every queued message now")

@@ -118,12 +118,27 @@ class Queue:
     def ids(self) -> list[str]:
         return sorted(name[: -len(".json")] for name in os.listdir(self.envelopes_dir) if name.endswith(".json"))
 
-    def all(self) -> Iterator[QueuedMessage]:
-        for queue_id in self.ids():
-            try:
-                yield self.load(queue_id)
-            except FileNotFoundError:
-                continue
+    def envelopes(self) -> Iterator[dict[str, Any]]:
+        """Every envelope as plain data, oldest id first: the fast way to read
+        a big queue (``mailplat queue list`` reads 100,000 of them)."""
+        decode = json.JSONDecoder().decode
+        folder = os.open(self.envelopes_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            names = sorted(name for name in os.listdir(folder) if name.endswith(".json"))
+            for name in names:
+                try:
+                    fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=folder)
+                except FileNotFoundError:
+                    continue  # delivered or removed since the folder was listed
+                try:
+                    data = os.read(fd, 1 << 16)
+                    if len(data) == 1 << 16:  # a long recipient list
+                        data += b"".join(iter(lambda: os.read(fd, 1 << 16), b""))
+                finally:
+                    os.close(fd)
+                yield decode(data.decode("utf-8"))
+        finally:
+            os.close(folder)
 
     def remove(self, queue_id: str) -> None:
         """Drop a message: envelope first, so that a crash leaves an orphan message file, cleaned at start."""
