@@ -133,6 +133,15 @@ class RelaySettings:
     max_age: float = 5 * 86400.0
     username: str = ""
     password: str = ""
+    # PEM file of the authorities that tls = "verify" trusts ("": the system's).
+    ca_file: str = ""
+    # RFC 5321 4.5.3.2, in seconds.
+    connect_timeout: float = 30.0
+    greeting_timeout: float = 300.0
+    command_timeout: float = 300.0
+    data_timeout: float = 120.0
+    data_block_timeout: float = 180.0
+    data_done_timeout: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -514,9 +523,31 @@ def _relay_settings(table: _Reader) -> RelaySettings:
         max_age=table.positive("max_age", d.max_age, float),
         username=table.take("username", str, "", example='"relay-user"'),
         password=table.take("password", str, "", example='"secret"'),
+        ca_file=_ca_file(table),
+        **{key: table.positive(key, getattr(d, key), float) for key in _RELAY_TIMEOUTS},
     )
     table.finish(["smarthost", *vars(d)])
     return settings
+
+
+_RELAY_TIMEOUTS = ("connect_timeout", "greeting_timeout", "command_timeout", "data_timeout", "data_block_timeout", "data_done_timeout")
+
+
+def _ca_file(table: _Reader) -> str:
+    path = table.take("ca_file", str, "", example='"/etc/ssl/certs/ca-certificates.crt"')
+    if not path:
+        return ""
+    path = os.path.normpath(os.path.join(os.path.dirname(table.file), os.path.expanduser(path)))
+    try:
+        from twisted.internet import ssl
+
+        with open(path, "rb") as f:
+            ssl.Certificate.loadPEM(f.read())
+    except OSError as e:
+        raise table.error("ca_file", f"cannot read {path}: {e.strerror}", "point it at a PEM file of trusted certificates")
+    except Exception as e:
+        raise table.error("ca_file", f"{path} is not a PEM certificate: {e}", "point it at a PEM file of trusted certificates")
+    return path
 
 
 def _pop3_settings(table: _Reader) -> POP3Settings:

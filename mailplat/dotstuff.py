@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet import defer, interfaces
+from twisted.internet import defer, error, interfaces
 from zope.interface import implementer
 
 __all__ = ["DotStuffedSender"]
@@ -27,14 +27,20 @@ class DotStuffedSender:
     memory at once.)
     """
 
-    def __init__(self, source: Any, transport: Any, clock: Any) -> None:
+    def __init__(self, source: Any, transport: Any, clock: Any, stall_timeout: float | None = None) -> None:
         self.source = source
         self.transport = transport
         self.clock = clock
+        # A peer that stops reading holds us paused forever: after this many
+        # seconds without progress, the connection is aborted (RFC 5321
+        # 4.5.3.2.5: a data block must be sent within 3 minutes).
+        self.stall_timeout = stall_timeout
         self.done: defer.Deferred[None] = defer.Deferred()
         self._at_line_start = True
         self._paused = False
         self._call: Any = None
+        self._stall: Any = None
+        self._stalled = False
 
     def start(self) -> defer.Deferred[None]:
         self.transport.registerProducer(self, True)
@@ -70,13 +76,30 @@ class DotStuffedSender:
 
     def pauseProducing(self) -> None:
         self._paused = True
+        if self.stall_timeout is not None and self._stall is None:
+            self._stall = self.clock.callLater(self.stall_timeout, self._give_up)
 
     def resumeProducing(self) -> None:
         self._paused = False
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
         self._schedule()
 
+    def _give_up(self) -> None:
+        self._stall = None
+        self._stalled = True
+        self.transport.abortConnection()
+
     def stopProducing(self) -> None:
+        """The connection is gone: ``done`` fails, so that no one waits forever."""
         self.source.close()
-        if self._call is not None:
-            self._call.cancel()
-            self._call = None
+        for call in (self._call, self._stall):
+            if call is not None and call.active():
+                call.cancel()
+        self._call = self._stall = None
+        if not self.done.called:
+            if self._stalled:
+                self.done.errback(defer.TimeoutError(f"the peer read nothing for {self.stall_timeout:g} seconds"))
+            else:
+                self.done.errback(error.ConnectionLost("the connection was lost while sending"))

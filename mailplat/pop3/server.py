@@ -16,6 +16,7 @@ from typing import Any
 
 from twisted.cred import credentials, error
 from twisted.internet import defer, protocol, task
+from twisted.internet.error import ConnectionLost
 from twisted.logger import Logger
 from twisted.mail import pop3
 
@@ -373,7 +374,8 @@ class POP3Server(CommandReader, pop3.POP3):
             return defer.succeed(None)
         if body_lines is not None:
             source = TopReader(source, body_lines)
-        return DotStuffedSender(source, self.transport, self.factory.clock).start()
+        sending = DotStuffedSender(source, self.transport, self.factory.clock, self.settings.idle_timeout).start()
+        return sending.addErrback(_client_gone)
 
     def do_DELE(self, number: str) -> None:
         i = self._message(number)
@@ -408,6 +410,11 @@ class POP3Server(CommandReader, pop3.POP3):
             log.info("{session} pop3 logout {user}: {deleted} deleted", session=self.session, user=self.account, deleted=len(deleted))
             self.successResponse(f"Logging out, {len(deleted)} messages deleted")
         self.transport.loseConnection()
+
+
+def _client_gone(failure: Any) -> None:
+    """A client gone (or not reading for idle_timeout) mid-message: nothing more to say to it."""
+    failure.trap(ConnectionLost, defer.TimeoutError)
 
 
 class POP3Factory(protocol.ServerFactory):

@@ -174,8 +174,7 @@ class QueueRunner(service.Service):
             for host in hosts:
                 try:
                     replies = await send_message(
-                        self.reactor, host, self.hostname, message.sender, addresses, self.queue.message_path(message.id),
-                        self.relay.tls, self.relay.username, self.relay.password,
+                        self.reactor, host, self.hostname, message.sender, addresses, self.queue.message_path(message.id), self.relay,
                     )
                     for r in recipients:
                         r.remote_mta = host[0]

@@ -14,9 +14,10 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet import defer, endpoints, protocol, ssl
+from twisted.internet import defer, endpoints, error, protocol, ssl
 from twisted.names import dns, error as dns_error
 
+from mailplat.config import RelaySettings
 from mailplat.connections import set_no_delay
 from mailplat.dotstuff import DotStuffedSender
 from mailplat.interfaces import PermanentFailure, TemporaryFailure
@@ -25,7 +26,6 @@ __all__ = ["Reply", "addresses_of", "find_hosts", "send_message"]
 
 _STATUS = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\b")
 # RFC 5321 4.5.3.2: how long to wait for each reply.
-TIMEOUTS = {"greeting": 300.0, "command": 300.0, "data": 120.0, "end": 600.0}
 
 
 @dataclass(frozen=True)
@@ -129,11 +129,25 @@ class _ClientProtocol(protocol.Protocol):
             return await self._waiting
         except defer.TimeoutError:
             self.transport.abortConnection()
-            raise TemporaryFailure(f"no reply within {int(timeout)} seconds")
+            raise TemporaryFailure(f"no reply within {timeout:g} seconds")
 
-    async def command(self, line: str, timeout: float = TIMEOUTS["command"]) -> Reply:
+    async def command(self, line: str, timeout: float) -> Reply:
         self.transport.write(line.encode("utf-8") + b"\r\n")
         return await self.reply(timeout)
+
+
+def _verifying_options(name: str, ca_file: str) -> Any:
+    """TLS that checks the peer's certificate chain and that it names ``name``."""
+    if not ca_file:
+        return ssl.optionsForClientTLS(name)
+    with open(ca_file, "rb") as f:
+        authorities = [ssl.Certificate.loadPEM(pem) for pem in _pem_blocks(f.read())]
+    return ssl.optionsForClientTLS(name, trustRoot=ssl.trustRootFromCertificates(authorities))
+
+
+def _pem_blocks(data: bytes) -> list[bytes]:
+    end = b"-----END CERTIFICATE-----"
+    return [block + end for block in data.split(end) if b"-----BEGIN CERTIFICATE-----" in block]
 
 
 async def send_message(
@@ -143,9 +157,7 @@ async def send_message(
     sender: str,
     recipients: list[str],
     message_path: str,
-    tls: str = "opportunistic",
-    username: str = "",
-    password: str = "",
+    settings: RelaySettings,
 ) -> dict[str, Reply]:
     """Send one message to one host; each recipient's reply.  TemporaryFailure if the host cannot be used."""
     name, address, port = host
@@ -153,59 +165,65 @@ async def send_message(
     factory.noisy = False
     try:
         endpoint_type = endpoints.TCP6ClientEndpoint if ":" in address else endpoints.TCP4ClientEndpoint
-        client: _ClientProtocol = await endpoint_type(reactor, address, port, timeout=30).connect(factory)
+        client: _ClientProtocol = await endpoint_type(reactor, address, port, timeout=settings.connect_timeout).connect(factory)
     except Exception as e:
         raise TemporaryFailure(f"cannot connect to {name} [{address}]:{port}: {e}")
     set_no_delay(client.transport)
     try:
-        return await _transaction(client, reactor, name, helo, sender, recipients, message_path, tls, username, password)
+        return await _transaction(client, reactor, name, helo, sender, recipients, message_path, settings)
     finally:
         client.transport.loseConnection()
 
 
 async def _transaction(
     client: _ClientProtocol, reactor: Any, name: str, helo: str, sender: str, recipients: list[str],
-    message_path: str, tls: str, username: str, password: str,
+    message_path: str, settings: RelaySettings,
 ) -> dict[str, Reply]:
-    greeting = await client.reply(TIMEOUTS["greeting"])
+    tls, timeout = settings.tls, settings.command_timeout
+    greeting = await client.reply(settings.greeting_timeout)
     if greeting.code != 220:
         return dict.fromkeys(recipients, greeting)
-    ehlo = await client.command(f"EHLO {helo}")
+    ehlo = await client.command(f"EHLO {helo}", timeout)
     extensions = set(ehlo.text.upper().split()) if ehlo.code == 250 else set()
     if "STARTTLS" in extensions:
-        started = await client.command("STARTTLS")
+        started = await client.command("STARTTLS", timeout)
         if started.code == 220:
-            options = ssl.optionsForClientTLS(name) if tls == "verify" else ssl.CertificateOptions(verify=False)
+            options = _verifying_options(name, settings.ca_file) if tls == "verify" else ssl.CertificateOptions(verify=False)
             client.transport.startTLS(options)
-            ehlo = await client.command(f"EHLO {helo}")
+            ehlo = await client.command(f"EHLO {helo}", timeout)
         elif tls != "opportunistic":
             raise TemporaryFailure(f"{name} refused STARTTLS: {started}")
     elif tls != "opportunistic":
         raise TemporaryFailure(f"{name} does not offer STARTTLS and [relay] tls = {tls!r}")
     if ehlo.code != 250:
-        ehlo = await client.command(f"HELO {helo}")
+        ehlo = await client.command(f"HELO {helo}", timeout)
         if ehlo.code != 250:
             return dict.fromkeys(recipients, ehlo)
-    if username:
-        token = base64.b64encode(b"\0" + username.encode() + b"\0" + password.encode()).decode()
-        auth = await client.command(f"AUTH PLAIN {token}")
+    if settings.username:
+        token = base64.b64encode(b"\0" + settings.username.encode() + b"\0" + settings.password.encode()).decode()
+        auth = await client.command(f"AUTH PLAIN {token}", timeout)
         if auth.code != 235:
             raise TemporaryFailure(f"{name} refused our login: {auth}")
-    mail = await client.command(f"MAIL FROM:<{sender}>")
+    mail = await client.command(f"MAIL FROM:<{sender}>", timeout)
     if mail.code != 250:
         return dict.fromkeys(recipients, mail)
     replies: dict[str, Reply] = {}
     for recipient in recipients:
-        replies[recipient] = await client.command(f"RCPT TO:<{recipient}>")
+        replies[recipient] = await client.command(f"RCPT TO:<{recipient}>", timeout)
     accepted = [r for r in recipients if replies[r].code // 100 == 2]
     if not accepted:
-        await client.command("QUIT")
+        await client.command("QUIT", timeout)
         return replies
-    data = await client.command("DATA", TIMEOUTS["data"])
+    data = await client.command("DATA", settings.data_timeout)
     if data.code != 354:
         return {**replies, **dict.fromkeys(accepted, data)}
-    await DotStuffedSender(open(message_path, "rb"), client.transport, reactor).start()
-    final = await client.reply(TIMEOUTS["end"])
+    try:
+        await DotStuffedSender(open(message_path, "rb"), client.transport, reactor, settings.data_block_timeout).start()
+    except defer.TimeoutError as e:
+        raise TemporaryFailure(f"{name} stopped reading the message: {e}")
+    except error.ConnectionLost:
+        raise TemporaryFailure(f"{name} closed the connection while we sent the message")
+    final = await client.reply(settings.data_done_timeout)
     replies.update(dict.fromkeys(accepted, final))
     try:
         await client.command("QUIT", 30)
