@@ -1,0 +1,220 @@
+"""The ``clamd`` filter: every message is scanned by ClamAV's daemon at the end of DATA.
+
+The message goes to clamd with its ``INSTREAM`` command: ``zINSTREAM\\0``,
+then chunks of at most 64 KiB, each preceded by its length (4 bytes, big
+endian), then a zero length.  clamd answers ``stream: OK``, ``stream: NAME
+FOUND``, or a text ending in ``ERROR``.  Chunks are read from the spooled
+message only as fast as the connection takes them, so a large message never
+sits in memory.
+
+Options (every other key is refused):
+
+- ``address``: where clamd listens, as a Twisted client endpoint string;
+  default ``"unix:path=/var/run/clamav/clamd.ctl"`` (Debian's socket), or
+  e.g. ``"tcp:127.0.0.1:3310"``.
+- ``action``: what a virus gets: ``"reject"`` (the default; 550 5.7.1
+  "Message rejected: virus found (NAME)") or ``"quarantine"`` (delivered
+  into the recipients' Quarantine folder).
+- ``max_size``: messages larger than this many bytes are not scanned;
+  default 26214400 (25 MiB).
+
+A clean message gets ``X-Virus-Scanned: clamd (HOSTNAME)``; a quarantined
+one gets that and ``X-Virus: NAME``.  A message larger than ``max_size`` is
+let through unscanned with no header at all (a header naming clamd could be
+read downstream as "scanned"), and a line is logged.  Keep ``max_size`` at
+or below clamd's own ``StreamMaxLength`` (25M by default as well): clamd
+refusing a message as too large is a failure, never a clean result, so
+mailplat answers 451 (or accepts unscanned with ``on_error = "accept"``).
+A clamd that cannot be reached, or any other ERROR reply, fails the same way.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import struct
+from typing import IO, Any
+
+from twisted.internet import defer
+from twisted.internet.endpoints import clientFromString, connectProtocol
+from twisted.internet.error import ConnectError
+from twisted.internet.interfaces import IPullProducer
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mailplat.config import ConfigError
+from mailplat.interfaces import BackendContext, Client, MessageFilter, SpooledMessage, Verdict
+
+__all__ = ["ClamdError", "ClamdFilter", "build", "parse_reply"]
+
+log = Logger()
+
+DEFAULT_ADDRESS = "unix:path=/var/run/clamav/clamd.ctl"
+DEFAULT_MAX_SIZE = 25 * 1024 * 1024
+ACTIONS = ("reject", "quarantine")
+OPTIONS = ["address", "action", "max_size"]
+
+CHUNK_SIZE = 64 * 1024
+# clamd's replies are one short line; anything longer is not clamd.
+MAX_REPLY = 4096
+
+_UNPRINTABLE = re.compile(r"[^\x21-\x7e]")
+
+
+class ClamdError(Exception):
+    """clamd could not give a verdict: unreachable, an ERROR reply, or a garbled one."""
+
+
+def parse_reply(reply: bytes) -> str | None:
+    """The virus name from an INSTREAM reply, or None when the message is clean.
+
+    Anything but ``OK`` or ``FOUND`` raises ClamdError: an error must never
+    pass for a clean message.
+    """
+    text = reply.decode("utf-8", "replace").strip()
+    if text.endswith("ERROR"):
+        if "size limit" in text:
+            raise ClamdError(
+                f"clamd refused the message as too large ({text}); raise StreamMaxLength in clamd.conf "
+                "to at least this filter's max_size, or lower max_size"
+            )
+        raise ClamdError(f"clamd could not scan the message: {text}")
+    if text == "stream: OK":
+        return None
+    if text.startswith("stream: ") and text.endswith(" FOUND"):
+        name = text[len("stream: "):-len(" FOUND")].strip()
+        # The name goes into a reply line and a header: printable ASCII only.
+        return _UNPRINTABLE.sub("?", name)[:200] or "unknown"
+    raise ClamdError(f"unexpected reply from clamd: {text[:200]!r}")
+
+
+@implementer(IPullProducer)
+class _Instream(Protocol):
+    """One INSTREAM scan: the message out in length-prefixed chunks, one reply back.
+
+    The protocol is the transport's pull producer, so the next chunk is read
+    only once the previous one has left the send buffer.
+    """
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self._stream: IO[bytes] | None = stream
+        self._received = b""
+        self.reply: defer.Deferred[bytes] = defer.Deferred(self._cancel)
+
+    def connectionMade(self) -> None:
+        self.transport.write(b"zINSTREAM\0")
+        # A pull producer: the transport asks for the first chunk at once.
+        self.transport.registerProducer(self, False)
+
+    def resumeProducing(self) -> None:
+        if self._stream is None:
+            return
+        chunk = self._stream.read(CHUNK_SIZE)
+        if chunk:
+            self.transport.writeSequence([struct.pack(">I", len(chunk)), chunk])
+        else:
+            self._stop_sending()
+            self.transport.write(b"\0\0\0\0")
+
+    def stopProducing(self) -> None:
+        self._stream = None
+
+    def _stop_sending(self) -> None:
+        if self._stream is not None:
+            self._stream = None
+            self.transport.unregisterProducer()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.reply.called:
+            return
+        self._received += data
+        reply, end, _ = self._received.partition(b"\0")
+        if end:
+            if self._stream is None:
+                self.transport.loseConnection()
+            else:
+                # An answer before the end of the message (the size limit,
+                # say): what is still to be sent is of no use to anyone.
+                self._stop_sending()
+                self.transport.abortConnection()
+            self.reply.callback(reply)
+        elif len(self._received) > MAX_REPLY:
+            self._stop_sending()
+            self.transport.abortConnection()
+            self.reply.errback(ClamdError(f"unexpected reply from clamd: {self._received[:200]!r}..."))
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._stream = None
+        if not self.reply.called:
+            self.reply.errback(ClamdError(f"clamd closed the connection without a reply: {reason.getErrorMessage()}"))
+
+    def _cancel(self, reply: defer.Deferred[bytes]) -> None:
+        # The filter's timeout: drop the connection; the reply fails with CancelledError.
+        self._stream = None
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+
+class ClamdFilter(MessageFilter):
+    """Scans each message with clamd at the end of DATA."""
+
+    def __init__(self, address: str, endpoint: Any, action: str, max_size: int, hostname: str) -> None:
+        self.address = address
+        self.endpoint = endpoint
+        self.action = action
+        self.max_size = max_size
+        self.hostname = hostname
+
+    async def check_data(self, client: Client, sender: str, recipients: tuple[str, ...], message: SpooledMessage) -> Verdict | None:
+        if message.size > self.max_size:
+            log.info(
+                "clamd: message from {client} not scanned: {size} bytes is more than max_size {max_size}",
+                client=client.address, size=message.size, max_size=self.max_size,
+            )
+            return None
+        with message.open() as stream:
+            protocol = _Instream(stream)
+            try:
+                await connectProtocol(self.endpoint, protocol)
+            except ConnectError as e:
+                raise ClamdError(f"cannot reach clamd at {self.address}: {e}") from e
+            reply = await protocol.reply
+        virus = parse_reply(reply)
+        scanned = ("X-Virus-Scanned", f"clamd ({self.hostname})")
+        if virus is None:
+            return Verdict.accept((scanned,))
+        if self.action == "quarantine":
+            return Verdict.quarantine(f"virus found ({virus})", (scanned, ("X-Virus", virus)))
+        return Verdict.reject(f"Message rejected: virus found ({virus})")
+
+
+def build(options: dict[str, Any], context: BackendContext) -> ClamdFilter:
+    """Check the ``[[filter]]`` options and make the filter."""
+    address = options.pop("address", DEFAULT_ADDRESS)
+    if not isinstance(address, str) or not address:
+        raise ConfigError("address", "must be a Twisted client endpoint string", f'e.g. address = "{DEFAULT_ADDRESS}" or "tcp:127.0.0.1:3310"')
+    try:
+        endpoint = clientFromString(context.reactor, address)
+    except Exception as e:
+        raise ConfigError(
+            "address", f"{address!r} is not a client endpoint: {type(e).__name__}: {e}",
+            f'e.g. address = "{DEFAULT_ADDRESS}" or "tcp:127.0.0.1:3310"',
+        )
+
+    action = options.pop("action", "reject")
+    if action not in ACTIONS:
+        raise ConfigError("action", f'must be "reject" or "quarantine", not {action!r}', 'e.g. action = "reject"')
+
+    max_size = options.pop("max_size", DEFAULT_MAX_SIZE)
+    if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size <= 0:
+        raise ConfigError(
+            "max_size", f"must be a positive whole number of bytes, not {max_size!r}",
+            f"e.g. max_size = {DEFAULT_MAX_SIZE} (no more than clamd's StreamMaxLength)",
+        )
+
+    for key in options:
+        hint = difflib.get_close_matches(key, OPTIONS, n=1)
+        raise ConfigError(key, "unknown key", f"did you mean {hint[0]!r}?" if hint else f"clamd knows: {', '.join(OPTIONS)}")
+    return ClamdFilter(address, endpoint, action, max_size, context.hostname)
