@@ -79,6 +79,18 @@ def test_readme_tables_match_the_defaults(section, defaults):
     assert readme_table(section) == expected
 
 
+def test_readme_relay_table_lists_every_key():
+    """README's [relay] table has a row per key of [relay], with its real default."""
+    from mailplat.config import RelaySettings
+
+    table = README.read_text().split("| `[relay]` key |", 1)[1].split("\n\n", 1)[0]
+    rows = dict(re.findall(r"^\| `(\w+)`(?:, `\w+`)? \| `?([^|`]+?)`? \|", table, re.M))
+    expected = {name: f'"{value}"' if isinstance(value, str) else str(value) for name, value in dataclasses.asdict(RelaySettings()).items()}
+    expected["smarthost"] = '""'
+    del expected["password"]  # shares the username row
+    assert rows == expected
+
+
 def test_readme_config_example_passes_check_config(tmp_path):
     """The configuration shown in README.md is valid: every key in it exists."""
     block = re.search(r"```toml\n(.*?)```", README.read_text(), re.S)
