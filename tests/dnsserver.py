@@ -60,7 +60,8 @@ def serve(path: str) -> None:
         def _lookup(self, name: bytes, cls: int, type: int, timeout: Any) -> Any:
             key = name.decode().lower().rstrip(".")
             if key in broken:
-                return defer.fail(error.DNSServerError(key))
+                # Not a DomainError: twisted.names answers those NXDOMAIN.
+                return defer.fail(RuntimeError(f"servfail {key}"))
             if key not in owners:
                 return defer.fail(error.AuthoritativeDomainError(key))
             return defer.succeed((table.get((key, type), []), [], []))
