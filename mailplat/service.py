@@ -190,7 +190,8 @@ def _dns_resolver(settings: Settings) -> Any:
 
     if settings.dns_servers:
         servers = [(host, int(port)) for host, _, port in (s.rpartition(":") for s in settings.dns_servers)]
-        return client.createResolver(servers=servers)
+        # resolvconf=/dev/null: only these servers, never the system's as well.
+        return client.createResolver(servers=servers, resolvconf=os.devnull)
     return client.createResolver()
 
 
