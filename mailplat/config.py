@@ -86,6 +86,15 @@ class FilterSettings:
 
 
 @dataclass(frozen=True)
+class DKIMSettings:
+    """``[dkim."example.org"]``: how mail from a domain's users is signed."""
+
+    domain: str
+    selector: str
+    key: str  # path of the PEM private key (RSA or Ed25519)
+
+
+@dataclass(frozen=True)
 class TLSSettings:
     certificate: str
     key: str
@@ -163,6 +172,7 @@ class Settings:
     relay: RelaySettings = field(default_factory=lambda: RelaySettings())
     dns_servers: tuple[str, ...] = ()
     filters: tuple[FilterSettings, ...] = ()
+    dkim: dict[str, DKIMSettings] = field(default_factory=dict)
 
     @property
     def config_dir(self) -> str:
@@ -185,6 +195,8 @@ class Settings:
         for backend in (self.auth, self.mailbox, self.delivery):
             lines += ["", f"[{backend.section}]", f"backend = {_toml(backend.name)}"]
             lines += [f"{_key(k)} = {_toml(v)}" for k, v in backend.options.items()]
+        for d in self.dkim.values():
+            lines += ["", f"[dkim.{_toml(d.domain)}]", f"selector = {_toml(d.selector)}", f"key = {_toml(d.key)}"]
         for f in self.filters:
             lines += ["", "[[filter]]", f"backend = {_toml(f.backend.name)}", f"timeout = {_toml(f.timeout)}"]
             lines += [f"on_error = {_toml(f.on_error)}", f"listeners = {_toml(list(f.listeners))}"]
@@ -357,6 +369,7 @@ def _parse(path: str, data: dict[str, Any]) -> Settings:
             raise dns.error("servers", f"{server!r} is not ip:port", 'e.g. servers = ["127.0.0.1:53"], or leave it out for the system resolvers')
     dns.finish(["servers"])
 
+    dkim = _dkim(path, top.take("dkim", dict, {}), domains, relative)
     filters = _filters(path, top.take("filter", list, [], example='[{ backend = "spamd" }] (write it as a [[filter]] table)'), listen)
     smtp = _smtp_limits(_Reader(path, "smtp", top.take("smtp", dict, {})))
     pop3 = _pop3_settings(_Reader(path, "pop3", top.take("pop3", dict, {})))
@@ -364,13 +377,13 @@ def _parse(path: str, data: dict[str, Any]) -> Settings:
     return Settings(
         path=path, hostname=hostname, data_dir=data_dir, domains=tuple(domains), listen=listen, tls=tls,
         auth=auth, mailbox=mailbox, delivery=delivery, aliases=aliases, smarthost=smarthost, smtp=smtp, workers=workers, pop3=pop3,
-        relay=relay, dns_servers=tuple(servers), filters=filters,
+        relay=relay, dns_servers=tuple(servers), filters=filters, dkim=dkim,
     )
 
 
 _TOP_LEVEL_KEYS = [
     "hostname", "data_dir", "workers", "domains", "listen", "tls", "auth", "mailbox", "delivery", "aliases", "relay", "dns", "smtp",
-    "pop3", "filter",
+    "pop3", "filter", "dkim",
 ]
 
 
@@ -420,6 +433,39 @@ def _backend(path: str, section: str, table: dict[str, Any]) -> BackendSettings:
     if not isinstance(name, str) or not name:
         raise ConfigError(f"[{section}] backend", "is required and must be a backend name", f'e.g. backend = "{_DEFAULT_BACKENDS[section]}"', path)
     return BackendSettings(section, name, options)
+
+
+def _dkim(path: str, table: dict[str, Any], domains: list[str], relative: Any) -> dict[str, DKIMSettings]:
+    keys: dict[str, DKIMSettings] = {}
+    for domain, entry in table.items():
+        name = domain.strip().lower()
+        where = f"[dkim.{_toml(domain)}]"
+        if name not in domains:
+            raise ConfigError(where, f"{domain} is not one of the domains", "sign only for domains listed in domains", path)
+        if not isinstance(entry, dict):
+            raise ConfigError(where, "must be a table", f'{where} with selector = "mail" and key = "dkim/{name}.key"', path)
+        reader = _Reader(path, where, dict(entry))
+        selector = reader.take("selector", str, example='"mail"')
+        if not re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*", selector):
+            raise reader.error("selector", f"{selector!r} is not a DNS label", 'e.g. selector = "mail"')
+        key = relative(reader.take("key", str, example=f'"dkim/{name}.key"'))
+        try:
+            from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+            from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+            with open(key, "rb") as f:
+                private = load_pem_private_key(f.read(), None)
+        except OSError as e:
+            raise reader.error("key", f"cannot read {key}: {e.strerror}", f"create it with: mailplat --config FILE dkim keygen {name}")
+        except (ValueError, TypeError) as e:
+            raise reader.error("key", f"{key} is not an unencrypted PEM private key: {e}", f"create one with: mailplat --config FILE dkim keygen {name}")
+        if not isinstance(private, (rsa.RSAPrivateKey, ed25519.Ed25519PrivateKey)):
+            raise reader.error("key", f"{key} is neither an RSA nor an Ed25519 key", "DKIM signs with rsa-sha256 or ed25519-sha256")
+        if isinstance(private, rsa.RSAPrivateKey) and private.key_size < 1024:
+            raise reader.error("key", f"{key} is a {private.key_size}-bit RSA key; verifiers ignore keys under 1024 bits", "use 2048 bits")
+        reader.finish(["selector", "key"])
+        keys[name] = DKIMSettings(name, selector, key)
+    return keys
 
 
 def _filters(path: str, tables: list[Any], listen: dict[str, str]) -> tuple[FilterSettings, ...]:
