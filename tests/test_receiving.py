@@ -393,3 +393,61 @@ def test_memory_stays_bounded_for_100mb(line):
         assert d.problem is None and d.size >= 100 * 1024 * 1024
     else:
         assert d.problem is not None and d.problem[0] == 500
+
+
+# --- forged Authentication-Results --------------------------------------------
+
+FORGED = (
+    b"Authentication-Results: mail.example.org; dkim=pass header.d=bank.test\r\n"
+    b"Subject: s\r\n"
+    b"Authentication-Results:\r\n  (comment) MAIL.example.org 1;\r\n\tspf=pass\r\n"
+    b"Authentication-Results: mx.other.test; spf=fail\r\n"
+    b"authentication-results: mail.example.org.evil.test; dkim=pass\r\n"
+    b"To: t\r\n"
+    b"\r\n"
+    b"Authentication-Results: mail.example.org; in the body: kept\r\n"
+)
+KEPT = (
+    b"Subject: s\r\n"
+    b"Authentication-Results: mx.other.test; spf=fail\r\n"
+    b"authentication-results: mail.example.org.evil.test; dkim=pass\r\n"
+    b"To: t\r\n"
+    b"\r\n"
+    b"Authentication-Results: mail.example.org; in the body: kept\r\n"
+)
+
+
+def strip_forged(stream: bytes, sizes=None) -> tuple[bytes, DataDecoder]:
+    sink = io.BytesIO()
+    d = decoder(sink)
+    d.authserv_id = b"mail.example.org"
+    pos = 0
+    for size in list(sizes or []) + [len(stream)]:
+        if d.feed(stream[pos : pos + size]) is not None:
+            break
+        pos += size
+    d.finish()
+    return sink.getvalue(), d
+
+
+@pytest.mark.parametrize("sizes", [None, "bytes", 7, 13])
+def test_forged_authentication_results_are_removed_however_chunked(sizes):
+    """Fields with our authserv-id go (folded, commented, any case, with a version); others and the body stay."""
+    stream = FORGED + b".\r\n"
+    chunks = byte_by_byte(stream) if sizes == "bytes" else random_sizes(stream, sizes) if sizes else None
+    content, d = strip_forged(stream, chunks)
+    assert content == KEPT
+    assert d.removed_results == 2
+    assert d.size == len(KEPT)
+
+
+def test_forged_results_as_the_last_header_line_of_a_header_only_message():
+    content, d = strip_forged(b"Subject: s\r\nAuthentication-Results: mail.example.org; dkim=pass\r\n.\r\n")
+    assert content == b"Subject: s\r\n" and d.removed_results == 1
+
+
+def test_oversized_results_field_is_dropped():
+    """A folded field too long to judge cheaply is dropped, whatever its authserv-id."""
+    huge = b"Authentication-Results: elsewhere.test;\r\n" + b" x=y\r\n" * 3000 + b"Subject: s\r\n\r\nbody\r\n.\r\n"
+    content, d = strip_forged(huge, random_sizes(huge, 3, 500))
+    assert content == b"Subject: s\r\n\r\nbody\r\n" and d.removed_results == 1

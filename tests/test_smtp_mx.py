@@ -406,3 +406,16 @@ def test_large_pipelined_burst(dialog):
     assert all(d.reply()[0] == 250 for _ in range(5000))
     assert d.reply() == (250, "2.0.0 OK")
     assert d.command("QUIT")[0] == 221
+
+
+def test_forged_authentication_results_are_removed(server):
+    """RFC 8601 5: an Authentication-Results field claiming our authserv-id did not come from us."""
+    forged = (
+        b"Authentication-Results: mail.example.org;\r\n\tdkim=pass header.d=bank.test\r\n"
+        b"Authentication-Results: mx.other.test; spf=pass\r\n"
+    ) + message("forged-results")
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+        client.sendmail("someone@remote.test", ["bob@example.org"], forged)
+    delivered = next(m for m in server.messages("bob@example.org") if b"Subject: forged-results" in m)
+    assert b"bank.test" not in delivered
+    assert b"Authentication-Results: mx.other.test; spf=pass\r\n" in delivered

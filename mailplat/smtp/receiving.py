@@ -23,6 +23,10 @@ from mailplat.interfaces import SpooledMessage
 __all__ = ["DataDecoder", "Spool", "SpoolFile", "new_id"]
 
 _TERMINATOR = b"\r\n.\r\n"
+_AUTHENTICATION_RESULTS = b"authentication-results:"
+_COMMENT = re.compile(rb"\([^()]*\)")
+# An Authentication-Results field longer than this is junk: dropped whatever it says.
+_MAX_RESULTS_FIELD = 8192
 _HEADER_NAME = re.compile(rb"^([!-9;-~]+):", re.M)
 _WRITE_BUFFER = 256 * 1024
 # Messages up to this size are received in memory, larger ones in a file.
@@ -59,6 +63,12 @@ class DataDecoder:
         # adds Date: and Message-ID: when missing, RFC 6409 8).
         self.header_names: set[bytes] = set()
         self.add_headers: Callable[[set[bytes]], bytes] | None = None
+        # Our authserv-id (lower case): Authentication-Results fields claiming
+        # to come from us are forgeries and are removed (RFC 8601 5).
+        self.authserv_id: bytes | None = None
+        self.removed_results = 0
+        self._results_field: bytes | None = None  # one being read, with its folded lines
+        self._results_too_long = False
 
     def feed(self, data: bytes) -> bytes | None:
         """Take more of the stream; None while the message goes on, else the bytes after its end."""
@@ -113,6 +123,11 @@ class DataDecoder:
             content = content[1:]
         if self._in_headers:
             end = self._scan_headers(content, at_line_start)
+            if self.authserv_id is not None:
+                head = content if end < 0 else content[:end]
+                kept = self._without_forged_results(head, ended=end >= 0)
+                content = kept + content[len(head):]
+                end = end if end < 0 else len(kept)
             if end >= 0 and self.add_headers is not None:
                 content = content[:end] + self.add_headers(self.header_names) + content[end:]
         self.size += len(content)
@@ -135,8 +150,46 @@ class DataDecoder:
         self.received_headers += lowered.count(b"\nreceived:") + (at_line_start and lowered.startswith(b"received:"))
         return end + 2 if end >= 0 else -1
 
+    def _without_forged_results(self, head: bytes, ended: bool) -> bytes:
+        """Header lines (whole CRLF lines) minus Authentication-Results fields
+        carrying our authserv-id; a field may be folded across chunks."""
+        kept = []
+        for line in head.split(b"\r\n")[:-1]:
+            line += b"\r\n"
+            if line[:1] in (b" ", b"\t") and self._results_field is not None:
+                self._results_field += line
+                if len(self._results_field) > _MAX_RESULTS_FIELD:
+                    self._results_too_long = True
+                    self._results_field = b"(dropped)"
+                continue
+            kept.append(self._finish_results_field())
+            if line[: len(_AUTHENTICATION_RESULTS)].lower() == _AUTHENTICATION_RESULTS:
+                self._results_field = line
+            else:
+                kept.append(line)
+        if ended:
+            kept.append(self._finish_results_field())
+        return b"".join(kept)
+
+    def _finish_results_field(self) -> bytes:
+        field, self._results_field = self._results_field, None
+        too_long, self._results_too_long = self._results_too_long, False
+        if field is None:
+            return b""
+        value = _COMMENT.sub(b" ", field[len(_AUTHENTICATION_RESULTS) :].replace(b"\r\n", b""))
+        # authserv-id [version] ";" ... (RFC 8601 2.2)
+        words = value.split(b";", 1)[0].split()
+        if too_long or (words and words[0].lower() == self.authserv_id):
+            self.removed_results += 1
+            return b""
+        return field
+
     def finish(self) -> None:
         """The message has ended: a message that is all header still gets its added headers."""
+        if self._results_field is not None and self.problem is None:
+            last = self._finish_results_field()
+            self.size += len(last)
+            self.sink.write(last)
         if self._in_headers and self.add_headers is not None and self.problem is None:
             self._in_headers = False
             extra = self.add_headers(self.header_names)

@@ -560,6 +560,7 @@ class SMTPServer(CommandReader, smtp.ESMTP):
         )
         if self.factory.submission:
             self._decoder.add_headers = self._missing_headers
+        self._decoder.authserv_id = self.factory.hostname.lower().encode()
         self.mode = DATA
         self.reply(354, "", "End data with <CR><LF>.<CR><LF>")
 
