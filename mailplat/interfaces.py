@@ -265,7 +265,11 @@ class IAuthBackend(Interface):
 
 
 class IUserManager(Interface):
-    """Optional: an auth backend whose users `mailplat user` can edit."""
+    """Optional: an auth backend whose users `mailplat user` can edit.
+
+    Unlike every other method here, these are called by the admin command,
+    which runs no reactor: they must be plain blocking functions.
+    """
 
     def add_user(address: str, password: str) -> None:
         """Create a user; raise ValueError when it exists or is invalid."""
@@ -329,8 +333,9 @@ class IMessageFilter(Interface):
     """A verdict at each step of an SMTP session: spam, viruses, local policy.
 
     Each method returns a :class:`Verdict`, or None for "no opinion"
-    (accept).  Filters run in the configured order; the first verdict that
-    is not ``accept`` ends the checks of that step.  Subclass
+    (accept).  Filters run in the configured order; the first reject,
+    tempfail or discard ends the checks of that step (accept and
+    quarantine let the next filter run).  Subclass
     :class:`MessageFilter` to write only the steps you need.
     """
 

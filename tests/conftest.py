@@ -99,8 +99,9 @@ def write_users(path: Path, users: dict[str, str]) -> None:
 class MailplatServer:
     """A `twistd -n mailplat` subprocess with its own folder, config and ports."""
 
-    def __init__(self, root: Path, config: str, users: dict[str, str] | None = None) -> None:
+    def __init__(self, root: Path, config: str, users: dict[str, str] | None = None, twistd: str = TWISTD) -> None:
         self.root = root
+        self.twistd = twistd
         self.config_path = root / "mailplat.toml"
         self.log_path = root / "twistd.log"
         self.ports: dict[str, int] = {}
@@ -132,7 +133,7 @@ class MailplatServer:
         self.log_path.write_text("")
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            [TWISTD, "-n", "--pidfile=", "--logfile", str(self.log_path), "mailplat", "--config", str(self.config_path)],
+            [self.twistd, "-n", "--pidfile=", "--logfile", str(self.log_path), "mailplat", "--config", str(self.config_path)],
             cwd=self.root,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -159,7 +159,7 @@ def test_reject_and_tempfail_at_mail_and_data(filtered_server):
     server = filtered_server(scripted('mail = "tempfail"'), name="mail")
     with pytest.raises(smtplib.SMTPSenderRefused) as refused:
         send(server.port)
-    assert refused.value.smtp_code == 451 and b"4.7.1" in refused.value.smtp_error
+    assert refused.value.smtp_code == 451 and refused.value.smtp_error.startswith(b"4.7.1")
     server = filtered_server(scripted('data = "reject"'), name="data")
     with pytest.raises(smtplib.SMTPDataError) as refused_data:
         send(server.port)
@@ -224,7 +224,7 @@ def test_failing_filter_fails_closed_and_server_keeps_serving(filtered_server):
     server = filtered_server(scripted('data = "raise"'))
     with pytest.raises(smtplib.SMTPDataError) as refused:
         send(server.port)
-    assert refused.value.smtp_code == 451
+    assert refused.value.smtp_code == 451 and refused.value.smtp_error.startswith(b"4.3.0")
     assert "scripted failure" in server.log() and "Traceback" in server.log()
     # The next client is served just the same.
     with pytest.raises(smtplib.SMTPDataError):
@@ -241,7 +241,7 @@ def test_hanging_filter_times_out(filtered_server):
     server = filtered_server(scripted('rcpt = "hang"', extra="timeout = 0.5"))
     with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
         send(server.port)
-    assert refused.value.recipients["alice@example.org"][0] == 451
+    assert refused.value.recipients["alice@example.org"][:2] == (451, b"4.3.0 Message filter unavailable; try again later")
     assert "TimeoutError" in server.log()
 
 

@@ -47,6 +47,8 @@ class Outcome:
     headers: tuple[tuple[str, str], ...] = ()
     quarantine: bool = False
     discard: bool = False
+    # The refusal is a filter's failure (451 4.3.0), not its verdict (4.7.1).
+    failed: bool = False
 
     def merge(self, other: Outcome) -> Outcome:
         """This outcome followed by a later step's."""
@@ -55,7 +57,11 @@ class Outcome:
             self.headers + other.headers,
             self.quarantine or other.quarantine,
             self.discard or other.discard,
+            self.failed or other.failed,
         )
+
+
+_FAILED = Verdict.tempfail("Message filter unavailable; try again later")
 
 
 class FilterChain:
@@ -75,6 +81,7 @@ class FilterChain:
             verdict = await self._ask(configured, step, session, args)
             if verdict is None:
                 continue
+            outcome.failed = verdict is _FAILED
             outcome.headers += verdict.headers
             if verdict.action == "quarantine":
                 outcome.quarantine = True
@@ -103,7 +110,7 @@ class FilterChain:
             log.failure("{session} filter {name} failed at {step}", session=session, name=configured.name, step=step)
         if configured.settings.on_error == "accept":
             return None
-        return Verdict.tempfail("Message filter unavailable; try again later")
+        return _FAILED
 
 
 def header_block(headers: Sequence[tuple[str, str]]) -> bytes:

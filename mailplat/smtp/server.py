@@ -152,7 +152,8 @@ class SMTPServer(CommandReader, smtp.ESMTP):
         if verdict is not None and verdict.action == "reject":
             raise Reply(550, "5.7.1", _reply_text(verdict.text, "Rejected by local policy"))
         if verdict is not None and verdict.action == "tempfail":
-            raise Reply(451, "4.7.1", _reply_text(verdict.text, "Try again later"))
+            status = "4.3.0" if outcome.failed else "4.7.1"
+            raise Reply(451, status, _reply_text(verdict.text, "Try again later"))
         return outcome
 
     def connectionLost(self, reason: Any = None) -> None:
