@@ -12,7 +12,6 @@ import os
 import tempfile
 from typing import Any
 
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -20,7 +19,7 @@ from mailplat.addresses import AddressError, validate_address
 from mailplat.config import ConfigError
 from mailplat.fsutil import fsync_directory
 from mailplat.interfaces import Account, BackendContext, IAuthBackend, IUserManager
-from mailplat.passwords import UnsupportedScheme, hash_password, scheme_of, verify_password
+from mailplat.passwords import UnsupportedScheme, hash_password, scheme_of, verify_in_thread
 
 __all__ = ["PasswdFile", "build"]
 
@@ -96,14 +95,12 @@ class PasswdFile:
     def authenticate(self, address: str, password: str) -> Any:
         address = address.lower()
         stored = self.users().get(address)
-        pool = self.reactor.getThreadPool()
 
-        def check() -> Account | None:
-            # argon2 is slow on purpose: never on the reactor thread.
-            ok = verify_password(stored, password, self.allow_plain)
+        def checked(ok: bool) -> Account | None:
             return Account(address) if ok and stored is not None else None
 
-        return deferToThreadPool(self.reactor, pool, check)
+        # argon2 is slow on purpose: never on the reactor thread.
+        return verify_in_thread(self.reactor, stored, password, self.allow_plain).addCallback(checked)
 
     # -- editing (IUserManager) ---------------------------------------------
 
