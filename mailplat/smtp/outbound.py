@@ -7,6 +7,7 @@ the runner notices them on its next tick (once a second).
 from __future__ import annotations
 
 import datetime
+import heapq
 import os
 import time
 from typing import Any
@@ -47,7 +48,10 @@ class QueueRunner(service.Service):
         self.local = local
         self.reactor = reactor
         self.in_flight: set[str] = set()
+        # id -> when it is due; the heap holds (time, id) pairs, some stale,
+        # so that finding what is due does not scan a queue of 100,000.
         self.schedule: dict[str, float] = {}
+        self._due: list[tuple[float, str]] = []
         self.flushed: set[str] = set()
         self._ticking = False
         self._loop: Any = None
@@ -75,9 +79,9 @@ class QueueRunner(service.Service):
 
         def stored(result: None) -> None:
             # Queued by this process: due now, and no need to wait for the next tick.
-            if self.running:
-                self.schedule.setdefault(queue_id, 0.0)
-                self.reactor.callLater(0, self.tick)
+            if self.running and queue_id not in self.schedule:
+                self._set_due(queue_id, 0.0)
+                self._start_due()
 
         return self._thread(store).addCallback(stored)
 
@@ -106,18 +110,40 @@ class QueueRunner(service.Service):
             log.info("{queue_id}: removed from the queue by the admin", queue_id=gone)
         new = [i for i in ids if i not in self.schedule]
         for message in await self._thread(self._load_all, new):
-            self.schedule[message.id] = 0.0 if message.finished else message.next_try
+            if message.id not in self.schedule:
+                self._set_due(message.id, 0.0 if message.finished else message.next_try)
         if flush:
             self.flushed.update(self.schedule)
-            for queue_id in self.schedule:
-                self.schedule[queue_id] = 0.0
+            for queue_id in list(self.schedule):
+                self._set_due(queue_id, 0.0)
+        self._start_due()
+
+    def _set_due(self, queue_id: str, when: float) -> None:
+        self.schedule[queue_id] = when
+        heapq.heappush(self._due, (when, queue_id))
+        if len(self._due) > 2 * len(self.schedule) + 1000:
+            # Mostly stale entries: rebuild from the schedule.
+            self._due = [(t, i) for i, t in self.schedule.items()]
+            heapq.heapify(self._due)
+
+    def _start_due(self) -> None:
+        """Start what is due, up to the concurrency limit (cheap: called after every run)."""
         now = time.time()
-        due = sorted((t, i) for i, t in self.schedule.items() if t <= now and i not in self.in_flight)
-        for _, queue_id in due[: max(0, _CONCURRENCY - len(self.in_flight))]:
+        while self._due and len(self.in_flight) < _CONCURRENCY and self.running:
+            when, queue_id = self._due[0]
+            if when > now:
+                break
+            heapq.heappop(self._due)
+            if self.schedule.get(queue_id) != when or queue_id in self.in_flight:
+                continue  # stale: rescheduled, removed, or running
             self.in_flight.add(queue_id)
             d = defer.Deferred.fromCoroutine(self._run(queue_id))
             d.addErrback(lambda f, i=queue_id: log.failure("{queue_id}: queue run failed", f, queue_id=i))
-            d.addBoth(lambda _, i=queue_id: self.in_flight.discard(i))
+            d.addBoth(lambda _, i=queue_id: self._ran(i))
+
+    def _ran(self, queue_id: str) -> None:
+        self.in_flight.discard(queue_id)
+        self._start_due()
 
     def _load_all(self, ids: list[str]) -> list[QueuedMessage]:
         loaded = []
@@ -144,9 +170,7 @@ class QueueRunner(service.Service):
             if message.finished:
                 self.schedule.pop(queue_id, None)
             else:
-                self.schedule[queue_id] = message.next_try
-            if self.running:
-                self.reactor.callLater(0, self.tick)
+                self._set_due(queue_id, message.next_try)
 
     async def _process(self, message: QueuedMessage) -> None:
         if not await self._thread(os.path.exists, self.queue.message_path(message.id)):
