@@ -275,3 +275,31 @@ def test_ipv6_mx(make_server, dns):
     local = sender_server(make_server, dns, v6)
     submit(local, ["carol@six.test"], "over-ipv6")
     wait_for(lambda: any(b"Subject: over-ipv6" in m for m in v6.messages("carol@six.test")), what="the message over IPv6")
+
+
+def relayed(remote, subject: str) -> bool:
+    return any(f"Subject: {subject}".encode() in m for m in remote.messages("carol@elsewhere.test"))
+
+
+def test_one_session_carries_several_messages(make_server, dns, remote):
+    """A second message to a host we just talked to reuses the open session (no new connect, EHLO or STARTTLS)."""
+    local = sender_server(make_server, dns, remote)
+    for n in range(3):
+        submit(local, ["carol@elsewhere.test"], f"reuse-{n}")
+        wait_for(lambda: relayed(remote, f"reuse-{n}"), what=f"message {n}")
+    assert remote.log().count(" connect from 127.0.0.1") == 1
+
+
+def test_session_closed_by_the_remote_while_idle_is_not_reused(make_server, dns, remote):
+    """The remote's idle timeout ends our cached session: the next message opens a new one and is not delayed."""
+    remote.stop()
+    remote.config_path.write_text(remote.config_path.read_text() + "\n[smtp]\nidle_timeout = 0.5\n")
+    remote.start()
+    local = sender_server(make_server, dns, remote, retry=3600)
+    submit(local, ["carol@elsewhere.test"], "before-idle")
+    wait_for(lambda: relayed(remote, "before-idle"), what="the first message")
+    wait_for(lambda: "idle timeout" in remote.log(), what="the remote to close the idle session")
+    submit(local, ["carol@elsewhere.test"], "after-idle")
+    wait_for(lambda: relayed(remote, "after-idle"), what="the second message, on a new session")
+    assert remote.log().count(" connect from 127.0.0.1") == 2
+    assert "pending" not in local.log()

@@ -62,7 +62,8 @@ class StallingRemote:
                 if verb == b"QUIT":
                     conn.sendall(b"221 bye\r\n")
                     return
-                conn.sendall(b"250-stalling.test\r\n250 PIPELINING\r\n" if verb == b"EHLO" else b"250 ok\r\n")
+                # No PIPELINING: the relay's one-command-at-a-time path.
+                conn.sendall(b"250 stalling.test\r\n" if verb == b"EHLO" else b"250 ok\r\n")
         except OSError:
             return
 

@@ -23,7 +23,7 @@ from mailplat.plugins import call
 from mailplat.smtp.bounce import FailedRecipient, build_bounce, is_bounce
 from mailplat.smtp.queue import DONE, FAILED, Queue, QueuedMessage, QueuedRecipient
 from mailplat.smtp.receiving import new_id
-from mailplat.smtp.relay import Reply, addresses_of, find_hosts, send_message
+from mailplat.smtp.relay import Reply, SessionCache, addresses_of, find_hosts
 
 __all__ = ["QueueRunner"]
 
@@ -55,6 +55,7 @@ class QueueRunner(service.Service):
         self.flushed: set[str] = set()
         self._ticking = False
         self._loop: Any = None
+        self.sessions = SessionCache(reactor)
 
     def _thread(self, f: Any, *args: Any) -> Any:
         return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args)
@@ -70,6 +71,7 @@ class QueueRunner(service.Service):
         super().stopService()
         if self._loop is not None and self._loop.running:
             self._loop.stop()
+        self.sessions.close()
 
     def enqueue(self, queue_id: str, sender: str, recipients: list[str], message: SpooledMessage) -> defer.Deferred[None]:
         """Store a message durably for relaying (the caller answers 250 after this)."""
@@ -197,8 +199,8 @@ class QueueRunner(service.Service):
             hosts = await self._hosts(domain)
             for host in hosts:
                 try:
-                    replies = await send_message(
-                        self.reactor, host, self.hostname, message.sender, addresses, self.queue.message_path(message.id), self.relay,
+                    replies = await self.sessions.send(
+                        host, self.hostname, message.sender, addresses, self.queue.message_path(message.id), self.relay,
                     )
                     for r in recipients:
                         r.remote_mta = host[0]

@@ -22,7 +22,7 @@ from mailplat.connections import set_no_delay
 from mailplat.dotstuff import DotStuffedSender
 from mailplat.interfaces import PermanentFailure, TemporaryFailure
 
-__all__ = ["Reply", "addresses_of", "find_hosts", "send_message"]
+__all__ = ["Reply", "SessionCache", "addresses_of", "find_hosts"]
 
 _STATUS = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\b")
 # RFC 5321 4.5.3.2: how long to wait for each reply.
@@ -92,6 +92,13 @@ class _ClientProtocol(protocol.Protocol):
         self._replies: list[Reply] = []
         self._waiting: defer.Deferred[Reply] | None = None
         self._closed: Any = None
+        self.pipelining = False
+        # True when the last transaction ended after DATA: the session may be reused.
+        self.after_data = False
+        self.uses = 0
+
+    def usable(self) -> bool:
+        return self._closed is None and not self.transport.disconnecting and not self._replies and not self._buffer
 
     def dataReceived(self, data: bytes) -> None:
         self._buffer += data
@@ -150,16 +157,102 @@ def _pem_blocks(data: bytes) -> list[bytes]:
     return [block + end for block in data.split(end) if b"-----BEGIN CERTIFICATE-----" in block]
 
 
-async def send_message(
-    reactor: Any,
-    host: tuple[str, str, int],
-    helo: str,
-    sender: str,
-    recipients: list[str],
-    message_path: str,
-    settings: RelaySettings,
-) -> dict[str, Reply]:
-    """Send one message to one host; each recipient's reply.  TemporaryFailure if the host cannot be used."""
+class SessionCache:
+    """Sessions to remote hosts kept open between messages, as Postfix's
+    connection cache does: a message to a host we just talked to skips the
+    connect, greeting, EHLO, STARTTLS and AUTH round trips.
+
+    A session is reused only after a completed DATA (RFC 5321 4.1.1.4: the
+    transaction state is then clear), for at most ``max_uses`` messages, and
+    is closed after ``idle_time`` seconds unused.
+    """
+
+    def __init__(self, reactor: Any, idle_time: float = 5.0, max_uses: int = 100) -> None:
+        self.reactor = reactor
+        self.idle_time = idle_time
+        self.max_uses = max_uses
+        self._idle: dict[tuple[str, str, int], list[tuple[_ClientProtocol, Any]]] = {}
+
+    def _take(self, key: tuple[str, str, int]) -> _ClientProtocol | None:
+        sessions = self._idle.get(key, [])
+        while sessions:
+            client, timer = sessions.pop()
+            timer.cancel()
+            # Closed by the remote while idle, or it said something unasked (a 421).
+            if client.usable():
+                return client
+            client.transport.loseConnection()
+        return None
+
+    def _keep(self, key: tuple[str, str, int], client: _ClientProtocol) -> None:
+        client.uses += 1
+        if client.uses >= self.max_uses or not client.usable():
+            self._quit(client)
+            return
+        sessions = self._idle.setdefault(key, [])
+
+        def expire() -> None:
+            sessions.remove((client, timer))
+            self._quit(client)
+
+        timer = self.reactor.callLater(self.idle_time, expire)
+        sessions.append((client, timer))
+
+    def _quit(self, client: _ClientProtocol) -> None:
+        if client.usable():
+            client.transport.write(b"QUIT\r\n")
+        client.transport.loseConnection()
+
+    def close(self) -> None:
+        """Close every idle session (at shutdown)."""
+        for sessions in self._idle.values():
+            for client, timer in sessions:
+                timer.cancel()
+                self._quit(client)
+        self._idle.clear()
+
+    async def send(
+        self, host: tuple[str, str, int], helo: str, sender: str, recipients: list[str], message_path: str, settings: RelaySettings,
+    ) -> dict[str, Reply]:
+        """Send one message to one host; each recipient's reply.  TemporaryFailure if the host cannot be used."""
+        client = self._take(host)
+        if client is not None:
+            try:
+                return await self._transaction(client, host, sender, recipients, message_path, settings)
+            except _StaleSession:
+                pass  # it went away between two messages: open a new one
+        client, refusal = await _open_session(self.reactor, host, helo, settings)
+        if refusal is not None:
+            return dict.fromkeys(recipients, refusal)
+        try:
+            return await self._transaction(client, host, sender, recipients, message_path, settings)
+        except _StaleSession as e:
+            raise TemporaryFailure(f"{host[0]} closed the connection: {e}")
+
+    async def _transaction(
+        self, client: _ClientProtocol, host: tuple[str, str, int], sender: str, recipients: list[str],
+        message_path: str, settings: RelaySettings,
+    ) -> dict[str, Reply]:
+        completed = False
+        try:
+            replies = await _mail_transaction(client, self.reactor, host[0], sender, recipients, message_path, settings)
+            completed = True
+            return replies
+        finally:
+            if completed and client.after_data:
+                self._keep(host, client)
+            else:
+                self._quit(client)
+
+
+class _StaleSession(TemporaryFailure):
+    """The session closed before its first reply of this transaction."""
+
+
+async def _open_session(
+    reactor: Any, host: tuple[str, str, int], helo: str, settings: RelaySettings
+) -> tuple[_ClientProtocol, Reply | None]:
+    """Connect, read the greeting, EHLO, STARTTLS, AUTH: a session ready for MAIL, or the remote's refusal."""
     name, address, port = host
     factory = protocol.Factory.forProtocol(lambda: _ClientProtocol(reactor))
     factory.noisy = False
@@ -170,19 +263,20 @@ async def send_message(
         raise TemporaryFailure(f"cannot connect to {name} [{address}]:{port}: {e}")
     set_no_delay(client.transport)
     try:
-        return await _transaction(client, reactor, name, helo, sender, recipients, message_path, settings)
-    finally:
+        refusal = await _start_session(client, name, helo, settings)
+    except BaseException:
         client.transport.loseConnection()
+        raise
+    if refusal is not None:
+        client.transport.loseConnection()
+    return client, refusal
 
 
-async def _transaction(
-    client: _ClientProtocol, reactor: Any, name: str, helo: str, sender: str, recipients: list[str],
-    message_path: str, settings: RelaySettings,
-) -> dict[str, Reply]:
+async def _start_session(client: _ClientProtocol, name: str, helo: str, settings: RelaySettings) -> Reply | None:
     tls, timeout = settings.tls, settings.command_timeout
     greeting = await client.reply(settings.greeting_timeout)
     if greeting.code != 220:
-        return dict.fromkeys(recipients, greeting)
+        return greeting
     ehlo = await client.command(f"EHLO {helo}", timeout)
     extensions = set(ehlo.text.upper().split()) if ehlo.code == 250 else set()
     if "STARTTLS" in extensions:
@@ -191,6 +285,7 @@ async def _transaction(
             options = _verifying_options(name, settings.ca_file) if tls == "verify" else ssl.CertificateOptions(verify=False)
             client.transport.startTLS(options)
             ehlo = await client.command(f"EHLO {helo}", timeout)
+            extensions = set(ehlo.text.upper().split()) if ehlo.code == 250 else set()
         elif tls != "opportunistic":
             raise TemporaryFailure(f"{name} refused STARTTLS: {started}")
     elif tls != "opportunistic":
@@ -198,23 +293,52 @@ async def _transaction(
     if ehlo.code != 250:
         ehlo = await client.command(f"HELO {helo}", timeout)
         if ehlo.code != 250:
-            return dict.fromkeys(recipients, ehlo)
+            return ehlo
+    client.pipelining = "PIPELINING" in extensions
     if settings.username:
         token = base64.b64encode(b"\0" + settings.username.encode() + b"\0" + settings.password.encode()).decode()
         auth = await client.command(f"AUTH PLAIN {token}", timeout)
         if auth.code != 235:
             raise TemporaryFailure(f"{name} refused our login: {auth}")
-    mail = await client.command(f"MAIL FROM:<{sender}>", timeout)
+    return None
+
+
+async def _mail_transaction(
+    client: _ClientProtocol, reactor: Any, name: str, sender: str, recipients: list[str], message_path: str, settings: RelaySettings,
+) -> dict[str, Reply]:
+    """MAIL, RCPT..., DATA on a ready session; with PIPELINING (RFC 2920) in one write."""
+    timeout = settings.command_timeout
+    client.after_data = False
+    commands = [f"MAIL FROM:<{sender}>"] + [f"RCPT TO:<{r}>" for r in recipients]
+    if client.pipelining:
+        client.transport.write("".join(f"{c}\r\n" for c in commands + ["DATA"]).encode("utf-8"))
+    replies_in_order = []
+    for i, line in enumerate(commands + ["DATA"]):
+        wait = settings.data_timeout if line == "DATA" else timeout
+        if not client.pipelining:
+            if line == "DATA" and not any(r.code // 100 == 2 for r in replies_in_order[1:]):
+                break
+            if i and replies_in_order[0].code != 250:
+                break
+            client.transport.write(line.encode("utf-8") + b"\r\n")
+        try:
+            replies_in_order.append(await client.reply(wait))
+        except TemporaryFailure as e:
+            if i == 0:
+                raise _StaleSession(e.text)
+            raise
+    mail, rcpts = replies_in_order[0], replies_in_order[1 : len(commands)]
     if mail.code != 250:
         return dict.fromkeys(recipients, mail)
-    replies: dict[str, Reply] = {}
-    for recipient in recipients:
-        replies[recipient] = await client.command(f"RCPT TO:<{recipient}>", timeout)
+    replies = dict(zip(recipients, rcpts))
     accepted = [r for r in recipients if replies[r].code // 100 == 2]
+    data = replies_in_order[len(commands)] if len(replies_in_order) > len(commands) else None
     if not accepted:
-        await client.command("QUIT", timeout)
+        if data is not None and data.code == 354:
+            # RFC 2920 3.1: DATA was accepted though no recipient was; end an empty message.
+            await client.command(".", settings.data_done_timeout)
         return replies
-    data = await client.command("DATA", settings.data_timeout)
+    assert data is not None
     if data.code != 354:
         return {**replies, **dict.fromkeys(accepted, data)}
     try:
@@ -224,9 +348,6 @@ async def _transaction(
     except error.ConnectionLost:
         raise TemporaryFailure(f"{name} closed the connection while we sent the message")
     final = await client.reply(settings.data_done_timeout)
+    client.after_data = True
     replies.update(dict.fromkeys(accepted, final))
-    try:
-        await client.command("QUIT", 30)
-    except TemporaryFailure:
-        pass
     return replies
