@@ -18,6 +18,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from mailplat.config import RelaySettings
+from mailplat.fsutil import GroupCommit
 from mailplat.interfaces import DeliveryFailure, Envelope, PermanentFailure, SpooledMessage, TemporaryFailure
 from mailplat.plugins import call
 from mailplat.smtp.bounce import FailedRecipient, build_bounce, is_bounce
@@ -56,6 +57,8 @@ class QueueRunner(service.Service):
         self._ticking = False
         self._loop: Any = None
         self.sessions = SessionCache(reactor)
+        # Small messages and every envelope update share fsyncs with others.
+        self.committer = GroupCommit(reactor)
 
     def _thread(self, f: Any, *args: Any) -> Any:
         return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args)
@@ -85,7 +88,26 @@ class QueueRunner(service.Service):
                 self._set_due(queue_id, 0.0)
                 self._start_due()
 
-        return self._thread(store).addCallback(stored)
+        def failed(failure: Any) -> None:
+            error = failure.value.subFailure.value if failure.check(defer.FirstError) else failure.value
+            log.error("{queue_id}: cannot write to the queue: {error}", queue_id=queue_id, error=error)
+            raise TemporaryFailure("cannot write to the outbound queue; try again later")
+
+        if message.content is not None:
+            # Both files in one group commit: the 250 waits for both, and an
+            # envelope whose message did not make it is dropped at start.
+            path = self.queue.message_path(queue_id)
+            stored_files = defer.gatherResults([
+                self.committer.write(path + ".tmp", path, message.content),
+                self._save(self.queue.new_envelope(queue_id, sender, recipients)),
+            ], consumeErrors=True)
+            return stored_files.addCallbacks(lambda _: stored(None), failed)
+        return self._thread(store).addCallbacks(stored, failed)
+
+    def _save(self, message: QueuedMessage) -> defer.Deferred[None]:
+        """Replace the envelope durably (temporary file, fsync, rename, folder fsync)."""
+        path = self.queue.envelope_path(message.id)
+        return self.committer.write(path + ".tmp", path, self.queue.envelope_data(message))
 
     def tick(self) -> defer.Deferred[None] | None:
         if self._ticking:
@@ -187,7 +209,9 @@ class QueueRunner(service.Service):
         for domain, recipients in by_domain.items():
             await self._relay_domain(message, domain, recipients)
             # The "done" mark right after each domain: the duplicate window is one transaction.
-            await self._thread(self.queue.save, message)
+            # When every recipient is done, removing the message is that mark.
+            if not all(r.state == DONE for r in message.recipients):
+                await self._save(message)
         if message.finished:
             await self._finish(message)
 

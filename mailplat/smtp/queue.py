@@ -96,14 +96,25 @@ class Queue:
             out.flush()
             os.fsync(out.fileno())
         fsync_directory(self.messages_dir)
+        self.save(self.new_envelope(queue_id, sender, recipients))
+
+    @staticmethod
+    def new_envelope(queue_id: str, sender: str, recipients: list[str]) -> QueuedMessage:
         now = time.time()
-        self.save(QueuedMessage(queue_id, sender, now, [QueuedRecipient(r, next_try=now) for r in recipients]))
+        return QueuedMessage(queue_id, sender, now, [QueuedRecipient(r, next_try=now) for r in recipients])
+
+    def envelope_path(self, queue_id: str) -> str:
+        return os.path.join(self.envelopes_dir, f"{queue_id}.json")
+
+    @staticmethod
+    def envelope_data(message: QueuedMessage) -> bytes:
+        return json.dumps(asdict(message)).encode("utf-8")
 
     def save(self, message: QueuedMessage) -> None:
-        final = os.path.join(self.envelopes_dir, f"{message.id}.json")
+        final = self.envelope_path(message.id)
         tmp = final + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(asdict(message), f)
+        with open(tmp, "wb") as f:
+            f.write(self.envelope_data(message))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
