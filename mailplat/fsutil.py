@@ -36,7 +36,7 @@ def makedirs_durable(path: str, mode: int = 0o700) -> None:
 
 
 class GroupCommit:
-    """Writes new files durably in batches, off the reactor thread.
+    """Writes new files (and removes old ones) durably in batches, off the reactor thread.
 
     ``write(tmp, final, data)`` creates ``tmp``, writes ``data``, fsyncs it,
     renames it to ``final`` and fsyncs the folder.  One thread does this for
@@ -56,7 +56,14 @@ class GroupCommit:
 
     def write(self, tmp: str, final: str, data: bytes) -> defer.Deferred[None]:
         """Fires once ``final`` exists durably; fails with the OSError otherwise."""
-        job = _Job(tmp, final, data, defer.Deferred())
+        return self._add(_Job(tmp, final, data, defer.Deferred()))
+
+    def remove(self, path: str, then: str = "") -> defer.Deferred[None]:
+        """Fires once ``path`` is durably gone (its folder fsynced with the
+        batch's); ``then`` is removed after that, without a sync of its own."""
+        return self._add(_Removal(path, then, defer.Deferred()))
+
+    def _add(self, job: Any) -> defer.Deferred[None]:
         with self._condition:
             self._pending.append(job)
             self._condition.notify()
@@ -71,13 +78,17 @@ class GroupCommit:
                 while not self._pending:
                     self._condition.wait()
                 batch, self._pending = self._pending, []
-            for job in batch:
+            writes = [job for job in batch if isinstance(job, _Job)]
+            removals = [job for job in batch if isinstance(job, _Removal)]
+            for job in writes:
                 job.run_phase(job.create)
-            for job in batch:
+            for job in writes:
                 job.run_phase(job.sync)
-            for job in batch:
+            for job in writes:
                 job.run_phase(job.rename)
-            folders: dict[str, list[_Job]] = {}
+            for removal in removals:
+                removal.unlink()
+            folders: dict[str, list[Any]] = {}
             for job in batch:
                 if job.error is None:
                     folders.setdefault(os.path.dirname(job.final), []).append(job)
@@ -87,6 +98,8 @@ class GroupCommit:
                 except OSError as e:
                     for job in jobs:
                         job.error = e
+            for removal in removals:
+                removal.unlink_then()
             self.reactor.callFromThread(_fire, batch)
 
 
@@ -127,7 +140,28 @@ class _Job:
         os.rename(self.tmp, self.final)
 
 
-def _fire(batch: list[_Job]) -> None:
+class _Removal:
+    def __init__(self, path: str, then: str, done: defer.Deferred[None]) -> None:
+        self.final, self.then, self.done = path, then, done
+        self.error: OSError | None = None
+
+    def unlink(self) -> None:
+        try:
+            os.unlink(self.final)
+        except OSError as e:
+            self.error = e
+
+    def unlink_then(self) -> None:
+        if self.then and self.error is None:
+            try:
+                os.unlink(self.then)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                self.error = e
+
+
+def _fire(batch: list[Any]) -> None:
     for job in batch:
         if job.error is None:
             job.done.callback(None)

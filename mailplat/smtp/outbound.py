@@ -273,7 +273,8 @@ class QueueRunner(service.Service):
         failed = [r for r in message.recipients if r.state == FAILED]
         if failed and not is_bounce(message.sender):
             await self._bounce(message, failed)
-        await self._thread(self.queue.remove, message.id)
+        # The envelope first: a crash then leaves an orphan message file, cleaned at start.
+        await self.committer.remove(self.queue.envelope_path(message.id), then=self.queue.message_path(message.id))
         log.info("{queue_id}: removed from the queue", queue_id=message.id)
 
     async def _bounce(self, message: QueuedMessage, failed: list[QueuedRecipient]) -> None:
