@@ -212,6 +212,9 @@ class BackendContext:
     # A twisted.names resolver using the [dns] servers (None for the admin
     # command): what a backend that looks things up in DNS should use.
     dns: Any = None
+    # The [dns] servers as "ip:port" ("" for the system's), for a backend
+    # whose library does its own DNS (in a thread).
+    dns_servers: tuple[str, ...] = ()
 
     def resolve_path(self, path: str) -> str:
         """A path from the config file, relative to the folder holding it."""

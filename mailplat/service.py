@@ -47,6 +47,7 @@ def backend_context(settings: Settings, reactor: Any, admin: bool = False) -> Ba
         reactor=reactor,
         admin=admin,
         dns=None if admin else _dns_resolver(settings),
+        dns_servers=settings.dns_servers,
     )
 
 
@@ -122,6 +123,11 @@ def make_service(
     resolver = AliasResolver(settings.domains, settings.aliases, lambda address: call(auth.lookup, address))
     tls = load_server_context(settings.tls.certificate, settings.tls.key) if settings.tls else None
 
+    signer = None
+    if settings.dkim:
+        from mailplat.dkim import Signer
+
+        signer = Signer(settings.dkim)
     checker = AuthBackendChecker(auth)
     portal = Portal(MaildropRealm(providers["mailbox"]), [checker])
     # One count of failed logins for every listener: a guesser may switch ports.
@@ -151,6 +157,7 @@ def make_service(
                 login_failures=login_failures, auth_failure_delay=settings.pop3.auth_failure_delay, clock=reactor,
                 outbound=outbound, listener=name,
                 filters=FilterChain([f for f in filters if name in f.settings.listeners], reactor),
+                signer=signer if name != "smtp" else None,
             )
         else:
             factory = POP3Factory(settings.pop3, portal, tls, name == "pop3s", reactor, login_failures)
@@ -189,9 +196,13 @@ def _dns_resolver(settings: Settings) -> Any:
     from twisted.names import client
 
     if settings.dns_servers:
+        from twisted.names import cache, hosts, resolve
+
         servers = [(host, int(port)) for host, _, port in (s.rpartition(":") for s in settings.dns_servers)]
-        # resolvconf=/dev/null: only these servers, never the system's as well.
-        return client.createResolver(servers=servers, resolvconf=os.devnull)
+        # createResolver's way (hosts file, cache, servers) but a Resolver
+        # given no resolv.conf: with one, Twisted falls back to its name
+        # servers, or to 127.0.0.1:53, when ours time out.
+        return resolve.ResolverChain([hosts.Resolver(), cache.CacheResolver(), client.Resolver(servers=servers)])
     return client.createResolver()
 
 
