@@ -11,6 +11,7 @@ from typing import Any
 
 from twisted.logger import globalLogBeginner
 
+from mailplat import doctor
 from mailplat.addresses import AddressError, validate_address
 from mailplat.config import ConfigError, Settings, load
 from mailplat.interfaces import IUserManager
@@ -36,6 +37,15 @@ def _parser() -> argparse.ArgumentParser:
     user.add_parser("list", help="list the users")
 
     commands.add_parser("check-config", help="validate the configuration and print the effective settings")
+    doctor.add_arguments(commands.add_parser(
+        "doctor", help="check DNS (MX, SPF, DKIM, DMARC), the TLS certificate and the listeners; print what to fix",
+    ))
+    dkim = commands.add_parser("dkim", help="DKIM signing keys").add_subparsers(dest="action", required=True)
+    keygen = dkim.add_parser("keygen", help="write a new key for a domain and print the DNS record to publish")
+    keygen.add_argument("domain")
+    keygen.add_argument("--selector", default="mail", help="the DNS label under _domainkey (default: mail)")
+    keygen.add_argument("--algorithm", choices=["rsa", "ed25519"], default="rsa", help="rsa (2048 bits, the default) or ed25519")
+    keygen.add_argument("--key", help="where to write it (default: dkim/DOMAIN.SELECTOR.key next to the config file)")
 
     queue = commands.add_parser("queue", help="the outbound queue").add_subparsers(dest="action", required=True)
     queue.add_parser("list", help="queued messages: id, sender, recipients, attempts, next try, last error")
@@ -55,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         settings = load(args.config)
         if args.command == "check-config":
             return check_config(settings)
+        if args.command == "doctor":
+            return doctor.run(settings, args.dns_server, sys.stdout)
+        if args.command == "dkim":
+            return dkim_keygen(settings, args)
         if args.command == "queue":
             return queue_command(settings, args)
         return user_command(settings, args)
@@ -64,6 +78,33 @@ def main(argv: list[str] | None = None) -> int:
     except CommandError as e:
         print(f"mailplat: {e}", file=sys.stderr)
         return 1
+
+
+def dkim_keygen(settings: Settings, args: argparse.Namespace) -> int:
+    """Write a key (mode 0600, never over an existing file) and say what to publish and configure."""
+    from mailplat.dkim import generate_key
+
+    domain = args.domain.strip().lower().rstrip(".")
+    if domain not in settings.domains:
+        raise CommandError(f"{domain} is not one of the domains in {settings.path}")
+    relative = args.key or os.path.join("dkim", f"{domain}.{args.selector}.key")
+    path = os.path.join(settings.config_dir, relative)
+    try:
+        record = generate_key(path, args.algorithm)
+    except FileExistsError:
+        raise CommandError(f"{path} exists; give another --key or --selector (keys are never overwritten)")
+    except OSError as e:
+        raise CommandError(f"cannot write {path}: {e.strerror}")
+    strings = " ".join(f'"{record[i:i + 255]}"' for i in range(0, len(record), 255))
+    print(f"wrote {path}")
+    print("1. publish this DNS record:")
+    print(f"   {args.selector}._domainkey.{domain}. IN TXT {strings}")
+    print(f"2. add to {settings.path} and restart mailplat:")
+    print(f'   [dkim."{domain}"]')
+    print(f'   selector = "{args.selector}"')
+    print(f'   key = "{relative}"')
+    print(f"3. check with: mailplat --config {settings.path} doctor")
+    return 0
 
 
 def check_config(settings: Settings) -> int:

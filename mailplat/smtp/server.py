@@ -20,6 +20,7 @@ from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, protocol, task
 from twisted.internet.interfaces import ITLSTransport
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.mail import smtp
 
@@ -616,6 +617,8 @@ class SMTPServer(CommandReader, smtp.ESMTP):
                     return
                 message = message.with_headers(header_block(filtered.headers))
                 folder = "Quarantine" if filtered.quarantine else ""
+            if self.factory.signer is not None and self.authenticated_as is not None:
+                message = await self._sign(message)
             envelope = Envelope(
                 queue_id=queue_id,
                 sender=transaction.sender,
@@ -648,6 +651,21 @@ class SMTPServer(CommandReader, smtp.ESMTP):
             self.reply(250, "2.0.0", f"OK: queued as {queue_id}")
         finally:
             spool_file.discard()
+
+    async def _sign(self, message: Any) -> Any:
+        """DKIM-sign an authenticated user's message (in a thread: it is CPU
+        work on the whole message); unsigned, and logged, if it cannot be."""
+
+        def sign() -> bytes:
+            with message.open() as source:
+                return self.factory.signer.sign_message(source)
+
+        try:
+            signature = await deferToThreadPool(self.factory.clock, self.factory.clock.getThreadPool(), sign)
+        except Exception as e:
+            log.warn("{session} {queue_id} sent unsigned: {error}", session=self.session, queue_id=self.queue_id, error=e)
+            return message
+        return message.with_headers(signature)
 
     async def _filter_message(self, transaction: Transaction, message: Any) -> Outcome:
         """The end-of-DATA filters, with what earlier steps decided."""
@@ -690,6 +708,7 @@ class SMTPFactory(protocol.ServerFactory):
         outbound: Any = None,
         listener: str = "smtp",
         filters: FilterChain | None = None,
+        signer: Any = None,
     ) -> None:
         self.hostname = hostname
         self.limits = limits
@@ -707,6 +726,8 @@ class SMTPFactory(protocol.ServerFactory):
         # The queue runner, where submission hands mail for other domains.
         self.outbound = outbound
         self.listener = listener
+        # DKIM signing of what authenticated users send ([dkim] tables).
+        self.signer = signer
         self.filters = filters if filters is not None else FilterChain((), clock)
         self.connections = ConnectionCounter(limits.max_connections, limits.max_connections_per_ip)
 
