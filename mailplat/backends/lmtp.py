@@ -1,0 +1,614 @@
+"""The ``lmtp`` delivery backend: every accepted message goes to an LMTP server (RFC 2033).
+
+LMTP is SMTP for the last hop: the server (Dovecot's ``lmtp``, Cyrus's
+``lmtpd``) owns the mailboxes, and answers the end of DATA once per
+accepted recipient, so that each recipient's fate is known.  mailplat
+still decides at RCPT TO which addresses exist (``[auth]``); the LMTP
+server must know the same users.
+
+Options (every other key is refused)::
+
+    [delivery]
+    backend = "lmtp"
+    address = "unix:path=/run/dovecot/lmtp"   # or "tcp:host=127.0.0.1:port=24"
+    timeout = 300           # seconds to wait for each reply (and for the
+                            # server to read each part of the message)
+    max_connections = 10    # connections open at once, kept and reused
+    folders = "inbox"       # or "detail": see below
+
+Each connection says ``LHLO`` (with ``hostname``) once, then carries one
+transaction after another: ``MAIL FROM``, one ``RCPT TO`` per recipient
+(pipelined when the server offers PIPELINING), ``DATA``, the message
+streamed 64 KiB at a time only as fast as the server reads it
+(dot-stuffed across chunk boundaries), and one reply per accepted
+recipient.  At most ``max_connections`` are open at once (per worker
+process); a delivery that finds them all busy waits for one.  A connection
+left unused for ``IDLE_TIMEOUT`` seconds is closed.  A kept connection may
+have been closed by the server meanwhile: when it fails before its first
+reply, the delivery starts over once on a new connection (nothing has
+been delivered at that point).
+
+Failures: a server that cannot be reached, does not answer within
+``timeout``, or breaks the protocol gives TemporaryFailure (451): the
+details go to the log, not to the SMTP client.  A recipient refused with
+5xx is a permanent failure, anything else that is not 2xx a temporary one.
+
+Partial success.  mailplat's SMTP server calls ``deliver`` once for all of
+a message's local recipients and answers its client once, and
+:class:`~mailplat.interfaces.Envelope` has no way to report one
+recipient's outcome; so when the LMTP server took the message for some
+recipients and not for others:
+
+- if every refusal is permanent (5xx), the whole message fails with
+  PermanentFailure (554): retrying could never help the refused recipients
+  and would only deliver it again to the others.  The client bounces the
+  message for every recipient of the transaction; the reply text names the
+  refused recipient and says how many others did get the message.
+- if any refusal is temporary (4xx, or no reply at all), the whole message
+  fails with TemporaryFailure (451): the client retries, and the recipients
+  who already got it get it again.  A duplicate is better than mail lost.
+
+Folders.  An envelope's ``folder`` (``"Quarantine"`` when a filter
+quarantined the message) has no place in LMTP itself.  With
+``folders = "inbox"`` (the default) it is ignored: the message goes to the
+inbox, with the headers the filters added (``X-Spam-Flag`` ...), which a
+Sieve script on the LMTP server can act on; a warning is logged the first
+time.  With ``folders = "detail"`` the folder becomes the address detail,
+``RCPT TO:<alice+Quarantine@example.org>``, which Dovecot saves into that
+folder when configured with ``lmtp_save_to_detail_mailbox = yes`` (and
+``lda_mailbox_autocreate = yes`` to create it; ``recipient_delimiter``
+must be ``+``, Dovecot's default) and which Cyrus saves into the folder
+when it exists.  Use it only with such a server: any other refuses or
+misfiles the address.
+"""
+
+from __future__ import annotations
+
+import collections
+import difflib
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer, error
+from twisted.internet.endpoints import clientFromString
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mailplat.config import ConfigError
+from mailplat.connections import set_no_delay
+from mailplat.dotstuff import DotStuffedSender
+from mailplat.interfaces import (
+    Account,
+    BackendContext,
+    Envelope,
+    IDeliveryBackend,
+    PermanentFailure,
+    SpooledMessage,
+    TemporaryFailure,
+)
+
+__all__ = ["LMTPDelivery", "Reply", "build"]
+
+log = Logger()
+
+DEFAULT_TIMEOUT = 300.0
+DEFAULT_MAX_CONNECTIONS = 10
+FOLDERS = ("inbox", "detail")
+OPTIONS = ["address", "timeout", "max_connections", "folders"]
+# A kept connection unused for this long is closed: each one holds a
+# process of the LMTP server (Dovecot's lmtp serves one client per process).
+IDLE_TIMEOUT = 30.0
+# RFC 5321 4.5.3.1.5 allows 512 octets per reply line; be lenient, but bounded.
+MAX_REPLY_LINE = 4096
+MAX_REPLY_LINES = 100
+# What of a server's reply text an SMTP client is shown.
+MAX_TEXT = 200
+_FOLDER = re.compile(r"[A-Za-z0-9_.-]{1,100}")
+_UNSAFE = re.compile(r"[^\x20-\x7e]")
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One LMTP reply: its code and the text of each of its lines."""
+
+    code: int
+    lines: tuple[str, ...]
+
+    @property
+    def kind(self) -> int:
+        return self.code // 100
+
+    @property
+    def text(self) -> str:
+        return " ".join(line for line in self.lines if line)
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.text}"
+
+
+class _ProtocolError(Exception):
+    """The server said something that is not an LMTP reply."""
+
+
+class _Lost(Exception):
+    """The connection closed while a reply was awaited."""
+
+
+class _Stale(Exception):
+    """A kept connection turned out to be closed before the transaction began."""
+
+
+class _LMTPConnection(Protocol):
+    """One connection to the LMTP server: commands out, replies back in order."""
+
+    def __init__(self, clock: Any) -> None:
+        self.clock = clock
+        self.extensions: set[str] = set()
+        self.transactions = 0  # how many it has carried; > 0 means reused
+        self.on_lost: Any = None  # set by the pool while the connection is idle
+        self.idle_call: Any = None
+        self._buffer = b""
+        self._lines: list[str] = []
+        self._replies: collections.deque[Reply | Exception] = collections.deque()
+        self._waiting: defer.Deferred[Reply] | None = None
+        self.closed = False
+        self.discarded = False
+        # Fires once the connection is gone, whatever closed it.
+        self.lost: defer.Deferred[None] = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        set_no_delay(self.transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.closed:
+            return
+        self._buffer += data
+        try:
+            while b"\n" in self._buffer:
+                raw, self._buffer = self._buffer.split(b"\n", 1)
+                self._line(raw.rstrip(b"\r").decode("utf-8", "replace"))
+            if len(self._buffer) > MAX_REPLY_LINE:
+                raise _ProtocolError(f"a reply line longer than {MAX_REPLY_LINE} octets")
+        except _ProtocolError as e:
+            self._queue(e)
+            self.abort()
+
+    def _line(self, line: str) -> None:
+        if len(line) > MAX_REPLY_LINE:
+            raise _ProtocolError(f"a reply line longer than {MAX_REPLY_LINE} octets")
+        if not (len(line) >= 3 and line[:3].isdigit() and line[0] in "2345" and line[3:4] in ("", " ", "-")):
+            raise _ProtocolError(f"not an LMTP reply: {_safe(line)!r}")
+        self._lines.append(line[4:].strip())
+        if len(self._lines) > MAX_REPLY_LINES:
+            raise _ProtocolError(f"a reply of more than {MAX_REPLY_LINES} lines")
+        if line[3:4] != "-":
+            lines, self._lines = self._lines, []
+            self._queue(Reply(int(line[:3]), tuple(lines)))
+
+    def _queue(self, item: Reply | Exception) -> None:
+        if self._waiting is not None:
+            d, self._waiting = self._waiting, None
+            if isinstance(item, Exception):
+                d.errback(item)
+            else:
+                d.callback(item)
+        else:
+            self._replies.append(item)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.closed = True
+        if self.idle_call is not None and self.idle_call.active():
+            self.idle_call.cancel()
+        self.idle_call = None
+        self._queue(_Lost(reason.getErrorMessage()))
+        if self.on_lost is not None:
+            on_lost, self.on_lost = self.on_lost, None
+            on_lost(self)
+        self.lost.callback(None)
+
+    def send(self, *lines: str) -> None:
+        self.transport.write(b"".join(line.encode("ascii") + b"\r\n" for line in lines))
+
+    async def reply(self, timeout: float) -> Reply:
+        """The next reply; _Lost, _ProtocolError, or TimeoutError (the connection is then aborted)."""
+        if self._replies:
+            item = self._replies.popleft()
+        elif self.closed:
+            raise _Lost("the connection was closed")
+        else:
+            self._waiting = defer.Deferred()
+            self._waiting.addTimeout(timeout, self.clock)
+            try:
+                item = await self._waiting
+            except defer.TimeoutError:
+                self._waiting = None
+                self.abort()
+                raise
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    def quit(self) -> None:
+        """Say goodbye without waiting for the answer."""
+        if not self.closed:
+            self.send("QUIT")
+            self.transport.loseConnection()
+
+    def abort(self) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.abortConnection()
+
+
+@implementer(IDeliveryBackend)
+class LMTPDelivery(service.Service):
+    """Hands messages to an LMTP server over a small pool of kept connections."""
+
+    def __init__(
+        self, endpoint: Any, address: str, hostname: str, timeout: float, max_connections: int, folders: str, clock: Any,
+    ) -> None:
+        self.endpoint = endpoint
+        self.address = address
+        self.hostname = hostname
+        self.timeout = timeout
+        self.max_connections = max_connections
+        self.folders = folders
+        self.clock = clock
+        self._idle: list[_LMTPConnection] = []
+        # Connections open, being opened, in use or idle: never above max_connections.
+        self._open = 0
+        self._waiters: collections.deque[defer.Deferred[_LMTPConnection | None]] = collections.deque()
+        self._in_progress: set[defer.Deferred[None]] = set()
+        self._warned_folder = False
+        self._stopping = False
+        self._factory = Factory.forProtocol(lambda: _LMTPConnection(clock))
+        self._factory.noisy = False
+
+    # -- IService -----------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        log.info("lmtp delivery to {address} (at most {n} connections)", address=self.address, n=self.max_connections)
+
+    def stopService(self) -> defer.Deferred[None]:
+        """Let deliveries under way finish, then say QUIT on every connection."""
+        super().stopService()
+        self._stopping = True
+        return defer.Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        if self._in_progress:
+            log.info("waiting for {n} LMTP deliveries to finish", n=len(self._in_progress))
+            await defer.DeferredList(list(self._in_progress), consumeErrors=True)
+        closing = []
+        while self._idle:
+            connection = self._idle.pop()
+            self._unidle(connection)
+            connection.quit()
+            self._free_slot()
+            closing.append(connection)
+        for connection in closing:
+            # The server answers QUIT at once; one that does not is dropped.
+            try:
+                await connection.lost.addTimeout(5, self.clock)
+            except defer.TimeoutError:
+                connection.abort()
+
+    # -- delivery -------------------------------------------------------------------
+
+    def deliver(self, envelope: Envelope, message: SpooledMessage) -> defer.Deferred[None]:
+        """Deliver to every recipient (see the module's docstring for partial failures)."""
+        d = defer.Deferred.fromCoroutine(self._deliver(envelope, message))
+        if not d.called:
+            # Kept until done, so that stopping the server waits for it.
+            self._in_progress.add(d)
+            d.addBoth(self._finished, d)
+        return d
+
+    def _finished(self, result: Any, d: defer.Deferred[None]) -> Any:
+        self._in_progress.discard(d)
+        return result
+
+    async def _deliver(self, envelope: Envelope, message: SpooledMessage) -> None:
+        recipients = [self._rcpt_address(account, envelope) for account in envelope.recipients]
+        for attempt in (1, 2):
+            connection = await self._connection()
+            try:
+                replies = await self._transaction(connection, envelope, recipients, message)
+            except _Stale as e:
+                self._discard(connection)
+                if attempt == 1:
+                    log.info("{queue_id}: kept LMTP connection was closed ({why}); trying a new one", queue_id=envelope.queue_id, why=e)
+                    continue
+                raise TemporaryFailure("the mailbox server closed the connection; try again later")
+            except BaseException:
+                self._discard(connection)
+                raise
+            break
+        self._judge(envelope, replies)
+
+    def _rcpt_address(self, account: Account, envelope: Envelope) -> str:
+        """The RCPT TO address: the account's, or with folders = "detail" its folder as +detail."""
+        if not envelope.folder:
+            return account.address
+        if self.folders == "detail" and _FOLDER.fullmatch(envelope.folder):
+            return f"{account.local_part}+{envelope.folder}@{account.domain}"
+        if not self._warned_folder:
+            self._warned_folder = True
+            log.warn(
+                "{queue_id}: the {folder} folder is not passed over LMTP (folders = {setting!r}): delivered to the inbox; "
+                "set folders = \"detail\" for Dovecot with lmtp_save_to_detail_mailbox = yes, or file it with Sieve "
+                "(this is logged once)",
+                queue_id=envelope.queue_id, folder=envelope.folder, setting=self.folders,
+            )
+        return account.address
+
+    async def _transaction(
+        self, connection: _LMTPConnection, envelope: Envelope, recipients: list[str], message: SpooledMessage,
+    ) -> list[Reply]:
+        """One MAIL .. final replies transaction; each recipient's reply.
+
+        The connection goes back to the pool when it can carry another
+        transaction, else it is closed.
+        """
+        reused = connection.transactions > 0
+        connection.transactions += 1
+        size = f" SIZE={message.size}" if "SIZE" in connection.extensions else ""
+        commands = [f"MAIL FROM:<{envelope.sender}>{size}", *(f"RCPT TO:<{r}>" for r in recipients)]
+        pipelining = "PIPELINING" in connection.extensions
+        if pipelining:
+            connection.send(*commands)
+        try:
+            if not pipelining:
+                connection.send(commands[0])
+            try:
+                mail = await connection.reply(self.timeout)
+            except _Lost as e:
+                if reused:
+                    raise _Stale(str(e))
+                raise
+            if mail.code == 421 and reused:
+                raise _Stale(str(mail))
+            if mail.kind != 2:
+                self._discard(connection, graceful=True)
+                return [mail] * len(recipients)
+            replies = []
+            for command in commands[1:]:
+                if not pipelining:
+                    connection.send(command)
+                replies.append(await connection.reply(self.timeout))
+            accepted = [i for i, reply in enumerate(replies) if reply.kind == 2]
+            if not accepted:
+                self._discard(connection, graceful=True)
+                return replies
+            connection.send("DATA")
+            data = await connection.reply(self.timeout)
+            if data.code != 354:
+                self._discard(connection, graceful=True)
+                return [data if i in accepted else reply for i, reply in enumerate(replies)]
+        except _Lost as e:
+            self._log_problem(envelope, f"connection closed: {e}")
+            raise TemporaryFailure("the mailbox server closed the connection; try again later")
+        except defer.TimeoutError:
+            self._log_problem(envelope, f"no reply within {self.timeout:g} seconds")
+            raise TemporaryFailure("the mailbox server did not answer; try again later")
+        except _ProtocolError as e:
+            self._log_problem(envelope, str(e))
+            raise TemporaryFailure("the mailbox server's reply was not understood; try again later")
+
+        try:
+            await DotStuffedSender(message.open(), connection.transport, self.clock, self.timeout).start()
+        except defer.TimeoutError:
+            self._log_problem(envelope, f"it read nothing of the message for {self.timeout:g} seconds")
+            raise TemporaryFailure("the mailbox server stopped reading the message; try again later")
+        except error.ConnectionLost:
+            self._log_problem(envelope, "connection closed while the message was sent")
+            raise TemporaryFailure("the mailbox server closed the connection; try again later")
+
+        # RFC 2033 4.2: one reply per accepted recipient, in RCPT order.
+        problem = ""
+        for i in accepted:
+            if problem:
+                replies[i] = Reply(451, (f"4.4.2 {problem}",))
+                continue
+            try:
+                replies[i] = await connection.reply(self.timeout)
+            except (_Lost, _ProtocolError, defer.TimeoutError) as e:
+                problem = "no reply after the message: " + (
+                    f"none within {self.timeout:g} seconds" if isinstance(e, defer.TimeoutError) else str(e)
+                )
+                self._log_problem(envelope, problem)
+                replies[i] = Reply(451, (f"4.4.2 {problem}",))
+        if problem:
+            self._discard(connection)
+        elif any(reply.code == 421 for reply in replies):
+            self._discard(connection, graceful=True)
+        else:
+            self._release(connection)
+        return replies
+
+    def _judge(self, envelope: Envelope, replies: list[Reply]) -> None:
+        """Every recipient's reply into delivered, PermanentFailure or TemporaryFailure."""
+        failed = [(account, reply) for account, reply in zip(envelope.recipients, replies) if reply.kind != 2]
+        if not failed:
+            return
+        for account, reply in failed:
+            log.warn(
+                "{queue_id}: LMTP server {address} did not take the message for <{rcpt}>: {reply}",
+                queue_id=envelope.queue_id, address=self.address, rcpt=account.address, reply=_safe(str(reply)),
+            )
+        delivered = len(replies) - len(failed)
+        permanent = all(reply.kind == 5 for _, reply in failed)
+        account, reply = next(((a, r) for a, r in failed if r.kind != 5), failed[0])
+        text = f"mailbox server {'refused' if permanent else 'deferred'} <{account.address}>: {_safe(str(reply))[:MAX_TEXT]}"
+        if len(failed) > 1:
+            text += f" (and {len(failed) - 1} more)"
+        if delivered:
+            text += f"; delivered to {delivered} other recipient{'s' if delivered > 1 else ''}"
+        if permanent:
+            raise PermanentFailure(text)
+        raise TemporaryFailure(text)
+
+    def _log_problem(self, envelope: Envelope, what: str) -> None:
+        log.warn("{queue_id}: LMTP server {address}: {what}", queue_id=envelope.queue_id, address=self.address, what=what)
+
+    # -- the pool ---------------------------------------------------------------------
+
+    async def _connection(self) -> _LMTPConnection:
+        """A kept connection, or a new one once there is room for it."""
+        if self._idle:
+            connection = self._idle.pop()
+            self._unidle(connection)
+            return connection
+        if self._open < self.max_connections:
+            self._open += 1
+        else:
+            waiter: defer.Deferred[_LMTPConnection | None] = defer.Deferred(lambda d: self._waiters.remove(d))
+            self._waiters.append(waiter)
+            handed = await waiter
+            if handed is not None:
+                return handed
+            # None: a connection was closed and its room handed to us.
+        try:
+            return await self._connect()
+        except BaseException:
+            self._free_slot()
+            raise
+
+    async def _connect(self) -> _LMTPConnection:
+        """Connect, read the greeting and say LHLO."""
+        connecting = self.endpoint.connect(self._factory)
+        connecting.addTimeout(self.timeout, self.clock)
+        try:
+            connection: _LMTPConnection = await connecting
+        except defer.TimeoutError:
+            log.warn("cannot connect to the LMTP server {address}: no connection within {t:g} seconds", address=self.address, t=self.timeout)
+            raise TemporaryFailure("mailbox server unavailable; try again later")
+        except Exception as e:
+            log.warn("cannot connect to the LMTP server {address}: {error}", address=self.address, error=e)
+            raise TemporaryFailure("mailbox server unavailable; try again later")
+        try:
+            greeting = await connection.reply(self.timeout)
+            if greeting.code != 220:
+                raise _ProtocolError(f"greeted with {_safe(str(greeting))}")
+            connection.send(f"LHLO {self.hostname}")
+            lhlo = await connection.reply(self.timeout)
+            if lhlo.code != 250:
+                raise _ProtocolError(f"LHLO answered with {_safe(str(lhlo))}")
+            # The server's name, then one extension per line (RFC 5321 4.1.1.1).
+            connection.extensions = {line.split(" ", 1)[0].upper() for line in lhlo.lines[1:] if line}
+        except BaseException as e:
+            connection.abort()
+            if isinstance(e, defer.TimeoutError):
+                why = f"no reply within {self.timeout:g} seconds"
+            elif isinstance(e, (_Lost, _ProtocolError)):
+                why = str(e)
+            else:
+                raise
+            log.warn("LMTP server {address} cannot be used: {why}", address=self.address, why=why)
+            raise TemporaryFailure("mailbox server unavailable; try again later")
+        return connection
+
+    def _release(self, connection: _LMTPConnection) -> None:
+        """A connection that is ready for another transaction: to a waiter, or kept."""
+        if connection.closed:
+            self._free_slot()
+            return
+        if self._waiters:
+            self._waiters.popleft().callback(connection)
+            return
+        if self._stopping:
+            connection.quit()
+            self._free_slot()
+            return
+        connection.on_lost = self._idle_lost
+        connection.idle_call = self.clock.callLater(IDLE_TIMEOUT, self._idle_expired, connection)
+        self._idle.append(connection)
+
+    def _discard(self, connection: _LMTPConnection, graceful: bool = False) -> None:
+        """Close a connection that is not to be used again (once: later calls do nothing).
+
+        ``graceful`` after a transaction that ended in order (say QUIT);
+        otherwise the state of the dialogue is unknown: drop it.
+        """
+        if connection.discarded:
+            return
+        connection.discarded = True
+        if graceful:
+            connection.quit()
+        else:
+            connection.abort()
+        self._free_slot()
+
+    def _unidle(self, connection: _LMTPConnection) -> None:
+        connection.on_lost = None
+        if connection.idle_call is not None and connection.idle_call.active():
+            connection.idle_call.cancel()
+        connection.idle_call = None
+
+    def _idle_lost(self, connection: _LMTPConnection) -> None:
+        """The server closed a kept connection."""
+        if connection in self._idle:
+            self._idle.remove(connection)
+            self._free_slot()
+
+    def _idle_expired(self, connection: _LMTPConnection) -> None:
+        connection.idle_call = None
+        if connection in self._idle:
+            self._idle.remove(connection)
+            self._unidle(connection)
+            connection.quit()
+            self._free_slot()
+
+    def _free_slot(self) -> None:
+        """A connection is gone: its room goes to the first delivery waiting, if any."""
+        if self._waiters:
+            self._waiters.popleft().callback(None)
+        else:
+            self._open -= 1
+
+
+def _safe(text: str) -> str:
+    """One line of printable ASCII: a server's text may end up in an SMTP reply."""
+    return _UNSAFE.sub("?", text)
+
+
+def build(options: dict[str, Any], context: BackendContext) -> LMTPDelivery:
+    """Check the options of ``[delivery] backend = "lmtp"`` and make the backend."""
+    examples = 'e.g. address = "unix:path=/run/dovecot/lmtp" or "tcp:host=127.0.0.1:port=24"'
+    address = options.pop("address", None)
+    if address is None:
+        raise ConfigError("address", "is required: where the LMTP server listens", examples)
+    if not isinstance(address, str) or not address:
+        raise ConfigError("address", f"must be a Twisted client endpoint string, not {address!r}", examples)
+    try:
+        endpoint = clientFromString(context.reactor, address)
+    except Exception as e:
+        raise ConfigError("address", f"{address!r} is not a client endpoint: {type(e).__name__}: {e}", examples)
+
+    timeout = options.pop("timeout", DEFAULT_TIMEOUT)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
+        raise ConfigError("timeout", f"must be a number of seconds greater than 0, not {timeout!r}", f"e.g. timeout = {DEFAULT_TIMEOUT:g}")
+
+    max_connections = options.pop("max_connections", DEFAULT_MAX_CONNECTIONS)
+    if isinstance(max_connections, bool) or not isinstance(max_connections, int) or not 1 <= max_connections <= 1000:
+        raise ConfigError(
+            "max_connections", f"must be a whole number from 1 to 1000, not {max_connections!r}",
+            f"e.g. max_connections = {DEFAULT_MAX_CONNECTIONS}",
+        )
+
+    folders = options.pop("folders", "inbox")
+    if folders not in FOLDERS:
+        raise ConfigError(
+            "folders", f'must be "inbox" or "detail", not {folders!r}',
+            'folders = "inbox" ignores the Quarantine folder; "detail" sends it as alice+Quarantine@...',
+        )
+
+    for key in options:
+        hint = difflib.get_close_matches(key, OPTIONS, n=1)
+        raise ConfigError(key, "unknown key", f"did you mean {hint[0]!r}?" if hint else f"lmtp knows: {', '.join(OPTIONS)}")
+    return LMTPDelivery(endpoint, address, context.hostname, float(timeout), max_connections, folders, context.reactor)
