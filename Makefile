@@ -16,8 +16,10 @@ $(BIN)/.installed: pyproject.toml
 run: $(BIN)/.installed
 	$(BIN)/python -m mailplat.devinstance
 
+# Tests wait on real servers more than they compute: three at once, each
+# test file in one worker (its module-scoped servers are shared).
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 3 --dist loadfile
 
 clean:
 	rm -rf $(VENV) dev build *.egg-info

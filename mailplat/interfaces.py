@@ -308,7 +308,12 @@ class IMaildrop(Interface):
         """The messages present when the maildrop was opened, oldest first."""
 
     def read(uid: str) -> IO[bytes]:
-        """Open one message (CRLF lines) for reading; the caller closes it."""
+        """Open one message (CRLF lines) for reading; the caller closes it.
+
+        A binary file object, or a Deferred firing with one (a backend that
+        fetches the message over the network does it off the reactor).  The
+        file's ``read`` is then called on the reactor thread: it must not block.
+        """
 
     def commit(deleted: list[str], retrieved: list[str], trash: bool) -> None:
         """Remove (or, with ``trash``, move to a trash folder) the deleted

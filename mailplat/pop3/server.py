@@ -365,17 +365,22 @@ class POP3Server(CommandReader, pop3.POP3):
         return self._send(i, int(lines))
 
     def _send(self, i: int, body_lines: int | None) -> defer.Deferred[None]:
-        try:
-            source = self.maildrop.read(self.messages[i].uid)
-        except OSError:
+        uid = self.messages[i].uid
+
+        def opened(source: Any) -> defer.Deferred[None]:
+            if body_lines is not None:
+                source = TopReader(source, body_lines)
+            sending = DotStuffedSender(source, self.transport, self.factory.clock, self.settings.idle_timeout).start()
+            return sending.addErrback(_client_gone)
+
+        def unreadable(failure: Any) -> None:
             # The +OK is out: the client expects a message; end it at once.
-            log.failure("{session} cannot read message {uid}", session=self.session, uid=self.messages[i].uid)
+            log.failure("{session} cannot read message {uid}", failure, session=self.session, uid=uid)
             self.transport.loseConnection()
-            return defer.succeed(None)
-        if body_lines is not None:
-            source = TopReader(source, body_lines)
-        sending = DotStuffedSender(source, self.transport, self.factory.clock, self.settings.idle_timeout).start()
-        return sending.addErrback(_client_gone)
+
+        # read may return a Deferred: a backend that fetches the message over
+        # the network (a database) does it in a thread.
+        return call(self.maildrop.read, uid).addCallbacks(opened, unreadable)
 
     def do_DELE(self, number: str) -> None:
         i = self._message(number)
@@ -403,6 +408,9 @@ class POP3Server(CommandReader, pop3.POP3):
         retrieved = [self.messages[i].uid for i in sorted(self.retrieved)]
         try:
             await call(maildrop.commit, deleted, retrieved, self.settings.on_delete == "trash")
+        except TemporaryFailure as e:
+            log.warn("{session} pop3 commit failed for {user}: {text}", session=self.session, user=self.account, text=e.text)
+            self.failResponse("[SYS/TEMP] Some deleted messages were not removed")
         except Exception:
             log.failure("{session} pop3 commit failed for {user}", session=self.session, user=self.account)
             self.failResponse("[SYS/TEMP] Some deleted messages were not removed")
