@@ -65,7 +65,6 @@ misfiles the address.
 from __future__ import annotations
 
 import collections
-import difflib
 import math
 import re
 from dataclasses import dataclass
@@ -73,7 +72,6 @@ from typing import Any
 
 from twisted.application import service
 from twisted.internet import defer, error
-from twisted.internet.endpoints import clientFromString
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -91,6 +89,7 @@ from mailplat.interfaces import (
     SpooledMessage,
     TemporaryFailure,
 )
+from mailplat.options import client_endpoint, refuse_unknown
 
 __all__ = ["LMTPDelivery", "Reply", "build"]
 
@@ -580,15 +579,7 @@ def _safe(text: str) -> str:
 def build(options: dict[str, Any], context: BackendContext) -> LMTPDelivery:
     """Check the options of ``[delivery] backend = "lmtp"`` and make the backend."""
     examples = 'e.g. address = "unix:path=/run/dovecot/lmtp" or "tcp:host=127.0.0.1:port=24"'
-    address = options.pop("address", None)
-    if address is None:
-        raise ConfigError("address", "is required: where the LMTP server listens", examples)
-    if not isinstance(address, str) or not address:
-        raise ConfigError("address", f"must be a Twisted client endpoint string, not {address!r}", examples)
-    try:
-        endpoint = clientFromString(context.reactor, address)
-    except Exception as e:
-        raise ConfigError("address", f"{address!r} is not a client endpoint: {type(e).__name__}: {e}", examples)
+    address, endpoint = client_endpoint(options, context.reactor, None, examples)
 
     timeout = options.pop("timeout", DEFAULT_TIMEOUT)
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
@@ -608,7 +599,5 @@ def build(options: dict[str, Any], context: BackendContext) -> LMTPDelivery:
             'folders = "inbox" ignores the Quarantine folder; "detail" sends it as alice+Quarantine@...',
         )
 
-    for key in options:
-        hint = difflib.get_close_matches(key, OPTIONS, n=1)
-        raise ConfigError(key, "unknown key", f"did you mean {hint[0]!r}?" if hint else f"lmtp knows: {', '.join(OPTIONS)}")
+    refuse_unknown(options, OPTIONS, "lmtp")
     return LMTPDelivery(endpoint, address, context.hostname, float(timeout), max_connections, folders, context.reactor)

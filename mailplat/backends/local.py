@@ -19,6 +19,7 @@ from mailplat.interfaces import (
     TemporaryFailure,
 )
 from mailplat.plugins import call
+from mailplat.options import refuse_unknown
 
 __all__ = ["LocalDelivery", "build"]
 
@@ -59,8 +60,7 @@ class LocalDelivery:
 
 
 def build(options: dict[str, Any], context: BackendContext) -> LocalDelivery:
-    if options:
-        raise ConfigError(next(iter(options)), "unknown key", "the local delivery backend takes no options")
+    refuse_unknown(options, [], "local")
     mailbox = context.providers.get("mailbox")
     if mailbox is None:
         raise ConfigError("backend", "local delivery needs a [mailbox] backend", 'add [mailbox] backend = "maildir"')

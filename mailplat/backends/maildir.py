@@ -34,6 +34,7 @@ from mailplat.interfaces import (
     SpooledMessage,
     TemporaryFailure,
 )
+from mailplat.options import refuse_unknown
 
 __all__ = ["Maildir", "build"]
 
@@ -303,8 +304,7 @@ def build(options: dict[str, Any], context: BackendContext) -> Maildir:
     path = options.pop("path", None)
     if not isinstance(path, str) or not path:
         raise ConfigError("path", "is required: the folder holding the maildirs", 'e.g. path = "mail" (relative to this file)')
-    if options:
-        raise ConfigError(next(iter(options)), "unknown key", "maildir knows: path")
+    refuse_unknown(options, ["path"], "maildir")
     root = context.resolve_path(path)
     if not context.admin:
         try:

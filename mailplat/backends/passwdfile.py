@@ -20,6 +20,7 @@ from mailplat.config import ConfigError
 from mailplat.fsutil import fsync_directory
 from mailplat.interfaces import Account, BackendContext, IAuthBackend, IUserManager
 from mailplat.passwords import UnsupportedScheme, hash_password, scheme_of, verify_in_thread
+from mailplat.options import refuse_unknown
 
 __all__ = ["PasswdFile", "build"]
 
@@ -174,8 +175,7 @@ def build(options: dict[str, Any], context: BackendContext) -> PasswdFile:
     allow_plain = options.pop("allow_plain", False)
     if not isinstance(allow_plain, bool):
         raise ConfigError("allow_plain", "must be true or false", "allow_plain = false")
-    if options:
-        raise ConfigError(next(iter(options)), "unknown key", "passwd-file knows: path, allow_plain")
+    refuse_unknown(options, ["path", "allow_plain"], "passwd-file")
     backend = PasswdFile(context.resolve_path(path), context.reactor, allow_plain)
     if not context.admin and not os.path.isfile(backend.path):
         raise ConfigError("path", f"no such file: {backend.path}", "create it by adding a user: mailplat --config FILE user add ADDRESS")

@@ -85,6 +85,7 @@ from mailplat.interfaces import (
     TemporaryFailure,
 )
 from mailplat.passwords import UnsupportedScheme, hash_password, verify_password
+from mailplat.options import refuse_unknown
 
 try:
     import psycopg
@@ -635,7 +636,6 @@ def _database(options: dict[str, Any], kind: str) -> Database:
     """Check the options shared by both backends (popping them)."""
     if psycopg is None:
         raise ConfigError("backend", "the postgres backend needs psycopg 3 and psycopg-pool", "pip install 'psycopg[binary]' psycopg-pool")
-    known = "postgres knows: dsn, pool_size, timeout, schema"
     dsn = options.pop("dsn", None)
     if not isinstance(dsn, str) or not dsn.strip():
         raise ConfigError("dsn", "is required: a libpq connection string", 'e.g. dsn = "host=127.0.0.1 dbname=mail user=mailplat"')
@@ -652,8 +652,7 @@ def _database(options: dict[str, Any], kind: str) -> Database:
     schema = options.pop("schema", "mailplat")
     if not isinstance(schema, str) or not _SCHEMA_NAME.fullmatch(schema) or schema.startswith("pg_"):
         raise ConfigError("schema", "must be a lower-case SQL name (letters, digits, _; not starting with pg_)", 'schema = "mailplat"')
-    if options:
-        raise ConfigError(next(iter(options)), "unknown key", known)
+    refuse_unknown(options, ["dsn", "pool_size", "timeout", "schema"], "postgres")
     db = Database(dsn, schema, pool_size, float(timeout))
     if (db.conninfo, db.schema) not in _migrated:
         try:

@@ -88,7 +88,6 @@ signature has only its header section read.
 from __future__ import annotations
 
 import binascii
-import difflib
 import email.utils
 import ipaddress
 import logging
@@ -114,6 +113,7 @@ from twisted.python.threadpool import ThreadPool
 from mailplat.config import ConfigError
 from mailplat.interfaces import BackendContext, Client, MessageFilter, SpooledMessage, Verdict
 from mailplat.plugins import BackendFactory
+from mailplat.options import refuse_unknown
 
 __all__ = [
     "AuthenticationFilter",
@@ -876,9 +876,7 @@ def build(options: dict[str, Any], context: BackendContext) -> AuthenticationFil
             "spf_fail", f'must be "reject" or "tag", not {spf_fail!r}',
             'e.g. spf_fail = "tag" (refuse SPF -all failures at MAIL FROM with "reject")',
         )
-    for key in options:
-        hint = difflib.get_close_matches(key, OPTIONS, n=1)
-        raise ConfigError(key, "unknown key", f"did you mean {hint[0]!r}?" if hint else f"authentication knows: {', '.join(OPTIONS)}")
+    refuse_unknown(options, OPTIONS, "authentication")
     return AuthenticationFilter(context.hostname, dmarc_reject, spf_fail, Resolver(configured_servers(context)), context.reactor)
 
 

@@ -30,13 +30,12 @@ A clamd that cannot be reached, or any other ERROR reply, fails the same way.
 
 from __future__ import annotations
 
-import difflib
 import re
 import struct
 from typing import IO, Any
 
 from twisted.internet import defer
-from twisted.internet.endpoints import clientFromString, connectProtocol
+from twisted.internet.endpoints import connectProtocol
 from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import IPullProducer
 from twisted.internet.protocol import Protocol, connectionDone
@@ -46,6 +45,7 @@ from zope.interface import implementer
 
 from mailplat.config import ConfigError
 from mailplat.interfaces import BackendContext, Client, MessageFilter, SpooledMessage, Verdict
+from mailplat.options import client_endpoint, refuse_unknown
 
 __all__ = ["ClamdError", "ClamdFilter", "build", "parse_reply"]
 
@@ -192,16 +192,8 @@ class ClamdFilter(MessageFilter):
 
 def build(options: dict[str, Any], context: BackendContext) -> ClamdFilter:
     """Check the ``[[filter]]`` options and make the filter."""
-    address = options.pop("address", DEFAULT_ADDRESS)
-    if not isinstance(address, str) or not address:
-        raise ConfigError("address", "must be a Twisted client endpoint string", f'e.g. address = "{DEFAULT_ADDRESS}" or "tcp:127.0.0.1:3310"')
-    try:
-        endpoint = clientFromString(context.reactor, address)
-    except Exception as e:
-        raise ConfigError(
-            "address", f"{address!r} is not a client endpoint: {type(e).__name__}: {e}",
-            f'e.g. address = "{DEFAULT_ADDRESS}" or "tcp:127.0.0.1:3310"',
-        )
+    examples = f'e.g. address = "{DEFAULT_ADDRESS}" or "tcp:127.0.0.1:3310"'
+    address, endpoint = client_endpoint(options, context.reactor, DEFAULT_ADDRESS, examples)
 
     action = options.pop("action", "reject")
     if action not in ACTIONS:
@@ -214,7 +206,5 @@ def build(options: dict[str, Any], context: BackendContext) -> ClamdFilter:
             f"e.g. max_size = {DEFAULT_MAX_SIZE} (no more than clamd's StreamMaxLength)",
         )
 
-    for key in options:
-        hint = difflib.get_close_matches(key, OPTIONS, n=1)
-        raise ConfigError(key, "unknown key", f"did you mean {hint[0]!r}?" if hint else f"clamd knows: {', '.join(OPTIONS)}")
+    refuse_unknown(options, OPTIONS, "clamd")
     return ClamdFilter(address, endpoint, action, max_size, context.hostname)

@@ -47,7 +47,6 @@ since they mean the list does not answer us properly.
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import re
 from collections.abc import Sequence
@@ -61,6 +60,7 @@ from twisted.names.error import DNSNameError
 
 from mailplat.config import ConfigError
 from mailplat.interfaces import BackendContext, Client, MessageFilter, SpooledMessage, Verdict
+from mailplat.options import refuse_unknown
 
 __all__ = ["DNSBLError", "DNSBLFilter", "Listing", "build", "listing_codes", "reversed_name"]
 
@@ -326,7 +326,5 @@ def build(options: dict[str, Any], context: BackendContext) -> DNSBLFilter:
         except ValueError as e:
             raise ConfigError("skip", f"{network!r} is not a network ({e})", skip_example)
 
-    for key in options:
-        hint = difflib.get_close_matches(key, OPTIONS, n=1)
-        raise ConfigError(key, "unknown key", f"did you mean {hint[0]!r}?" if hint else f"dnsbl knows: {', '.join(OPTIONS)}")
+    refuse_unknown(options, OPTIONS, "dnsbl")
     return DNSBLFilter(normalised, action, networks, context.dns, context.reactor)

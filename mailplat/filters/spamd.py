@@ -49,14 +49,13 @@ filter's ``timeout`` above spamd's worst scan time.
 
 from __future__ import annotations
 
-import difflib
 import math
 import re
 from dataclasses import dataclass
 from typing import IO, Any
 
 from twisted.internet import defer
-from twisted.internet.endpoints import clientFromString, connectProtocol
+from twisted.internet.endpoints import connectProtocol
 from twisted.internet.interfaces import IPullProducer
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
@@ -65,6 +64,7 @@ from zope.interface import implementer
 
 from mailplat.config import ConfigError
 from mailplat.interfaces import BackendContext, Client, MessageFilter, SpooledMessage, Verdict
+from mailplat.options import client_endpoint, refuse_unknown
 
 __all__ = ["SpamdError", "SpamdFilter", "SpamdResult", "build", "parse_response", "request_head"]
 
@@ -338,14 +338,8 @@ class SpamdFilter(MessageFilter):
 
 def build(options: dict[str, Any], context: BackendContext) -> SpamdFilter:
     """Check the ``[[filter]]`` options and make the filter."""
-    address = options.pop("address", DEFAULT_ADDRESS)
     examples = f'e.g. address = "{DEFAULT_ADDRESS}" or "unix:path=/run/spamd.sock"'
-    if not isinstance(address, str) or not address:
-        raise ConfigError("address", f"must be a Twisted client endpoint string, not {address!r}", examples)
-    try:
-        endpoint = clientFromString(context.reactor, address)
-    except Exception as e:
-        raise ConfigError("address", f"{address!r} is not a client endpoint: {type(e).__name__}: {e}", examples)
+    address, endpoint = client_endpoint(options, context.reactor, DEFAULT_ADDRESS, examples)
 
     max_size = options.pop("max_size", DEFAULT_MAX_SIZE)
     if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size <= 0:
@@ -376,7 +370,5 @@ def build(options: dict[str, Any], context: BackendContext) -> SpamdFilter:
             )
         reject_score = float(reject_score)
 
-    for key in options:
-        hint = difflib.get_close_matches(key, OPTIONS, n=1)
-        raise ConfigError(key, "unknown key", f"did you mean {hint[0]!r}?" if hint else f"spamd knows: {', '.join(OPTIONS)}")
+    refuse_unknown(options, OPTIONS, "spamd")
     return SpamdFilter(endpoint, address, max_size, user, action, reject_score)
