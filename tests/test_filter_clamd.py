@@ -32,7 +32,7 @@ from mailplat.config import ConfigError
 from mailplat.filters.clamd import DEFAULT_MAX_SIZE, ClamdError, build, parse_reply
 from mailplat.interfaces import BackendContext, IMessageFilter
 
-SCAN = Path(__file__).parent / "clamd" / "scan.py"
+SCAN = [str(Path(__file__).parent / "check_filter.py"), "mailplat.filters.clamd:build"]
 PACKAGE = "clamav-daemon"
 
 # The EICAR test file, put together at run time so that this file itself is
@@ -239,11 +239,11 @@ def test_check_config_takes_good_options(tmp_path: Path) -> None:
 
 
 def scan(tmp_path: Path, options: dict[str, Any], message: bytes, *extra: str) -> dict[str, Any]:
-    """check_data once in a reactor of its own (tests/clamd/scan.py); its outcome."""
+    """check_data once in a reactor of its own (tests/check_filter.py); its outcome."""
     path = tmp_path / f"message-{time.time_ns()}"
     path.write_bytes(message)
     result = subprocess.run(
-        [sys.executable, str(SCAN), json.dumps(options), str(path), *extra], capture_output=True, text=True, timeout=60,
+        [sys.executable, *SCAN, json.dumps(options), str(path), *extra], capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
@@ -291,14 +291,14 @@ def test_unreachable_clamd_is_an_error(tmp_path: Path) -> None:
 
 @contextlib.contextmanager
 def scanning_into_silence(tmp_path: Path, message: Path, cancel_after: float, *extra: str) -> Iterator[tuple[subprocess.Popen[str], socket.socket]]:
-    """scan.py against a "daemon" that accepts and never reads; the scanner holds on after its outcome."""
+    """check_filter.py against a "daemon" that accepts and never reads; the scanner holds on after its outcome."""
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen()
         listener.settimeout(10)
         options = json.dumps({"address": f"tcp:127.0.0.1:{listener.getsockname()[1]}", "max_size": 10**9})
         with subprocess.Popen(
-            [sys.executable, str(SCAN), options, str(message), "--cancel-after", str(cancel_after), "--hold", *extra],
+            [sys.executable, *SCAN, options, str(message), "--cancel-after", str(cancel_after), "--hold", *extra],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         ) as process:
             assert process.stdin is not None and process.stdout is not None

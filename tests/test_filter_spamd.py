@@ -3,7 +3,7 @@
 spamd is started once for the module on 127.0.0.1 (a free port) and on a
 unix socket, with local tests only (-L) and a site config of our own, so the
 scores depend on nothing outside this machine.  The filter alone runs in a
-subprocess (tests/spamd/check.py); a few tests put a scripted stand-in in
+subprocess (tests/check_filter.py); a few tests put a scripted stand-in in
 spamd's place to see exactly what goes over the wire and what a broken or
 silent daemon does to the filter.
 """
@@ -30,7 +30,7 @@ import pytest
 from conftest import BASE_CONFIG, MAILPLAT, MailplatServer, merge_toml, stop_process, wait_for
 
 HERE = Path(__file__).parent
-CHECK = str(HERE / "spamd" / "check.py")
+CHECK = [str(HERE / "check_filter.py"), "mailplat.filters.spamd:build"]
 SPAMD = shutil.which("spamd") or next((p for p in ("/usr/sbin/spamd", "/usr/bin/spamd") if os.access(p, os.X_OK)), None)
 START_TIMEOUT = 120.0
 
@@ -161,7 +161,7 @@ def check(tmp_path: Path, options: dict, content: bytes, *flags: str) -> dict:
     path = tmp_path / f"message-{time.time_ns()}.eml"
     path.write_bytes(content)
     result = subprocess.run(
-        [sys.executable, CHECK, json.dumps(options), str(path), *flags], capture_output=True, text=True, timeout=60,
+        [sys.executable, *CHECK, json.dumps(options), str(path), *flags], capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 0, result.stderr
     # Nothing went wrong behind the verdict's back (an unhandled error, a failed callback).
@@ -385,7 +385,7 @@ def test_cancel_closes_the_connection(fake_spamd, tmp_path: Path) -> None:
     path = tmp_path / "message.eml"
     path.write_bytes(mail())
     process = subprocess.Popen(
-        [sys.executable, CHECK, json.dumps({"address": fake.address}), str(path), "--cancel-after", "0.5", "--hold"],
+        [sys.executable, *CHECK, json.dumps({"address": fake.address}), str(path), "--cancel-after", "0.5", "--hold"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     try:

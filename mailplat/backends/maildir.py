@@ -221,15 +221,6 @@ class MaildirDrop:
     def read(self, uid: str) -> IO[bytes]:
         return open(self._files[uid], "rb")
 
-    @staticmethod
-    def _subfolder(maildir: str, name: str) -> str:
-        """A Maildir++ folder ("Quarantine" is ``.Quarantine``); "" is the inbox."""
-        if not name:
-            return maildir
-        if not all(c.isalnum() or c in "-_" for c in name):
-            raise PermanentFailure(f"invalid folder name {name!r}")
-        return os.path.join(maildir, "." + name)
-
     def _thread(self, f: Any, *args: Any) -> Any:
         return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args)
 

@@ -1,6 +1,8 @@
-"""Run the spamd filter's check_data once, outside mailplat, and print the outcome as JSON.
+"""Run one filter's check_data once, outside mailplat, and print the outcome as JSON.
 
-    python check.py OPTIONS_JSON MESSAGE_FILE [--spooled] [--claim-size N] [--cancel-after SECONDS] [--hold]
+    python check_filter.py BUILDER OPTIONS_JSON MESSAGE_FILE [--spooled] [--claim-size N] [--cancel-after SECONDS] [--hold]
+
+BUILDER is the filter's build function, e.g. mailplat.filters.spamd:build.
 
 The filter is built from OPTIONS_JSON as mailplat would build it from a
 [[filter]] table.  The message is held in memory, or with --spooled read
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import os
 import sys
@@ -25,7 +28,8 @@ from typing import Any
 from twisted.internet import defer, task, threads
 from twisted.logger import globalLogBeginner, textFileLogObserver
 
-from mailplat.filters.spamd import build
+
+
 from mailplat.interfaces import BackendContext, Client, SpooledMessage
 from mailplat.plugins import call
 
@@ -34,6 +38,7 @@ PREFIX = b"X-Spooled-Apart: yes\r\n"
 
 async def main(reactor: Any, argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("builder")
     parser.add_argument("options")
     parser.add_argument("message")
     parser.add_argument("--spooled", action="store_true")
@@ -43,6 +48,8 @@ async def main(reactor: Any, argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     context = BackendContext("mail.example.org", ("example.org",), os.getcwd(), os.getcwd(), reactor)
+    module, _, function = args.builder.partition(":")
+    build = getattr(importlib.import_module(module), function)
     checker = build(json.loads(args.options), context)
     if args.spooled:
         size = os.path.getsize(args.message) + len(PREFIX)
