@@ -303,3 +303,19 @@ def test_session_closed_by_the_remote_while_idle_is_not_reused(make_server, dns,
     wait_for(lambda: relayed(remote, "after-idle"), what="the second message, on a new session")
     assert remote.log().count(" connect from 127.0.0.1") == 2
     assert "pending" not in local.log()
+
+
+@pytest.mark.parametrize("size", [1000, 300_000])
+def test_small_and_large_messages_relay_whole(make_server, dns, remote, size):
+    """A small message is queued inside its envelope file, a large one (spooled to disk) beside it: both arrive whole."""
+    local = sender_server(make_server, dns, remote)
+    body = "".join(f"line {n} " + "x" * 70 + "\r\n" for n in range(size // 80))
+    with smtplib.SMTP_SSL("127.0.0.1", local.ports["submissions"], context=tls_context(), timeout=20) as client:
+        client.login(*ALICE)
+        client.sendmail("alice@example.org", ["carol@elsewhere.test"], message(f"whole-{size}", body, "alice@example.org", "carol@elsewhere.test"))
+    wait_for(lambda: relayed(remote, f"whole-{size}"), what="the relayed message")
+    arrived = next(m for m in remote.messages("carol@elsewhere.test") if f"Subject: whole-{size}".encode() in m)
+    assert arrived.endswith(body.encode())
+    wait_for(lambda: "removed from the queue" in local.log(), what="the queue to empty")
+    assert not list((local.root / "var" / "queue" / "msg").iterdir())
+    assert not list((local.root / "var" / "queue" / "env").iterdir())

@@ -89,25 +89,24 @@ class QueueRunner(service.Service):
                 self._start_due()
 
         def failed(failure: Any) -> None:
-            error = failure.value.subFailure.value if failure.check(defer.FirstError) else failure.value
+            error = failure.value
             log.error("{queue_id}: cannot write to the queue: {error}", queue_id=queue_id, error=error)
             raise TemporaryFailure("cannot write to the outbound queue; try again later")
 
         if message.content is not None:
-            # Both files in one group commit: the 250 waits for both, and an
-            # envelope whose message did not make it is dropped at start.
-            path = self.queue.message_path(queue_id)
-            stored_files = defer.gatherResults([
-                self.committer.write(path + ".tmp", path, message.content),
-                self._save(self.queue.new_envelope(queue_id, sender, recipients)),
-            ], consumeErrors=True)
-            return stored_files.addCallbacks(lambda _: stored(None), failed)
+            # One file, envelope and message, in a group commit.
+            envelope = self.queue.new_envelope(queue_id, sender, recipients)
+            envelope.inline = True
+            path = self.queue.envelope_path(queue_id)
+            written = self.committer.write(path + ".tmp", path, self.queue.envelope_data(envelope, message.content))
+            return written.addCallbacks(stored, failed)
         return self._thread(store).addCallbacks(stored, failed)
 
-    def _save(self, message: QueuedMessage) -> defer.Deferred[None]:
+    async def _save(self, message: QueuedMessage) -> None:
         """Replace the envelope durably (temporary file, fsync, rename, folder fsync)."""
+        content = await self._thread(self.queue.inline_content, message) if message.inline else b""
         path = self.queue.envelope_path(message.id)
-        return self.committer.write(path + ".tmp", path, self.queue.envelope_data(message))
+        await self.committer.write(path + ".tmp", path, self.queue.envelope_data(message, content))
 
     def tick(self) -> defer.Deferred[None] | None:
         if self._ticking:
@@ -197,7 +196,7 @@ class QueueRunner(service.Service):
                 self._set_due(queue_id, message.next_try)
 
     async def _process(self, message: QueuedMessage) -> None:
-        if not await self._thread(os.path.exists, self.queue.message_path(message.id)):
+        if not message.inline and not await self._thread(os.path.exists, self.queue.message_path(message.id)):
             # Only a hand-made change to the queue folder does this.
             log.error("{queue_id}: the message file is missing; dropping its envelope", queue_id=message.id)
             await self._thread(self.queue.remove, message.id)
@@ -224,7 +223,7 @@ class QueueRunner(service.Service):
             for host in hosts:
                 try:
                     replies = await self.sessions.send(
-                        host, self.hostname, message.sender, addresses, self.queue.message_path(message.id), self.relay,
+                        host, self.hostname, message.sender, addresses, lambda: self.queue.open_message(message), self.relay,
                     )
                     for r in recipients:
                         r.remote_mta = host[0]
@@ -274,12 +273,13 @@ class QueueRunner(service.Service):
         if failed and not is_bounce(message.sender):
             await self._bounce(message, failed)
         # The envelope first: a crash then leaves an orphan message file, cleaned at start.
-        await self.committer.remove(self.queue.envelope_path(message.id), then=self.queue.message_path(message.id))
+        then = "" if message.inline else self.queue.message_path(message.id)
+        await self.committer.remove(self.queue.envelope_path(message.id), then=then)
         log.info("{queue_id}: removed from the queue", queue_id=message.id)
 
     async def _bounce(self, message: QueuedMessage, failed: list[QueuedRecipient]) -> None:
         def build() -> bytes:
-            with open(self.queue.message_path(message.id), "rb") as original:
+            with self.queue.open_message(message) as original:
                 return build_bounce(
                     reporting_mta=self.hostname,
                     original=original,

@@ -1,10 +1,12 @@
 """The durable outbound queue under ``data_dir/queue``.
 
-A queued message is two files: ``msg/ID`` (the message, written once) and
-``env/ID.json`` (sender, and per recipient its state, attempts, next try and
-last reply).  Both are fsynced before the client hears 250.  The envelope is
+A queued message's envelope is ``env/ID.json``: one line of JSON (sender,
+and per recipient its state, attempts, next try and last reply).  A small
+message (one received in memory) follows that line in the same file, so
+that queueing it creates one file; a large one is ``msg/ID``, written once.
+Everything is fsynced before the client hears 250.  The envelope is
 replaced atomically (temporary file, fsync, rename, fsync the folder) after
-every attempt.
+an attempt that leaves work to do.
 
 Crash window: between a remote server's 250 and our fsynced "done" mark a
 crash makes us deliver that recipient again after restart (a duplicate,
@@ -18,7 +20,7 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import IO, Any
 
 from mailplat.fsutil import fsync_directory, makedirs_durable
 
@@ -48,6 +50,8 @@ class QueuedMessage:
     sender: str
     created: float
     recipients: list[QueuedRecipient] = field(default_factory=list)
+    # True: the message follows the envelope line in env/ID.json (no msg/ID).
+    inline: bool = False
 
     def pending(self, now: float) -> list[QueuedRecipient]:
         return [r for r in self.recipients if r.state == PENDING and r.next_try <= now]
@@ -107,8 +111,9 @@ class Queue:
         return os.path.join(self.envelopes_dir, f"{queue_id}.json")
 
     @staticmethod
-    def envelope_data(message: QueuedMessage) -> bytes:
-        return json.dumps(asdict(message)).encode("utf-8")
+    def envelope_data(message: QueuedMessage, content: bytes = b"") -> bytes:
+        """The envelope file: its JSON line, then the message when it is inline."""
+        return json.dumps(asdict(message)).encode("utf-8") + b"\n" + content
 
     def save(self, message: QueuedMessage) -> None:
         final = self.envelope_path(message.id)
@@ -121,10 +126,23 @@ class Queue:
         fsync_directory(self.envelopes_dir)
 
     def load(self, queue_id: str) -> QueuedMessage:
-        with open(os.path.join(self.envelopes_dir, f"{queue_id}.json"), "rb") as f:
-            data = json.loads(f.read())
+        with open(self.envelope_path(queue_id), "rb") as f:
+            data = json.loads(f.readline())
         data["recipients"] = [QueuedRecipient(**r) for r in data["recipients"]]
         return QueuedMessage(**data)
+
+    def open_message(self, message: QueuedMessage) -> IO[bytes]:
+        """The message itself, from wherever it is kept; the caller closes it."""
+        if not message.inline:
+            return open(self.message_path(message.id), "rb")
+        f = open(self.envelope_path(message.id), "rb")
+        f.readline()
+        return f
+
+    def inline_content(self, message: QueuedMessage) -> bytes:
+        """An inline message's bytes (to write them again with a new envelope)."""
+        with self.open_message(message) as f:
+            return f.read()
 
     def ids(self) -> list[str]:
         return sorted(name[: -len(".json")] for name in os.listdir(self.envelopes_dir) if name.endswith(".json"))
@@ -142,12 +160,13 @@ class Queue:
                 except FileNotFoundError:
                     continue  # delivered or removed since the folder was listed
                 try:
+                    # The JSON line only, not an inline message after it.
                     data = os.read(fd, 1 << 16)
-                    if len(data) == 1 << 16:  # a long recipient list
-                        data += b"".join(iter(lambda: os.read(fd, 1 << 16), b""))
+                    while b"\n" not in data and (more := os.read(fd, 1 << 16)):
+                        data += more
                 finally:
                     os.close(fd)
-                yield decode(data.decode("utf-8"))
+                yield decode(data.partition(b"\n")[0].decode("utf-8"))
         finally:
             os.close(folder)
 

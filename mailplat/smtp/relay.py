@@ -11,8 +11,9 @@ from __future__ import annotations
 import base64
 import re
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 from twisted.internet import defer, endpoints, error, protocol, ssl
 from twisted.names import dns, error as dns_error
@@ -212,30 +213,31 @@ class SessionCache:
         self._idle.clear()
 
     async def send(
-        self, host: tuple[str, str, int], helo: str, sender: str, recipients: list[str], message_path: str, settings: RelaySettings,
+        self, host: tuple[str, str, int], helo: str, sender: str, recipients: list[str], open_message: Callable[[], IO[bytes]],
+        settings: RelaySettings,
     ) -> dict[str, Reply]:
         """Send one message to one host; each recipient's reply.  TemporaryFailure if the host cannot be used."""
         client = self._take(host)
         if client is not None:
             try:
-                return await self._transaction(client, host, sender, recipients, message_path, settings)
+                return await self._transaction(client, host, sender, recipients, open_message, settings)
             except _StaleSession:
                 pass  # it went away between two messages: open a new one
         client, refusal = await _open_session(self.reactor, host, helo, settings)
         if refusal is not None:
             return dict.fromkeys(recipients, refusal)
         try:
-            return await self._transaction(client, host, sender, recipients, message_path, settings)
+            return await self._transaction(client, host, sender, recipients, open_message, settings)
         except _StaleSession as e:
             raise TemporaryFailure(f"{host[0]} closed the connection: {e}")
 
     async def _transaction(
         self, client: _ClientProtocol, host: tuple[str, str, int], sender: str, recipients: list[str],
-        message_path: str, settings: RelaySettings,
+        open_message: Callable[[], IO[bytes]], settings: RelaySettings,
     ) -> dict[str, Reply]:
         completed = False
         try:
-            replies = await _mail_transaction(client, self.reactor, host[0], sender, recipients, message_path, settings)
+            replies = await _mail_transaction(client, self.reactor, host[0], sender, recipients, open_message, settings)
             completed = True
             return replies
         finally:
@@ -304,7 +306,8 @@ async def _start_session(client: _ClientProtocol, name: str, helo: str, settings
 
 
 async def _mail_transaction(
-    client: _ClientProtocol, reactor: Any, name: str, sender: str, recipients: list[str], message_path: str, settings: RelaySettings,
+    client: _ClientProtocol, reactor: Any, name: str, sender: str, recipients: list[str],
+    open_message: Callable[[], IO[bytes]], settings: RelaySettings,
 ) -> dict[str, Reply]:
     """MAIL, RCPT..., DATA on a ready session; with PIPELINING (RFC 2920) in one write."""
     timeout = settings.command_timeout
@@ -342,7 +345,7 @@ async def _mail_transaction(
     if data.code != 354:
         return {**replies, **dict.fromkeys(accepted, data)}
     try:
-        await DotStuffedSender(open(message_path, "rb"), client.transport, reactor, settings.data_block_timeout).start()
+        await DotStuffedSender(open_message(), client.transport, reactor, settings.data_block_timeout).start()
     except defer.TimeoutError as e:
         raise TemporaryFailure(f"{name} stopped reading the message: {e}")
     except error.ConnectionLost:
