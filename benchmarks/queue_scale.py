@@ -2,8 +2,8 @@
 """A large outbound queue: `mailplat queue list` time, restart to first retry, memory.
 
 Fills a throwaway data_dir with N queued messages (written directly in the
-queue's format, without fsync: setting up is not what is measured), all due
-now, then measures:
+queue's format for small messages, without fsync: setting up is not what is
+measured), all due now, then measures:
 
   * `mailplat queue list` wall time (output to a pipe, read whole),
   * starting `twistd -n mailplat` until the first message reaches a sink
@@ -37,11 +37,11 @@ def fill_queue(data_dir: Path, count: int, size: int) -> None:
     now = time.time()
     for n in range(count):
         queue_id = f"Q{n:08d}"
-        (messages / queue_id).write_bytes(body)
         recipient = {"address": f"user{n}@sink{n % 100}.test", "state": "pending", "attempts": 1, "next_try": now,
                      "last_error": "451 4.3.0 try again later", "status": "4.3.0", "remote_mta": ""}
-        envelope = {"id": queue_id, "sender": "bench@bench.test", "created": now - 600, "recipients": [recipient]}
-        (envelopes / f"{queue_id}.json").write_text(json.dumps(envelope))
+        envelope = {"id": queue_id, "sender": "bench@bench.test", "created": now - 600, "recipients": [recipient], "inline": True}
+        # As mailplat queues a small message: the envelope line, then the message, in one file.
+        (envelopes / f"{queue_id}.json").write_bytes(json.dumps(envelope).encode() + b"\n" + body)
 
 
 def memory(pid: int) -> dict[str, int]:
