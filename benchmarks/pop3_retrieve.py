@@ -23,6 +23,11 @@ with --server-pid, the server's CPU time and memory (process tree read from
     # start mailplat (twistd from the repository's .venv) and measure it
     python3 benchmarks/pop3_retrieve.py --start-mailplat --count 10 --size 10485760
 
+    # the same with the mailbox in PostgreSQL: the rows are written into a
+    # fresh schema (dropped after) as the postgres backend stores them
+    python3 benchmarks/pop3_retrieve.py --start-mailplat --backend postgres \\
+        --dsn "host=127.0.0.1 dbname=test user=postgres" --count 10 --size 10485760
+
 Output is a small table, or one JSON object with --json.
 """
 
@@ -34,6 +39,7 @@ import os
 import random
 import re
 import resource
+import secrets
 import shutil
 import signal
 import socket
@@ -418,6 +424,152 @@ def wait_session_processes_gone(roots: list[int], before: set[int], timeout: flo
 
 
 # --------------------------------------------------------------------------
+# --backend postgres: the database side runs in a helper process
+#
+# This script stays standard-library only: everything that needs psycopg
+# runs in `PYTHON THIS_SCRIPT --pg-helper DSN SCHEMA`, where PYTHON is the
+# interpreter of the twistd being measured (it has mailplat, hence psycopg).
+# The helper reads one JSON request per line and answers one JSON line.
+
+PG_DEFAULT_DSN = "host=127.0.0.1 port=5432 dbname=test user=postgres"
+PG_CHUNK_SIZE = 1 << 20  # mailplat.backends.postgres.CHUNK_SIZE
+
+
+def python_of(script: str) -> str:
+    """The interpreter named on a console script's #! line (a venv's python)."""
+    try:
+        with open(script, "rb") as f:
+            first = f.readline().decode(errors="replace")
+    except OSError:
+        first = ""
+    if first.startswith("#!"):
+        words = first[2:].split()
+        if len(words) == 1 and os.access(words[0], os.X_OK):
+            return words[0]
+    sibling = Path(script).parent / "python"
+    return str(sibling) if sibling.exists() else sys.executable
+
+
+class PgHelper:
+    """A fresh schema, and the queries on it that the benchmark needs."""
+
+    def __init__(self, python: str, dsn: str, schema: str):
+        self.schema = schema
+        self.proc = subprocess.Popen([python, __file__, "--pg-helper", dsn, schema],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.call("ping")
+
+    def call(self, op: str, **kw):
+        self.proc.stdin.write((json.dumps({"op": op, **kw}) + "\n").encode())
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"postgres helper: exited with status {self.proc.wait()} "
+                             f"(is psycopg installed next to twistd?)")
+        answer = json.loads(line)
+        if "error" in answer:
+            raise SystemExit(f"postgres ({op}): {answer['error']}")
+        return answer["result"]
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def postmaster_pid(helper: PgHelper) -> int | None:
+    """The local PostgreSQL postmaster (the parent of a backend), or None when
+    the database runs elsewhere: its process tree is measured like the server's."""
+    backend = helper.call("backend_pid")
+    if (_read(f"/proc/{backend}/comm") or "").strip() != "postgres":
+        return None
+    m = re.search(r"^PPid:\s+(\d+)", _read(f"/proc/{backend}/status") or "", re.M)
+    if not m or (_read(f"/proc/{m.group(1)}/comm") or "").strip() != "postgres":
+        return None
+    return int(m.group(1))
+
+
+def pg_helper_main(dsn: str, schema: str) -> int:
+    """Run by the server's Python: answer the benchmark's requests on stdin."""
+    import psycopg
+    from psycopg import sql
+    from psycopg.conninfo import make_conninfo
+
+    try:
+        conn = psycopg.connect(dsn, autocommit=True, application_name=f"{schema}-bench")
+    except psycopg.Error as e:
+        sys.stdout.write(json.dumps({"error": " ".join(str(e).split())}) + "\n")
+        return 1
+    name = sql.Identifier(schema)
+
+    def handle(req: dict):
+        op = req["op"]
+        if op == "ping":
+            return None
+        if op == "conninfo":
+            # mailplat's connections name themselves after the schema.
+            return make_conninfo(dsn, application_name=schema)
+        if op == "backend_pid":
+            return conn.info.backend_pid
+        if op == "count":
+            return conn.execute(sql.SQL("SELECT count(*) FROM {}.messages WHERE address = %s")
+                                .format(name), (req["address"],)).fetchone()[0]
+        if op == "populate":
+            return pg_populate(conn, schema, req["address"], req["count"], req["size"])
+        if op == "drop":
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                         "WHERE application_name = %s AND pid <> pg_backend_pid()", (schema,))
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(name))
+            return None
+        raise ValueError(f"unknown request {op!r}")
+
+    for line in sys.stdin:
+        try:
+            answer = {"result": handle(json.loads(line))}
+        except (psycopg.Error, ValueError, KeyError) as e:
+            answer = {"error": " ".join(f"{type(e).__name__}: {e}".split())}
+        sys.stdout.write(json.dumps(answer) + "\n")
+        sys.stdout.flush()
+    conn.close()
+    return 0
+
+
+def pg_populate(conn, schema: str, address: str, count: int, size: int) -> int:
+    """Write `count` messages of `size` bytes for `address` as the postgres
+    mailbox backend stores them (a messages row, its content in
+    message_chunks rows of 1 MiB) in one transaction, by binary COPY.
+    Returns the bytes written."""
+    import uuid
+    from psycopg import sql
+
+    name = sql.Identifier(schema)
+    body = build_body(size - len(message_header(0)))
+    written = 0
+    with conn.transaction(), conn.cursor() as cur:
+        ids = [row[0] for row in cur.execute(
+            "SELECT nextval(pg_get_serial_sequence(%s, 'id')) FROM generate_series(1, %s)",
+            (f"{schema}.messages", count))]
+        with cur.copy(sql.SQL("COPY {}.messages (id, address, uid, size) FROM STDIN "
+                              "(FORMAT BINARY)").format(name)) as copy:
+            copy.set_types(["int8", "text", "text", "int8"])
+            for message_id in ids:
+                copy.write_row((message_id, address, uuid.uuid4().hex, size))
+        with cur.copy(sql.SQL("COPY {}.message_chunks (message_id, seq, data) FROM STDIN "
+                              "(FORMAT BINARY)").format(name)) as copy:
+            copy.set_types(["int8", "int4", "bytea"])
+            for seq, message_id in enumerate(ids):
+                data = memoryview(message_header(seq) + body)
+                for part, start in enumerate(range(0, len(data), PG_CHUNK_SIZE)):
+                    copy.write_row((message_id, part, data[start:start + PG_CHUNK_SIZE]))
+                written += len(data)
+    return written
+
+
+# --------------------------------------------------------------------------
 # --start-mailplat
 
 MAILPLAT_CONFIG = """\
@@ -430,14 +582,24 @@ pop3s = "tcp:0:interface=127.0.0.1"
 [tls]
 certificate = "tls/cert.pem"
 key = "tls/key.pem"
+[pop3]
+auth_failure_delay = 0
+"""
+MAILDIR_STORE = """\
 [auth]
 backend = "passwd-file"
 path = "users.passwd"
 [mailbox]
 backend = "maildir"
 path = "mail"
-[pop3]
-auth_failure_delay = 0
+"""
+POSTGRES_STORE = """\
+[auth]
+backend = "postgres"
+{options}
+[mailbox]
+backend = "postgres"
+{options}
 """
 LISTEN_RE = re.compile(r"(\w+) listening on [^\s:]+:(\d+)")
 
@@ -468,6 +630,7 @@ class MailplatServer:
         self.log = self.dir / "twistd.log"
         self.proc: subprocess.Popen | None = None
         self.ports: dict[str, int] = {}
+        self.pg: PgHelper | None = None
 
     def start(self):
         twistd = find_command("twistd", self.args.twistd)
@@ -475,7 +638,15 @@ class MailplatServer:
         if not mailplat:
             sibling = Path(twistd).parent / "mailplat"
             mailplat = str(sibling) if sibling.exists() else find_command("mailplat", None)
-        self.config.write_text(MAILPLAT_CONFIG)
+        store = MAILDIR_STORE
+        if self.args.backend == "postgres":
+            # A schema of our own, made by `mailplat user add` (the backend
+            # migrates it) and dropped by stop().
+            self.pg = PgHelper(python_of(twistd), self.args.dsn, "bench_" + secrets.token_hex(6))
+            options = (f"dsn = {json.dumps(self.pg.call('conninfo'))}\n"
+                       f'schema = "{self.pg.schema}"\npool_size = {self.args.pool_size}')
+            store = POSTGRES_STORE.format(options=options)
+        self.config.write_text(MAILPLAT_CONFIG + store)
         (self.dir / "tls").mkdir()
         r = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
                             "-days", "2", "-subj", "/CN=bench.test",
@@ -529,6 +700,15 @@ class MailplatServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.pg is not None:
+            pg, self.pg = self.pg, None
+            try:
+                if self.args.keep:
+                    print(f"kept the schema {pg.schema}", file=sys.stderr)
+                else:
+                    pg.call("drop")
+            finally:
+                pg.close()
         if self.args.keep:
             print(f"kept {self.dir}", file=sys.stderr)
         else:
@@ -580,6 +760,8 @@ def retrieve_all(args, expected: dict | None, roots: list[int]) -> dict:
             res["errors"].append(what)
 
     pids_idle = set(process_tree(roots)) if roots else set()
+    db_roots = args.db_pid
+    db_pids_idle = set(process_tree(db_roots)) if db_roots else set()
     idle = ServerSnapshot(roots) if roots else None
     if roots and not idle.pids:
         raise SystemExit(f"no such process: {roots}")
@@ -595,6 +777,7 @@ def retrieve_all(args, expected: dict | None, roots: list[int]) -> dict:
         # (argon2id for mailplat, 64 MiB for a moment) is not part of it.
         hwm_reset = reset_hwm(process_tree(roots)) if roots else False
         before = ServerSnapshot(roots) if roots else None
+        db_before = ServerSnapshot(db_roots) if db_roots else None
         sampler = RSSSampler(roots, args.sample_interval) if roots else None
         if sampler:
             sampler.sample()
@@ -660,6 +843,11 @@ def retrieve_all(args, expected: dict | None, roots: list[int]) -> dict:
         sampler.stop()
         wait_session_processes_gone(roots, pids_idle, 5.0)
         after = ServerSnapshot(roots)
+    if db_roots:
+        # The session's database connection (the maildrop lock) ends at
+        # QUIT: once its backend is reaped, its time is in the postmaster's.
+        wait_session_processes_gone(db_roots, db_pids_idle, 5.0)
+        db_after = ServerSnapshot(db_roots)
 
     n = len(sizes)
     retrieve_s = t1 - t0
@@ -692,6 +880,14 @@ def retrieve_all(args, expected: dict | None, roots: list[int]) -> dict:
             "rss_peak_sampled_mb": round(sampler.peak_rss_kb / 1024, 1),
             "hwm_mb": round(sampler.peak_hwm_kb / 1024, 1),
             "hwm_reset_after_login": hwm_reset,
+        }
+    if db_roots:
+        db_cpu = (db_after.ticks - db_before.ticks) / CLK_TCK
+        res["database"] = {
+            "pids": db_roots,
+            "processes_during": len(db_before.pids),
+            "cpu_s": round(db_cpu, 2),
+            "cpu_ms_per_msg": round(1000 * db_cpu / n, 3) if n else None,
         }
     return res
 
@@ -734,10 +930,26 @@ def parse_args(argv=None):
     ap.add_argument("--mailplat", help="mailplat admin command for --start-mailplat")
     ap.add_argument("--start-timeout", type=float, default=30.0)
     ap.add_argument("--keep", action="store_true", help="keep the --start-mailplat folder")
+    ap.add_argument("--backend", choices=["maildir", "postgres"], default="maildir",
+                    help="--start-mailplat: the [auth] and [mailbox] backends: passwd-file + "
+                         "maildir, or postgres in a fresh schema dropped at the end (maildir)")
+    ap.add_argument("--dsn", default=os.environ.get("MAILPLAT_BENCH_POSTGRES", PG_DEFAULT_DSN),
+                    help="--backend postgres: libpq connection string "
+                         f"($MAILPLAT_BENCH_POSTGRES, else {PG_DEFAULT_DSN!r})")
+    ap.add_argument("--pool-size", type=int, default=10,
+                    help="--backend postgres: pool_size = N (10)")
+    ap.add_argument("--db-pid", type=int, action="append", default=[],
+                    help="database process to measure with its children (CPU only); "
+                         "repeatable; --backend postgres finds the local postmaster itself")
     args = ap.parse_args(argv)
     if args.server == "mailplat":
         args.start_mailplat, args.server = True, None
     starts = args.start_mailplat or args.server == "dovecot"
+    if args.backend != "maildir":
+        if not args.start_mailplat:
+            ap.error("--backend is for --start-mailplat (or --server mailplat)")
+        if args.populate:
+            ap.error("--populate is a maildir; --backend postgres fills the database")
     if starts:
         args.user = args.user or BENCH_USER
         if args.password_file:
@@ -776,9 +988,13 @@ def read_password(ap, path: Path) -> str:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--pg-helper"]:
+        return pg_helper_main(*argv[1:3])
     args = parse_args(argv)
     server = None
     target_name = args.target
+    pg = None
     try:
         if args.start_mailplat:
             server = MailplatServer(args)
@@ -786,8 +1002,13 @@ def main(argv=None) -> int:
             args.host = "127.0.0.1"
             args.port = server.ports["pop3s" if args.tls == "implicit" else "pop3"]
             args.server_pid = [server.proc.pid]
-            args.populate = args.populate or server.maildir(args.user)
-            target_name = f"mailplat (--start-mailplat, {args.tls})"
+            pg = server.pg
+            if pg is None:
+                args.populate = args.populate or server.maildir(args.user)
+            elif not args.db_pid:
+                pid = postmaster_pid(pg)
+                args.db_pid = [pid] if pid else []
+            target_name = f"mailplat (--start-mailplat, {args.backend}, {args.tls})"
         elif args.server == "dovecot":
             server = DovecotScript(args)
             server.start()
@@ -797,19 +1018,31 @@ def main(argv=None) -> int:
             target_name = f"dovecot (dovecot_pop3.sh, {args.tls})"
         expected = None
         populate_s = None
-        if args.populate:
+        if args.populate or pg is not None:
             body = build_body(args.size - len(message_header(0)))
-            populate_s, _ = populate(args.populate, args.count, args.size, body)
+            if pg is None:
+                populate_s, _ = populate(args.populate, args.count, args.size, body)
+            else:
+                # The same messages, as rows in the schema the server made.
+                t0 = time.perf_counter()
+                pg.call("populate", address=args.user.lower(), count=args.count, size=args.size)
+                populate_s = time.perf_counter() - t0
             expected = {"header_len": args.size - len(body), "body": body, "count": args.count}
         try:
             res = retrieve_all(args, expected, args.server_pid)
         except (BenchError, OSError, ssl.SSLError) as e:
             res = {"error_count": 1, "errors": [f"{type(e).__name__}: {e}"]
                    if not isinstance(e, BenchError) else [str(e)], "fatal": True}
-        left = count_messages(args.populate) if args.populate and not res.get("fatal") else None
+        left = None
+        if not res.get("fatal"):
+            if pg is not None:
+                left = pg.call("count", address=args.user.lower())
+            elif args.populate:
+                left = count_messages(args.populate)
         if left and res.get("deleted"):
             res["error_count"] += 1
-            res["errors"].append(f"{left} messages still in the maildir after QUIT")
+            res["errors"].append(f"{left} messages still in the "
+                                 f"{'database' if pg else 'maildir'} after QUIT")
     finally:
         if server is not None:
             server.stop()
@@ -818,11 +1051,12 @@ def main(argv=None) -> int:
         "label": args.label,
         "target": target_name,
         "tls": args.tls,
-        "populated": args.count if args.populate else None,
-        "size": args.size if args.populate else None,
+        "backend": args.backend if args.start_mailplat else None,
+        "populated": args.count if expected else None,
+        "size": args.size if expected else None,
         "populate_s": round(populate_s, 3) if populate_s is not None else None,
         **res,
-        "left_in_maildir": left,
+        "left_in_maildir": left,   # in the database with --backend postgres
     }
     if args.json:
         print(json.dumps(result))
@@ -849,7 +1083,8 @@ def print_table(r: dict):
             ("client cpu", f"user {r['client_user_s']} s, sys {r['client_sys_s']} s"),
         ]
     if r["left_in_maildir"] is not None:
-        rows.append(("left", f"{r['left_in_maildir']} messages in the maildir after QUIT"))
+        where = "database" if r.get("backend") == "postgres" else "maildir"
+        rows.append(("left", f"{r['left_in_maildir']} messages in the {where} after QUIT"))
     s = r.get("server")
     if s:
         rows += [
@@ -861,6 +1096,10 @@ def print_table(r: dict):
                            f"VmHWM sum {s['hwm_mb']} MB"
                            + (" (reset after login)" if s["hwm_reset_after_login"] else "")),
         ]
+    d = r.get("database")
+    if d:
+        rows.append(("database cpu", f"{d['cpu_s']} s ({d['cpu_ms_per_msg']} ms/msg; the whole "
+                                     f"server, {d['processes_during']} processes)"))
     rows.append(("errors", str(r["error_count"])))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:

@@ -19,6 +19,10 @@ memory (process tree read from /proc).
 
     python3 benchmarks/smtp_inbound.py --start-mailplat --clients 50 --messages 20
 
+    # the same with users and mail in PostgreSQL (a fresh schema, dropped after)
+    python3 benchmarks/smtp_inbound.py --start-mailplat --backend postgres \\
+        --dsn "host=127.0.0.1 dbname=test user=postgres" --clients 50 --messages 20
+
 Output is a small table, or one JSON object with --json.
 """
 
@@ -32,6 +36,7 @@ import os
 import random
 import re
 import resource
+import secrets
 import shutil
 import signal
 import subprocess
@@ -182,6 +187,8 @@ class Stats:
         self.error_samples: list[str] = []
         self.clients_failed = 0
         self.idle_probe_ms: list[float] = []
+        self.db_cpu_s: float | None = None
+        self.db_processes = 0
 
     def error(self, client: int, what: str):
         self.errors += 1
@@ -381,6 +388,118 @@ def count_files(d: Path) -> int:
 
 
 # --------------------------------------------------------------------------
+# --backend postgres: the database side runs in a helper process
+#
+# This script stays standard-library only: everything that needs psycopg
+# runs in `PYTHON THIS_SCRIPT --pg-helper DSN SCHEMA`, where PYTHON is the
+# interpreter of the twistd being measured (it has mailplat, hence psycopg).
+# The helper reads one JSON request per line and answers one JSON line.
+
+PG_DEFAULT_DSN = "host=127.0.0.1 port=5432 dbname=test user=postgres"
+
+
+def python_of(script: str) -> str:
+    """The interpreter named on a console script's #! line (a venv's python)."""
+    try:
+        with open(script, "rb") as f:
+            first = f.readline().decode(errors="replace")
+    except OSError:
+        first = ""
+    if first.startswith("#!"):
+        words = first[2:].split()
+        if len(words) == 1 and os.access(words[0], os.X_OK):
+            return words[0]
+    sibling = Path(script).parent / "python"
+    return str(sibling) if sibling.exists() else sys.executable
+
+
+class PgHelper:
+    """A fresh schema, and the queries on it that the benchmark needs."""
+
+    def __init__(self, python: str, dsn: str, schema: str):
+        self.schema = schema
+        self.proc = subprocess.Popen([python, __file__, "--pg-helper", dsn, schema],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.call("ping")
+
+    def call(self, op: str, **kw):
+        self.proc.stdin.write((json.dumps({"op": op, **kw}) + "\n").encode())
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"postgres helper: exited with status {self.proc.wait()} "
+                             f"(is psycopg installed next to twistd?)")
+        answer = json.loads(line)
+        if "error" in answer:
+            raise SystemExit(f"postgres ({op}): {answer['error']}")
+        return answer["result"]
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def postmaster_pid(helper: PgHelper) -> int | None:
+    """The local PostgreSQL postmaster (the parent of a backend), or None when
+    the database runs elsewhere: its process tree is measured like the server's."""
+    backend = helper.call("backend_pid")
+    if (_read(f"/proc/{backend}/comm") or "").strip() != "postgres":
+        return None
+    m = re.search(r"^PPid:\s+(\d+)", _read(f"/proc/{backend}/status") or "", re.M)
+    if not m or (_read(f"/proc/{m.group(1)}/comm") or "").strip() != "postgres":
+        return None
+    return int(m.group(1))
+
+
+def pg_helper_main(dsn: str, schema: str) -> int:
+    """Run by the server's Python: answer the benchmark's requests on stdin."""
+    import psycopg
+    from psycopg import sql
+    from psycopg.conninfo import make_conninfo
+
+    try:
+        conn = psycopg.connect(dsn, autocommit=True, application_name=f"{schema}-bench")
+    except psycopg.Error as e:
+        sys.stdout.write(json.dumps({"error": " ".join(str(e).split())}) + "\n")
+        return 1
+    name = sql.Identifier(schema)
+
+    def handle(req: dict):
+        op = req["op"]
+        if op == "ping":
+            return None
+        if op == "conninfo":
+            # mailplat's connections name themselves after the schema.
+            return make_conninfo(dsn, application_name=schema)
+        if op == "backend_pid":
+            return conn.info.backend_pid
+        if op == "count":
+            return conn.execute(sql.SQL("SELECT count(*) FROM {}.messages WHERE address = %s")
+                                .format(name), (req["address"],)).fetchone()[0]
+        if op == "drop":
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                         "WHERE application_name = %s AND pid <> pg_backend_pid()", (schema,))
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(name))
+            return None
+        raise ValueError(f"unknown request {op!r}")
+
+    for line in sys.stdin:
+        try:
+            answer = {"result": handle(json.loads(line))}
+        except (psycopg.Error, ValueError, KeyError) as e:
+            answer = {"error": " ".join(f"{type(e).__name__}: {e}".split())}
+        sys.stdout.write(json.dumps(answer) + "\n")
+        sys.stdout.flush()
+    conn.close()
+    return 0
+
+
+# --------------------------------------------------------------------------
 # --start-mailplat
 
 MAILPLAT_CONFIG = """\
@@ -394,12 +513,22 @@ max_connections = {max_connections}
 max_connections_per_ip = {max_connections}
 [listen]
 smtp = "tcp:0:interface=127.0.0.1"
+"""
+MAILDIR_STORE = """\
 [auth]
 backend = "passwd-file"
 path = "users.passwd"
 [mailbox]
 backend = "maildir"
 path = "mail"
+"""
+POSTGRES_STORE = """\
+[auth]
+backend = "postgres"
+{options}
+[mailbox]
+backend = "postgres"
+{options}
 """
 LISTEN_RE = re.compile(r"listening on [^\s:]+:(\d+)")
 
@@ -430,6 +559,7 @@ class MailplatServer:
         self.log = self.dir / "twistd.log"
         self.proc: subprocess.Popen | None = None
         self.port = 0
+        self.pg: PgHelper | None = None
 
     def start(self):
         twistd = find_command("twistd", self.args.twistd)
@@ -437,16 +567,25 @@ class MailplatServer:
         if not mailplat:
             sibling = Path(twistd).parent / "mailplat"
             mailplat = str(sibling) if sibling.exists() else find_command("mailplat", None)
+        store = MAILDIR_STORE
+        if self.args.backend == "postgres":
+            # A schema of our own, made by `mailplat user add` (the backend
+            # migrates it) and dropped by stop().
+            self.pg = PgHelper(python_of(twistd), self.args.dsn, "bench_" + secrets.token_hex(6))
+            options = (f"dsn = {json.dumps(self.pg.call('conninfo'))}\n"
+                       f'schema = "{self.pg.schema}"\npool_size = {self.args.pool_size}')
+            store = POSTGRES_STORE.format(options=options)
         self.config.write_text(MAILPLAT_CONFIG.format(
             workers=self.args.workers,
             max_size=max(50 * 1024 * 1024, 2 * self.args.size),
             max_connections=max(1000, 2 * (self.args.clients + self.args.idle)),
-        ))
+        ) + store)
         user = self.args.rcpt
         r = subprocess.run([mailplat, "--config", str(self.config), "user", "add", user,
                             "--password-stdin"], input=b"bench-password-1\n",
                            capture_output=True, timeout=120)
         if r.returncode != 0:
+            self.stop()
             raise SystemExit(f"`mailplat user add {user}` failed ({r.returncode}):\n"
                              + (r.stdout + r.stderr).decode(errors="replace"))
         logf = open(self.log, "wb")
@@ -470,6 +609,15 @@ class MailplatServer:
         local, _, domain = rcpt.rpartition("@")
         return self.dir / "mail" / domain.lower() / local.lower()
 
+    def counter(self, rcpt: str):
+        """A function returning how many messages the recipient's mailbox
+        holds: files in new/, or rows in the schema's messages table."""
+        if self.pg is not None:
+            pg, address = self.pg, rcpt.lower()
+            return lambda: pg.call("count", address=address)
+        new = self.maildir(rcpt) / "new"
+        return lambda: count_files(new)
+
     def fail(self, why: str):
         tail = self.log.read_text(errors="replace").splitlines()[-30:]
         self.stop()
@@ -483,6 +631,15 @@ class MailplatServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.pg is not None:
+            pg, self.pg = self.pg, None
+            try:
+                if self.args.keep:
+                    print(f"kept the schema {pg.schema}", file=sys.stderr)
+                else:
+                    pg.call("drop")
+            finally:
+                pg.close()
         if self.args.keep:
             print(f"kept {self.dir}", file=sys.stderr)
         else:
@@ -529,10 +686,23 @@ def parse_args(argv=None):
     ap.add_argument("--start-timeout", type=float, default=30.0)
     ap.add_argument("--keep", action="store_true", help="keep the --start-mailplat folder")
     ap.add_argument("--workers", type=int, default=1, help="workers = N for --start-mailplat (1)")
+    ap.add_argument("--backend", choices=["maildir", "postgres"], default="maildir",
+                    help="--start-mailplat: the [auth] and [mailbox] backends: passwd-file + "
+                         "maildir, or postgres in a fresh schema dropped at the end (maildir)")
+    ap.add_argument("--dsn", default=os.environ.get("MAILPLAT_BENCH_POSTGRES", PG_DEFAULT_DSN),
+                    help="--backend postgres: libpq connection string "
+                         f"($MAILPLAT_BENCH_POSTGRES, else {PG_DEFAULT_DSN!r})")
+    ap.add_argument("--pool-size", type=int, default=10,
+                    help="--backend postgres: pool_size = N (10)")
+    ap.add_argument("--db-pid", type=int, action="append", default=[],
+                    help="database process to measure with its children (CPU only); "
+                         "repeatable; --backend postgres finds the local postmaster itself")
     ap.add_argument("--idle", type=int, default=0, metavar="N",
                     help="first open N idle sessions and hold them through the run; "
                          "reports how long a new client then waits for greeting+EHLO+QUIT")
     args = ap.parse_args(argv)
+    if args.backend != "maildir" and not args.start_mailplat:
+        ap.error("--backend is for --start-mailplat")
     if args.start_mailplat:
         args.rcpt = args.rcpt or "bench@bench.test"
     elif not args.rcpt:
@@ -569,33 +739,39 @@ async def new_client_ms(args) -> float:
     return (time.perf_counter() - t0) * 1000
 
 
-async def measured_run(args, head, body, maildir: Path | None):
+async def measured_run(args, head, body, count_delivered):
+    """count_delivered: None, or a function returning how many messages the
+    mailbox holds (files in new/, rows in the database)."""
     roots = args.server_pid
     idle = await open_idle(args) if args.idle else []
     idle_probe = [await new_client_ms(args) for _ in range(5)] if idle else []
     before = ServerSnapshot(roots) if roots else None
     if roots and not before.pids:
         raise SystemExit(f"no such process: {roots}")
+    db_before = ServerSnapshot(args.db_pid) if args.db_pid else None
     peak = [before.rss_kb if before else 0]
     sampler = asyncio.create_task(rss_sampler(roots, peak)) if roots else None
-    new_dir = maildir / "new" if maildir else None
-    files_before = count_files(new_dir) if new_dir else 0
+    files_before = count_delivered() if count_delivered else 0
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     stats = await run_load(args, head, body)
     wall = time.perf_counter() - t0
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     delivered = lag = None
-    if new_dir:
+    if count_delivered:
         want = files_before + len(stats.latencies)
         deadline = time.monotonic() + args.delivery_timeout
-        while count_files(new_dir) < want and time.monotonic() < deadline:
+        while (delivered := count_delivered()) < want and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        delivered = count_files(new_dir) - files_before
+        delivered -= files_before
         lag = time.perf_counter() - t0 - wall
     if sampler:
         sampler.cancel()
     after = ServerSnapshot(roots) if roots else None
+    if db_before:
+        db_after = ServerSnapshot(args.db_pid)
+        stats.db_cpu_s = (db_after.ticks - db_before.ticks) / CLK_TCK
+        stats.db_processes = len(db_after.pids)
     client_cpu = (cpu1.ru_utime - cpu0.ru_utime, cpu1.ru_stime - cpu0.ru_stime)
     for writer in idle:
         writer.close()
@@ -604,20 +780,33 @@ async def measured_run(args, head, body, maildir: Path | None):
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--pg-helper"]:
+        return pg_helper_main(*argv[1:3])
     args = parse_args(argv)
     server = None
-    if args.start_mailplat:
-        server = MailplatServer(args)
-        server.start()
-        args.host, args.port = "127.0.0.1", server.port
-        if not args.server_pid:
-            args.server_pid = [server.proc.pid]
-        if args.maildir is None:
-            args.maildir = server.maildir(args.rcpt)
-    head, body, content_size = build_message(args.size, args.sender, args.rcpt)
+    count_delivered = None
+    delivered_in = "files in new/"
+    if args.maildir is not None:
+        new_dir = args.maildir / "new"
+        count_delivered = lambda: count_files(new_dir)
     try:
+        if args.start_mailplat:
+            server = MailplatServer(args)
+            server.start()
+            args.host, args.port = "127.0.0.1", server.port
+            if not args.server_pid:
+                args.server_pid = [server.proc.pid]
+            if count_delivered is None:
+                count_delivered = server.counter(args.rcpt)
+                if server.pg is not None:
+                    delivered_in = f"rows in {server.pg.schema}.messages"
+            if server.pg is not None and not args.db_pid:
+                pid = postmaster_pid(server.pg)
+                args.db_pid = [pid] if pid else []
+        head, body, content_size = build_message(args.size, args.sender, args.rcpt)
         stats, wall, client_cpu, before, after, peak_kb, delivered, lag = asyncio.run(
-            measured_run(args, head, body, args.maildir))
+            measured_run(args, head, body, count_delivered))
     finally:
         if server is not None:
             server.stop()
@@ -627,7 +816,9 @@ def main(argv=None) -> int:
     ms = lambda v: round(v * 1000, 2)
     result = {
         "label": args.label,
-        "target": "mailplat (--start-mailplat)" if server else args.target,
+        "target": (f"mailplat (--start-mailplat, {args.backend})" if server
+                   else args.target),
+        "backend": args.backend if server else None,
         "clients": args.clients,
         "messages_per_client": args.messages,
         "size": content_size,
@@ -656,7 +847,15 @@ def main(argv=None) -> int:
         result["new_client_ms_with_idle"] = round(max(stats.idle_probe_ms), 2)
     if delivered is not None:
         result["delivered"] = delivered
+        result["delivered_in"] = delivered_in
         result["delivery_wait_s"] = round(lag, 3)
+    if stats.db_cpu_s is not None:
+        result["database"] = {
+            "pids": args.db_pid,
+            "processes_after": stats.db_processes,
+            "cpu_s": round(stats.db_cpu_s, 2),
+            "cpu_ms_per_msg": round(1000 * stats.db_cpu_s / ok, 3) if ok else None,
+        }
     if before and after:
         cpu = (after.ticks - before.ticks) / CLK_TCK
         measured_wall = wall + (lag or 0)
@@ -699,7 +898,7 @@ def print_table(r: dict):
         rows.append(("idle", f"{r['idle_sessions']} idle sessions held; a new client was served "
                              f"in {r['new_client_ms_with_idle']} ms (worst of 5)"))
     if "delivered" in r:
-        rows.append(("delivered", f"{r['delivered']} files in new/ "
+        rows.append(("delivered", f"{r['delivered']} {r['delivered_in']} "
                                   f"({r['delivery_wait_s']} s after the last reply)"))
     s = r.get("server")
     if s:
@@ -712,6 +911,10 @@ def print_table(r: dict):
                            + (f", PSS {s['pss_after_mb']} MB" if s["pss_after_mb"] is not None
                               else "") + ")"),
         ]
+    d = r.get("database")
+    if d:
+        rows.append(("database cpu", f"{d['cpu_s']} s ({d['cpu_ms_per_msg']} ms/msg; the whole "
+                                     f"server, {d['processes_after']} processes)"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
