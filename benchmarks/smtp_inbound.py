@@ -45,20 +45,17 @@ import tempfile
 import time
 from pathlib import Path
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import (  # noqa: E402
+    CLK_TCK, WORDS, _read, process_tree, cpu_ticks, status_kb, PG_DEFAULT_DSN, MAILDIR_STORE, POSTGRES_STORE, python_of, PgHelper, postmaster_pid, find_command, pg_helper_main,
+)
+
+
 MAX_ERRORS_SHOWN = 5
 
 
 # --------------------------------------------------------------------------
 # The message
-
-WORDS = (
-    "the of and to in is that for it as was with be by on not he this are or "
-    "his from at which but have an they you were her she there been one all "
-    "mail server queue deliver message header body relay domain mailbox "
-    "twisted reactor deferred protocol transport latency throughput benchmark "
-    "quarterly report meeting agenda attached please review comments thanks"
-).split()
 
 
 def build_message(size: int, sender: str, rcpt: str, seed: int = 1) -> tuple[bytes, bytes, int]:
@@ -304,48 +301,6 @@ async def run_load(args, head: bytes, body: bytes) -> Stats:
 # --------------------------------------------------------------------------
 # Server measurement from /proc
 
-def _read(path: str) -> str | None:
-    try:
-        with open(path) as f:
-            return f.read()
-    except OSError:
-        return None
-
-
-def process_tree(roots: list[int]) -> list[int]:
-    seen: list[int] = []
-    todo = list(roots)
-    while todo:
-        pid = todo.pop()
-        if pid in seen or not os.path.exists(f"/proc/{pid}"):
-            continue
-        seen.append(pid)
-        try:
-            tasks = os.listdir(f"/proc/{pid}/task")
-        except OSError:
-            tasks = []
-        for t in tasks:
-            text = _read(f"/proc/{pid}/task/{t}/children")
-            if text:
-                todo.extend(int(x) for x in text.split())
-    return seen
-
-
-def cpu_ticks(pid: int) -> int:
-    """utime+stime of pid plus cutime+cstime (children it has reaped)."""
-    text = _read(f"/proc/{pid}/stat")
-    if not text:
-        return 0
-    fields = text[text.rindex(")") + 2:].split()
-    # fields[0] is field 3 (state); utime..cstime are fields 14..17
-    return sum(int(x) for x in fields[11:15])
-
-
-def status_kb(pid: int, key: str) -> int:
-    text = _read(f"/proc/{pid}/status") or ""
-    m = re.search(rf"^{key}:\s+(\d+) kB", text, re.M)
-    return int(m.group(1)) if m else 0
-
 
 def pss_kb(pid: int) -> int | None:
     text = _read(f"/proc/{pid}/smaps_rollup")
@@ -395,109 +350,6 @@ def count_files(d: Path) -> int:
 # interpreter of the twistd being measured (it has mailplat, hence psycopg).
 # The helper reads one JSON request per line and answers one JSON line.
 
-PG_DEFAULT_DSN = "host=127.0.0.1 port=5432 dbname=test user=postgres"
-
-
-def python_of(script: str) -> str:
-    """The interpreter named on a console script's #! line (a venv's python)."""
-    try:
-        with open(script, "rb") as f:
-            first = f.readline().decode(errors="replace")
-    except OSError:
-        first = ""
-    if first.startswith("#!"):
-        words = first[2:].split()
-        if len(words) == 1 and os.access(words[0], os.X_OK):
-            return words[0]
-    sibling = Path(script).parent / "python"
-    return str(sibling) if sibling.exists() else sys.executable
-
-
-class PgHelper:
-    """A fresh schema, and the queries on it that the benchmark needs."""
-
-    def __init__(self, python: str, dsn: str, schema: str):
-        self.schema = schema
-        self.proc = subprocess.Popen([python, __file__, "--pg-helper", dsn, schema],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        self.call("ping")
-
-    def call(self, op: str, **kw):
-        self.proc.stdin.write((json.dumps({"op": op, **kw}) + "\n").encode())
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            raise SystemExit(f"postgres helper: exited with status {self.proc.wait()} "
-                             f"(is psycopg installed next to twistd?)")
-        answer = json.loads(line)
-        if "error" in answer:
-            raise SystemExit(f"postgres ({op}): {answer['error']}")
-        return answer["result"]
-
-    def close(self):
-        if self.proc.poll() is None:
-            self.proc.stdin.close()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def postmaster_pid(helper: PgHelper) -> int | None:
-    """The local PostgreSQL postmaster (the parent of a backend), or None when
-    the database runs elsewhere: its process tree is measured like the server's."""
-    backend = helper.call("backend_pid")
-    if (_read(f"/proc/{backend}/comm") or "").strip() != "postgres":
-        return None
-    m = re.search(r"^PPid:\s+(\d+)", _read(f"/proc/{backend}/status") or "", re.M)
-    if not m or (_read(f"/proc/{m.group(1)}/comm") or "").strip() != "postgres":
-        return None
-    return int(m.group(1))
-
-
-def pg_helper_main(dsn: str, schema: str) -> int:
-    """Run by the server's Python: answer the benchmark's requests on stdin."""
-    import psycopg
-    from psycopg import sql
-    from psycopg.conninfo import make_conninfo
-
-    try:
-        conn = psycopg.connect(dsn, autocommit=True, application_name=f"{schema}-bench")
-    except psycopg.Error as e:
-        sys.stdout.write(json.dumps({"error": " ".join(str(e).split())}) + "\n")
-        return 1
-    name = sql.Identifier(schema)
-
-    def handle(req: dict):
-        op = req["op"]
-        if op == "ping":
-            return None
-        if op == "conninfo":
-            # mailplat's connections name themselves after the schema.
-            return make_conninfo(dsn, application_name=schema)
-        if op == "backend_pid":
-            return conn.info.backend_pid
-        if op == "count":
-            return conn.execute(sql.SQL("SELECT count(*) FROM {}.messages WHERE address = %s")
-                                .format(name), (req["address"],)).fetchone()[0]
-        if op == "drop":
-            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                         "WHERE application_name = %s AND pid <> pg_backend_pid()", (schema,))
-            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(name))
-            return None
-        raise ValueError(f"unknown request {op!r}")
-
-    for line in sys.stdin:
-        try:
-            answer = {"result": handle(json.loads(line))}
-        except (psycopg.Error, ValueError, KeyError) as e:
-            answer = {"error": " ".join(f"{type(e).__name__}: {e}".split())}
-        sys.stdout.write(json.dumps(answer) + "\n")
-        sys.stdout.flush()
-    conn.close()
-    return 0
-
 
 # --------------------------------------------------------------------------
 # --start-mailplat
@@ -514,41 +366,7 @@ max_connections_per_ip = {max_connections}
 [listen]
 smtp = "tcp:0:interface=127.0.0.1"
 """
-MAILDIR_STORE = """\
-[auth]
-backend = "passwd-file"
-path = "users.passwd"
-[mailbox]
-backend = "maildir"
-path = "mail"
-"""
-POSTGRES_STORE = """\
-[auth]
-backend = "postgres"
-{options}
-[mailbox]
-backend = "postgres"
-{options}
-"""
 LISTEN_RE = re.compile(r"listening on [^\s:]+:(\d+)")
-
-
-def find_command(name: str, explicit: str | None) -> str:
-    if explicit:
-        return explicit
-    candidates = []
-    if os.environ.get("VIRTUAL_ENV"):
-        candidates.append(Path(os.environ["VIRTUAL_ENV"]) / "bin" / name)
-    repo = Path(__file__).resolve().parent.parent
-    candidates += [Path.cwd() / ".venv/bin" / name, repo / ".venv/bin" / name]
-    for c in candidates:
-        if c.is_file() and os.access(c, os.X_OK):
-            return str(c)
-    found = shutil.which(name)
-    if found:
-        return found
-    raise SystemExit(f"cannot find `{name}` ($VIRTUAL_ENV/bin, .venv/bin, PATH); "
-                     f"run `make test` once to create .venv, or pass --{name}")
 
 
 class MailplatServer:
