@@ -128,3 +128,42 @@ def test_routing_tricks_refused_even_when_authenticated(server, recipient):
         client.mail("alice@example.org")
         code, text = client.docmd("RCPT", f"TO:{recipient}")
         assert code == 550 and text.startswith(b"5.7.1")
+
+
+FLAKY_AUTH = '''
+from zope.interface import implementer
+from twisted.plugin import IPlugin
+from mailplat.interfaces import Account, IAuthBackend, IBackendFactory, TemporaryFailure
+
+@implementer(IAuthBackend)
+class Flaky:
+    def authenticate(self, address, password):
+        raise TemporaryFailure("the user database is down")
+
+    def lookup(self, address):
+        return Account(address)
+
+@implementer(IPlugin, IBackendFactory)
+class Factory:
+    kind = "auth"
+    name = "flaky"
+
+    def build(self, options, context):
+        return Flaky()
+
+factory = Factory()
+'''
+
+
+def test_auth_backend_down_is_454(make_server, tmp_path, monkeypatch):
+    """RFC 4954 6: when the auth backend cannot answer, the client hears 454 4.7.0 (retry later), not 535."""
+    from conftest import BASE_CONFIG
+
+    (tmp_path / "flakyauth.py").write_text(FLAKY_AUTH)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    server = make_server(config=BASE_CONFIG.replace('backend = "passwd-file"\npath = "users.passwd"', 'backend = "flakyauth:factory"'))
+    with submit(server) as client:
+        with pytest.raises(smtplib.SMTPAuthenticationError) as refused:
+            client.login(*ALICE)
+    assert refused.value.smtp_code == 454 and refused.value.smtp_error.startswith(b"4.7.0")
+    assert "the user database is down" in server.log() and "Traceback" not in server.log()

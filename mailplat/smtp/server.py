@@ -381,6 +381,10 @@ class SMTPServer(CommandReader, smtp.ESMTP):
             raise Reply(454, "4.7.0", "Too many failed logins from your address; try again later")
         try:
             avatar = await self.factory.checker.requestAvatarId(UsernamePassword(user.encode(), password.encode()))
+        except TemporaryFailure as e:
+            # RFC 4954 6: the auth backend is down, the credentials may be fine.
+            log.warn("{session} auth for {user!r} not checked: {text}", session=self.session, user=user[:100], text=e.text)
+            raise Reply(454, "4.7.0", "Temporary authentication failure; try again later")
         except UnauthorizedLogin:
             failures.failed(self.peer)
             log.info("{session} auth failed for {user!r} from {peer}", session=self.session, user=user[:100], peer=self.peer)
