@@ -30,6 +30,7 @@
 # S flag. ssl = yes (self-signed, 2 days) with disable_plaintext_auth = no,
 # so a client may log in with or without STLS.
 set -eu
+. "$(dirname "$0")/_lib.sh"
 
 DOVECOT=${DOVECOT:-/usr/sbin/dovecot}
 BENCH_USER=${BENCH_USER:-bench@bench.test}
@@ -56,26 +57,6 @@ instance_dir() {
 
 master_pid() {
     tr -d ' \n' < "$1/run/master.pid"
-}
-
-# Poll (up to ~$2 tenths of a second) until command $1 succeeds.
-wait_for() {
-    n=0
-    while ! eval "$1"; do
-        n=$((n + 1))
-        if [ "$n" -ge "$2" ]; then return 1; fi
-        sleep 0.1
-    done
-}
-
-port_open() {
-    python3 - "$1" <<'EOF' 2>/dev/null
-import socket, sys
-s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=1)
-banner = s.recv(512)
-s.close()
-sys.exit(0 if banner.startswith(b"+OK") else 1)
-EOF
 }
 
 start_failed() {
@@ -169,7 +150,7 @@ EOF
     if ! "$DOVECOT" -c "$dir/dovecot.conf" >>"$dir/start.log" 2>&1; then
         start_failed "dovecot did not start"
     fi
-    if ! wait_for "[ -s '$dir/run/master.pid' ] && port_open $port" 100; then
+    if ! wait_for "[ -s '$dir/run/master.pid' ] && banner_is $port +OK" 100; then
         start_failed "Dovecot did not start listening on 127.0.0.1:$port"
     fi
     echo "dovecot instance in $dir listening on 127.0.0.1:$port (POP3, STLS)" >&2

@@ -24,6 +24,7 @@
 # files through tmp/ -> new/. Delivery is asynchronous (queue manager), so
 # "count" may lag the number of 250s for a moment after a run.
 set -eu
+. "$(dirname "$0")/_lib.sh"
 
 POSTFIX=${POSTFIX:-/usr/sbin/postfix}
 POSTCONF=${POSTCONF:-/usr/sbin/postconf}
@@ -54,27 +55,6 @@ instance_dir() {
 master_pid() {
     # master.pid holds the PID right-aligned in 10 characters.
     tr -d ' \n' < "$1/queue/pid/master.pid"
-}
-
-# Poll (up to ~$2 tenths of a second) until command $1 succeeds.
-wait_for() {
-    n=0
-    while ! eval "$1"; do
-        n=$((n + 1))
-        if [ "$n" -ge "$2" ]; then return 1; fi
-        sleep 0.1
-    done
-}
-
-port_open() {
-    # bash-free check: python3 is always here (the benchmark needs it anyway).
-    python3 - "$1" <<'EOF' 2>/dev/null
-import socket, sys
-s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=1)
-banner = s.recv(512)
-s.close()
-sys.exit(0 if banner.startswith(b"220") else 1)
-EOF
 }
 
 start_failed() {
@@ -143,33 +123,7 @@ smtpd_client_event_limit_exceptions = 127.0.0.0/8
 in_flow_delay = $IN_FLOW_DELAY
 EOF
 
-    # master.cf: only what this job needs, nothing chrooted (a fresh queue
-    # folder has none of the files a chroot would need).
-    cat > "$dir/etc/master.cf" <<EOF
-127.0.0.1:$port inet n  -       n       -       -       smtpd
-pickup    unix  n       -       n       60      1       pickup
-cleanup   unix  n       -       n       -       0       cleanup
-qmgr      unix  n       -       n       300     1       qmgr
-rewrite   unix  -       -       n       -       -       trivial-rewrite
-bounce    unix  -       -       n       -       0       bounce
-defer     unix  -       -       n       -       0       bounce
-trace     unix  -       -       n       -       0       bounce
-verify    unix  -       -       n       -       1       verify
-flush     unix  n       -       n       1000?   0       flush
-proxymap  unix  -       -       n       -       -       proxymap
-proxywrite unix -       -       n       -       1       proxymap
-smtp      unix  -       -       n       -       -       smtp
-relay     unix  -       -       n       -       -       smtp
-showq     unix  n       -       n       -       -       showq
-error     unix  -       -       n       -       -       error
-retry     unix  -       -       n       -       -       error
-discard   unix  -       -       n       -       -       discard
-local     unix  -       n       n       -       -       local
-virtual   unix  -       n       n       -       -       virtual
-anvil     unix  -       -       n       -       1       anvil
-scache    unix  -       -       n       -       1       scache
-postlog   unix-dgram n  -       n       -       1       postlogd
-EOF
+    { echo "127.0.0.1:$port inet n  -       n       -       -       smtpd"; postfix_services; } > "$dir/etc/master.cf"
 
     # The postfix command prints its fatal errors only when stderr is a
     # terminal (otherwise only to the log), so check first and show why.
@@ -180,7 +134,7 @@ EOF
     if ! "$POSTFIX" -c "$dir/etc" start >>"$dir/start.log" 2>&1; then
         start_failed "postfix start failed"
     fi
-    if ! wait_for "[ -s '$dir/queue/pid/master.pid' ] && port_open $port" 100; then
+    if ! wait_for "[ -s '$dir/queue/pid/master.pid' ] && banner_is $port 220" 100; then
         start_failed "Postfix did not start listening on 127.0.0.1:$port"
     fi
     echo "postfix instance in $dir listening on 127.0.0.1:$port" >&2
