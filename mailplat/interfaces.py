@@ -32,6 +32,7 @@ __all__ = [
     "MaildropEntry",
     "MaildropInUse",
     "MessageFilter",
+    "PartialFailure",
     "PermanentFailure",
     "SpooledMessage",
     "TemporaryFailure",
@@ -240,6 +241,20 @@ class PermanentFailure(DeliveryFailure):
     """Will never work: SMTP answers 5xx."""
 
 
+class PartialFailure(DeliveryFailure):
+    """Delivered to some recipients and not to others.
+
+    ``failed`` maps each recipient that did not get the message to its
+    TemporaryFailure or PermanentFailure.  The SMTP server then answers 250
+    and hands those recipients to the queue, which retries the temporary
+    ones and bounces the permanent ones: nobody gets the message twice.
+    """
+
+    def __init__(self, failed: dict[Account, DeliveryFailure]) -> None:
+        super().__init__(f"not delivered to {len(failed)} recipient(s)")
+        self.failed = failed
+
+
 class MaildropInUse(TemporaryFailure):
     """Another session holds the maildrop's lock: POP3 answers ``-ERR [IN-USE]``."""
 
@@ -333,7 +348,8 @@ class IDeliveryBackend(Interface):
     def deliver(envelope: Envelope, message: SpooledMessage) -> None:
         """Deliver to every recipient; durable once this completes.
 
-        Raise TemporaryFailure or PermanentFailure when it cannot be done.
+        Raise TemporaryFailure or PermanentFailure when it cannot be done
+        for anyone, PartialFailure when it was done for some recipients.
         """
 
 

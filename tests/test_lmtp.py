@@ -356,30 +356,31 @@ def test_a_kept_connection_carries_later_messages(dovecot: Dovecot, mailplat: Ma
     assert dovecot.connections() - before <= 1, dovecot.log()
 
 
-def test_a_recipient_dovecot_does_not_know_is_refused(dovecot: Dovecot, mailplat: MailplatServer) -> None:
+def test_a_recipient_dovecot_does_not_know_is_refused_or_bounced(dovecot: Dovecot, mailplat: MailplatServer) -> None:
     code, text = send(mailplat.port, ["carol@example.org"], message("to-carol"))
     assert code == 554, text
     assert "<carol@example.org>" in text and "550 5.1.1" in text, text
 
-    # With another recipient who gets it: still refused (retrying would only
-    # deliver it to alice again), saying that alice got it.
+    # With another recipient who gets it: accepted (alice has it, once), and
+    # carol's refusal goes to the queue, which bounces it to the sender.
     code, text = send(mailplat.port, ["carol@example.org", "alice@example.org"], message("to-carol-and-alice"))
-    assert code == 554, text
-    assert "<carol@example.org>" in text and "delivered to 1 other recipient" in text, text
+    assert code == 250, text
     assert len(dovecot.messages("alice@example.org", "to-carol-and-alice")) == 1
-    assert re.search(r"did not take the message for <carol@example\.org>: 550 5\.1\.1", mailplat.log())
+    assert re.search(r"<carol@example\.org> queued after: mailbox server refused <carol@example\.org>: 550 5\.1\.1", mailplat.log())
+    wait_for(lambda: "<carol@example.org> failed" in mailplat.log() and "bounce" in mailplat.log(), what="carol's bounce")
+    assert len(dovecot.messages("alice@example.org", "to-carol-and-alice")) == 1
 
 
-def test_a_full_mailbox_is_a_temporary_failure(dovecot: Dovecot, mailplat: MailplatServer) -> None:
+def test_a_full_mailbox_is_a_temporary_failure_then_queued(dovecot: Dovecot, mailplat: MailplatServer) -> None:
     code, text = send(mailplat.port, ["dave@example.org"], message("to-dave"))
     assert code == 451, text
     assert "<dave@example.org>" in text and "452 4.2.2" in text, text
 
-    # alice gets it now, and again when the client retries: a duplicate
-    # rather than dave's copy lost.
+    # With alice too: accepted, alice has it once, and dave waits in the queue.
     code, text = send(mailplat.port, ["alice@example.org", "dave@example.org"], message("to-alice-and-dave"))
-    assert code == 451, text
-    assert "delivered to 1 other recipient" in text, text
+    assert code == 250, text
+    assert len(dovecot.messages("alice@example.org", "to-alice-and-dave")) == 1
+    wait_for(lambda: re.search(r"<dave@example\.org> pending: .*452 4\.2\.2", mailplat.log()), what="dave's retry to be scheduled")
     assert len(dovecot.messages("alice@example.org", "to-alice-and-dave")) == 1
 
 

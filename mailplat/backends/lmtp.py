@@ -33,20 +33,13 @@ Failures: a server that cannot be reached, does not answer within
 details go to the log, not to the SMTP client.  A recipient refused with
 5xx is a permanent failure, anything else that is not 2xx a temporary one.
 
-Partial success.  mailplat's SMTP server calls ``deliver`` once for all of
-a message's local recipients and answers its client once, and
-:class:`~mailplat.interfaces.Envelope` has no way to report one
-recipient's outcome; so when the LMTP server took the message for some
-recipients and not for others:
-
-- if every refusal is permanent (5xx), the whole message fails with
-  PermanentFailure (554): retrying could never help the refused recipients
-  and would only deliver it again to the others.  The client bounces the
-  message for every recipient of the transaction; the reply text names the
-  refused recipient and says how many others did get the message.
-- if any refusal is temporary (4xx, or no reply at all), the whole message
-  fails with TemporaryFailure (451): the client retries, and the recipients
-  who already got it get it again.  A duplicate is better than mail lost.
+Partial success: when the LMTP server took the message for some
+recipients and not for others, ``deliver`` raises PartialFailure naming
+each refused recipient (5xx: permanent, anything else: temporary); the
+SMTP client hears 250 and mailplat's queue retries or bounces those
+recipients, so nobody gets the message twice.  When no recipient got it,
+the whole message fails: PermanentFailure (554) if every refusal was
+permanent, else TemporaryFailure (451).
 
 Folders.  An envelope's ``folder`` (``"Quarantine"`` when a filter
 quarantined the message) has no place in LMTP itself.  With
@@ -85,6 +78,7 @@ from mailplat.interfaces import (
     BackendContext,
     Envelope,
     IDeliveryBackend,
+    PartialFailure,
     PermanentFailure,
     SpooledMessage,
     TemporaryFailure,
@@ -441,13 +435,18 @@ class LMTPDelivery(service.Service):
                 queue_id=envelope.queue_id, address=self.address, rcpt=account.address, reply=_safe(str(reply)),
             )
         delivered = len(replies) - len(failed)
+        if delivered:
+            raise PartialFailure({
+                account: (PermanentFailure if reply.kind == 5 else TemporaryFailure)(
+                    f"mailbox server {'refused' if reply.kind == 5 else 'deferred'} <{account.address}>: {_safe(str(reply))[:MAX_TEXT]}"
+                )
+                for account, reply in failed
+            })
         permanent = all(reply.kind == 5 for _, reply in failed)
         account, reply = next(((a, r) for a, r in failed if r.kind != 5), failed[0])
         text = f"mailbox server {'refused' if permanent else 'deferred'} <{account.address}>: {_safe(str(reply))[:MAX_TEXT]}"
         if len(failed) > 1:
             text += f" (and {len(failed) - 1} more)"
-        if delivered:
-            text += f"; delivered to {delivered} other recipient{'s' if delivered > 1 else ''}"
         if permanent:
             raise PermanentFailure(text)
         raise TemporaryFailure(text)

@@ -14,6 +14,7 @@ from mailplat.interfaces import (
     DeliveryFailure,
     Envelope,
     IDeliveryBackend,
+    PartialFailure,
     PermanentFailure,
     SpooledMessage,
     TemporaryFailure,
@@ -46,10 +47,12 @@ class LocalDelivery:
                 log.failure("{queue_id}: delivery to {rcpt} failed", failure, queue_id=envelope.queue_id, rcpt=account.address)
         if not failures:
             return
-        if all(f.check(PermanentFailure) for _, f in failures) and len(failures) == len(results):
+        if len(failures) < len(results):
+            raise PartialFailure({account: failure.value if failure.check(DeliveryFailure) else
+                                  TemporaryFailure("local delivery failed; try again later") for account, failure in failures})
+        if all(f.check(PermanentFailure) for _, f in failures):
             raise PermanentFailure(failures[0][1].value.text)
         raise TemporaryFailure("local delivery failed; try again later")
-
 
     def _deliver_one(self, account: Any, envelope: Envelope, message: SpooledMessage) -> defer.Deferred[Any]:
         # Only a folder is passed on, so that a mailbox backend written

@@ -19,7 +19,15 @@ from twisted.logger import Logger
 
 from mailplat.config import RelaySettings
 from mailplat.fsutil import GroupCommit
-from mailplat.interfaces import DeliveryFailure, Envelope, PermanentFailure, SpooledMessage, TemporaryFailure
+from mailplat.interfaces import (
+    Account,
+    DeliveryFailure,
+    Envelope,
+    PartialFailure,
+    PermanentFailure,
+    SpooledMessage,
+    TemporaryFailure,
+)
 from mailplat.plugins import call
 from mailplat.smtp.bounce import FailedRecipient, build_bounce, is_bounce
 from mailplat.smtp.queue import DONE, FAILED, Queue, QueuedMessage, QueuedRecipient
@@ -205,8 +213,13 @@ class QueueRunner(service.Service):
         by_domain: dict[str, list[QueuedRecipient]] = {}
         for recipient in message.pending(now):
             by_domain.setdefault(recipient.domain, []).append(recipient)
+        resolver, _ = self.local
         for domain, recipients in by_domain.items():
-            await self._relay_domain(message, domain, recipients)
+            if resolver.is_hosted(domain):
+                # Our own users whose delivery failed when the message came in.
+                await self._deliver_locally(message, recipients)
+            else:
+                await self._relay_domain(message, domain, recipients)
             # The "done" mark right after each domain: the duplicate window is one transaction.
             # When every recipient is done, removing the message is that mark.
             if not all(r.state == DONE for r in message.recipients):
@@ -249,15 +262,53 @@ class QueueRunner(service.Service):
                 r.last_error = error.text
                 permanent = isinstance(error, PermanentFailure)
                 r.status = "5.1.10" if permanent and "null MX" in error.text else ("5.4.4" if permanent else "4.4.1")
-            if permanent:
-                r.state = FAILED
-            elif now - message.created > self.relay.max_age:
-                r.state, r.status = FAILED, "4.4.7"
-                r.last_error = f"gave up after {int((now - message.created) / 3600)} hours; last error: {r.last_error}"
-            else:
-                delay = min(self.relay.retry_initial * 2 ** (r.attempts - 1), self.relay.retry_max)
-                r.next_try = now + delay
-            log.info("{queue_id}: <{rcpt}> {state}: {error}", queue_id=message.id, rcpt=r.address, state=r.state, error=r.last_error)
+            self._failed(message, r, permanent, now)
+
+    def _failed(self, message: QueuedMessage, r: QueuedRecipient, permanent: bool, now: float) -> None:
+        """A recipient's attempt failed: bounce it, give up on it, or schedule the next try."""
+        if permanent:
+            r.state = FAILED
+        elif now - message.created > self.relay.max_age:
+            r.state, r.status = FAILED, "4.4.7"
+            r.last_error = f"gave up after {int((now - message.created) / 3600)} hours; last error: {r.last_error}"
+        else:
+            delay = min(self.relay.retry_initial * 2 ** (r.attempts - 1), self.relay.retry_max)
+            r.next_try = now + delay
+        log.info("{queue_id}: <{rcpt}> {state}: {error}", queue_id=message.id, rcpt=r.address, state=r.state, error=r.last_error)
+
+    async def _deliver_locally(self, message: QueuedMessage, recipients: list[QueuedRecipient]) -> None:
+        """Hand the message to the delivery backend for these accounts of ours."""
+        _, delivery = self.local
+
+        def spooled() -> SpooledMessage:
+            if message.inline:
+                content = self.queue.inline_content(message)
+                return SpooledMessage("", len(content), message.sender, content)
+            path = self.queue.message_path(message.id)
+            return SpooledMessage(path, os.path.getsize(path), message.sender)
+
+        envelope = Envelope(message.id, message.sender, tuple(Account(r.address) for r in recipients))
+        failed: dict[str, DeliveryFailure] = {}
+        try:
+            await call(delivery.deliver, envelope, await self._thread(spooled))
+        except PartialFailure as e:
+            failed = {account.address: failure for account, failure in e.failed.items()}
+        except DeliveryFailure as e:
+            failed = dict.fromkeys((r.address for r in recipients), e)
+        except Exception:
+            log.failure("{queue_id}: local delivery failed", queue_id=message.id)
+            failed = dict.fromkeys((r.address for r in recipients), TemporaryFailure("local delivery failed"))
+        now = time.time()
+        for r in recipients:
+            r.attempts += 1
+            failure = failed.get(r.address)
+            if failure is None:
+                r.state, r.last_error, r.status = DONE, "delivered", "2.0.0"
+                log.info("{queue_id}: delivered to <{rcpt}>", queue_id=message.id, rcpt=r.address)
+                continue
+            permanent = isinstance(failure, PermanentFailure)
+            r.last_error, r.status = failure.text, "5.2.0" if permanent else "4.2.0"
+            self._failed(message, r, permanent, now)
 
     async def _hosts(self, domain: str) -> list[tuple[str, str, int]]:
         if self.smarthost:

@@ -27,7 +27,7 @@ from twisted.mail import smtp
 from mailplat.addresses import AddressError, AliasResolver, MailPath, parse_path, validate_address, validate_domain
 from mailplat.config import SMTPLimits
 from mailplat.connections import ConnectionCounter, set_no_delay
-from mailplat.interfaces import Account, Client, DeliveryFailure, Envelope, PermanentFailure, TemporaryFailure
+from mailplat.interfaces import Account, Client, DeliveryFailure, Envelope, PartialFailure, PermanentFailure, TemporaryFailure
 from mailplat.linereader import CommandReader
 from mailplat.plugins import call
 from mailplat.smtp.filtering import FilterChain, Outcome, header_block
@@ -632,12 +632,20 @@ class SMTPServer(CommandReader, smtp.ESMTP):
                 authenticated_as=self.authenticated_as,
                 folder=folder,
             )
+            queued = list(transaction.remote)
             try:
                 if envelope.recipients:
-                    await call(self.factory.delivery.deliver, envelope, message)
-                if transaction.remote:
+                    try:
+                        await call(self.factory.delivery.deliver, envelope, message)
+                    except PartialFailure as partial:
+                        # Delivered to the others: the queue retries (or bounces) these alone.
+                        for account, failure in partial.failed.items():
+                            log.info("{session} {queue_id} <{rcpt}> queued after: {text}", session=self.session,
+                                     queue_id=queue_id, rcpt=account.address, text=failure.text)
+                        queued += [account.address for account in partial.failed]
+                if queued:
                     assert self.factory.outbound is not None
-                    await self.factory.outbound.enqueue(queue_id, transaction.sender, transaction.remote, message)
+                    await self.factory.outbound.enqueue(queue_id, transaction.sender, queued, message)
             except DeliveryFailure as e:
                 code, status = (554, "5.0.0") if isinstance(e, PermanentFailure) else (451, "4.3.0")
                 log.info("{session} {queue_id} not delivered: {text}", session=self.session, queue_id=queue_id, text=e.text)
@@ -650,7 +658,7 @@ class SMTPServer(CommandReader, smtp.ESMTP):
             log.info(
                 "{session} {queue_id} delivered from=<{sender}> size={size} to={rcpts}",
                 session=self.session, queue_id=queue_id, sender=transaction.sender,
-                size=message.size, rcpts=",".join([a.address for a in envelope.recipients] + [f"{r} (queued)" for r in transaction.remote]),
+                size=message.size, rcpts=",".join([a.address for a in envelope.recipients if a.address not in queued] + [f"{r} (queued)" for r in queued]),
             )
             self.reply(250, "2.0.0", f"OK: queued as {queue_id}")
         finally:

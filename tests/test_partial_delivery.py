@@ -1,0 +1,33 @@
+"""A message whose delivery fails for some local recipients: the others get
+it once, and the queue retries the rest (the client hears 250)."""
+
+from __future__ import annotations
+
+import smtplib
+import subprocess
+
+from conftest import MAILPLAT, message, wait_for
+
+
+def copies(server, address: str, subject: str) -> int:
+    return sum(f"Subject: {subject}\r\n".encode() in m for m in server.messages(address))
+
+
+def test_one_mailbox_failing_does_not_hold_the_others(make_server):
+    server = make_server()
+    # bob's maildir cannot be created: a file stands where it goes.
+    blocker = server.maildir("bob@example.org")
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_text("in the way")
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+        refused = client.sendmail("someone@remote.test", ["alice@example.org", "bob@example.org"], message("partial"))
+    assert refused == {}
+    assert copies(server, "alice@example.org", "partial") == 1
+    wait_for(lambda: "<bob@example.org> pending" in server.log(), what="bob's retry to be scheduled")
+
+    blocker.unlink()
+    flushed = subprocess.run([MAILPLAT, "--config", str(server.config_path), "queue", "flush"], capture_output=True, text=True, timeout=60)
+    assert flushed.returncode == 0, flushed.stderr
+    wait_for(lambda: copies(server, "bob@example.org", "partial") == 1, what="bob's copy after the flush")
+    wait_for(lambda: "removed from the queue" in server.log(), what="the queue to empty")
+    assert copies(server, "alice@example.org", "partial") == 1
