@@ -84,11 +84,16 @@ class QueueRunner(service.Service):
             self._loop.stop()
         self.sessions.close()
 
-    def enqueue(self, queue_id: str, sender: str, recipients: list[str], message: SpooledMessage) -> defer.Deferred[None]:
-        """Store a message durably for relaying (the caller answers 250 after this)."""
+    def enqueue(
+        self, queue_id: str, sender: str, recipients: list[str], message: SpooledMessage, folder: str = "",
+    ) -> defer.Deferred[None]:
+        """Store a message durably for relaying (the caller answers 250 after this).
+
+        ``folder`` is where our own recipients' copies go (a filter's quarantine).
+        """
         def store() -> None:
             with message.open() as source:
-                self.queue.enqueue(queue_id, sender, recipients, source)
+                self.queue.enqueue(queue_id, sender, recipients, source, folder)
 
         def stored(result: None) -> None:
             # Queued by this process: due now, and no need to wait for the next tick.
@@ -103,7 +108,7 @@ class QueueRunner(service.Service):
 
         if message.content is not None:
             # One file, envelope and message, in a group commit.
-            envelope = self.queue.new_envelope(queue_id, sender, recipients)
+            envelope = self.queue.new_envelope(queue_id, sender, recipients, folder)
             envelope.inline = True
             path = self.queue.envelope_path(queue_id)
             written = self.committer.write(path + ".tmp", path, self.queue.envelope_data(envelope, message.content))
@@ -287,7 +292,7 @@ class QueueRunner(service.Service):
             path = self.queue.message_path(message.id)
             return SpooledMessage(path, os.path.getsize(path), message.sender)
 
-        envelope = Envelope(message.id, message.sender, tuple(Account(r.address) for r in recipients))
+        envelope = Envelope(message.id, message.sender, tuple(Account(r.address) for r in recipients), folder=message.folder)
         failed: dict[str, DeliveryFailure] = {}
         try:
             await call(delivery.deliver, envelope, await self._thread(spooled))

@@ -52,6 +52,8 @@ class QueuedMessage:
     recipients: list[QueuedRecipient] = field(default_factory=list)
     # True: the message follows the envelope line in env/ID.json (no msg/ID).
     inline: bool = False
+    # The mailbox folder for our own recipients (a filter's quarantine).
+    folder: str = ""
 
     def pending(self, now: float) -> list[QueuedRecipient]:
         return [r for r in self.recipients if r.state == PENDING and r.next_try <= now]
@@ -90,7 +92,7 @@ class Queue:
     def message_path(self, queue_id: str) -> str:
         return os.path.join(self.messages_dir, queue_id)
 
-    def enqueue(self, queue_id: str, sender: str, recipients: list[str], source: Any) -> None:
+    def enqueue(self, queue_id: str, sender: str, recipients: list[str], source: Any, folder: str = "") -> None:
         """Store a message durably: the message file, then its envelope (both fsynced)."""
         path = self.message_path(queue_id)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -100,12 +102,12 @@ class Queue:
             out.flush()
             os.fsync(out.fileno())
         fsync_directory(self.messages_dir)
-        self.save(self.new_envelope(queue_id, sender, recipients))
+        self.save(self.new_envelope(queue_id, sender, recipients, folder))
 
     @staticmethod
-    def new_envelope(queue_id: str, sender: str, recipients: list[str]) -> QueuedMessage:
+    def new_envelope(queue_id: str, sender: str, recipients: list[str], folder: str = "") -> QueuedMessage:
         now = time.time()
-        return QueuedMessage(queue_id, sender, now, [QueuedRecipient(r, next_try=now) for r in recipients])
+        return QueuedMessage(queue_id, sender, now, [QueuedRecipient(r, next_try=now) for r in recipients], folder=folder)
 
     def envelope_path(self, queue_id: str) -> str:
         return os.path.join(self.envelopes_dir, f"{queue_id}.json")

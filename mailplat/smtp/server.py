@@ -645,7 +645,7 @@ class SMTPServer(CommandReader, smtp.ESMTP):
                         queued += [account.address for account in partial.failed]
                 if queued:
                     assert self.factory.outbound is not None
-                    await self.factory.outbound.enqueue(queue_id, transaction.sender, queued, message)
+                    await self.factory.outbound.enqueue(queue_id, transaction.sender, queued, message, folder)
             except DeliveryFailure as e:
                 code, status = (554, "5.0.0") if isinstance(e, PermanentFailure) else (451, "4.3.0")
                 log.info("{session} {queue_id} not delivered: {text}", session=self.session, queue_id=queue_id, text=e.text)
