@@ -381,7 +381,14 @@ class IMessageFilter(Interface):
 
 @implementer(IMessageFilter)
 class MessageFilter:
-    """A filter with no opinion at any step: override the ones you need."""
+    """A filter with no opinion at any step: override the ones you need.
+
+    ``owned_headers`` names the header fields this filter writes: mailplat
+    removes them from incoming messages (on the listeners the filter runs
+    on), so that a sender cannot write ``X-Spam-Status: No`` for it.
+    """
+
+    owned_headers: tuple[str, ...] = ()
 
     def check_connect(self, client: Client) -> Verdict | None:
         return None

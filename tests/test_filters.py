@@ -24,6 +24,7 @@ from mailplat.interfaces import IBackendFactory, MessageFilter, Verdict
 class Scripted(MessageFilter):
     def __init__(self, steps, header, seen_file):
         self.steps, self.header, self.seen_file = steps, header, seen_file
+        self.owned_headers = (header,) if header else ()
 
     def _verdict(self, step, detail):
         if self.seen_file:
@@ -144,6 +145,18 @@ def test_every_step_is_asked_in_order_and_headers_are_added(filtered_server):
     size_line = [line for line in seen if line.startswith("data")][0]
     read, size = size_line.split()[1].split("=")
     assert read == size  # the filter read the whole spooled message, as big as it says
+
+
+def test_headers_a_filter_owns_are_removed_from_incoming_mail(filtered_server):
+    """A sender cannot write the filter's verdict: its X-Scripted fields, folded or not, are gone; ours are there."""
+    server = filtered_server(scripted(header="X-Scripted"))
+    forged = b"X-Scripted: data ok (forged)\r\nx-scripted:\r\n  folded forgery\r\nX-Scripted-Other: kept\r\n" + message("owned")
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+        client.sendmail("someone@remote.test", ["alice@example.org"], forged)
+    delivered = server.messages("alice@example.org")[0]
+    assert b"forged" not in delivered and b"forgery" not in delivered
+    assert b"X-Scripted-Other: kept\r\n" in delivered
+    assert delivered.count(b"X-Scripted: ") == 5  # ours: one per step
 
 
 def test_reject_at_each_step(filtered_server):

@@ -451,3 +451,14 @@ def test_oversized_results_field_is_dropped():
     huge = b"Authentication-Results: elsewhere.test;\r\n" + b" x=y\r\n" * 3000 + b"Subject: s\r\n\r\nbody\r\n.\r\n"
     content, d = strip_forged(huge, random_sizes(huge, 3, 500))
     assert content == b"Subject: s\r\n\r\nbody\r\n" and d.removed_results == 1
+
+
+def test_fields_our_filters_own_are_removed():
+    """Fields named in owned_fields go whatever they say, folded too; a longer name that starts the same stays."""
+    sink = io.BytesIO()
+    d = decoder(sink)
+    d.owned_fields = frozenset({b"x-spam-status:"})
+    stream = b"X-Spam-Status: No\r\n\tscore=-100\r\nx-spam-status-extra: 1\r\nSubject: s\r\n\r\nX-Spam-Status: body\r\n.\r\n"
+    assert d.feed(stream) == b""
+    d.finish()
+    assert sink.getvalue() == b"x-spam-status-extra: 1\r\nSubject: s\r\n\r\nX-Spam-Status: body\r\n"

@@ -160,6 +160,8 @@ class _Instream(Protocol):
 class ClamdFilter(MessageFilter):
     """Scans each message with clamd at the end of DATA."""
 
+    owned_headers = ("X-Virus-Scanned", "X-Virus")
+
     def __init__(self, address: str, endpoint: Any, action: str, max_size: int, hostname: str) -> None:
         self.address = address
         self.endpoint = endpoint

@@ -144,6 +144,8 @@ class Listing:
 class DNSBLFilter(MessageFilter):
     """Looks the client up in every zone at once; refuses at RCPT or tags at DATA."""
 
+    owned_headers = ("X-DNSBL",)
+
     def __init__(
         self, zones: Sequence[str], action: str, skip: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network], resolver: Any, clock: Any
     ) -> None:

@@ -290,6 +290,8 @@ class _SymbolsRequest(Protocol):
 class SpamdFilter(MessageFilter):
     """Asks spamd about each message at the end of DATA."""
 
+    owned_headers = ("X-Spam-Status", "X-Spam-Score", "X-Spam-Flag")
+
     def __init__(
         self, endpoint: Any, address: str, max_size: int, user: str | None, action: str, reject_score: float | None,
     ) -> None:

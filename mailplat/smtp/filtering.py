@@ -70,6 +70,10 @@ class FilterChain:
     def __init__(self, filters: Sequence[ConfiguredFilter], clock: Any) -> None:
         self.filters = tuple(filters)
         self.clock = clock
+        # Header fields the filters write ("x-spam-status:"), removed from incoming mail.
+        self.owned_fields = frozenset(
+            f"{name.lower()}:".encode("ascii") for f in self.filters for name in getattr(f.provider, "owned_headers", ())
+        )
 
     def __bool__(self) -> bool:
         return bool(self.filters)

@@ -64,8 +64,11 @@ class DataDecoder:
         self.header_names: set[bytes] = set()
         self.add_headers: Callable[[set[bytes]], bytes] | None = None
         # Our authserv-id (lower case): Authentication-Results fields claiming
-        # to come from us are forgeries and are removed (RFC 8601 5).
+        # to come from us are forgeries and are removed (RFC 8601 5).  So are
+        # fields named in ``owned_fields`` (lower case, with the colon): the
+        # ones our filters write, which only they may (X-Spam-Status...).
         self.authserv_id: bytes | None = None
+        self.owned_fields: frozenset[bytes] = frozenset()
         self.removed_results = 0
         self._results_field: bytes | None = None  # one being read, with its folded lines
         self._results_too_long = False
@@ -123,7 +126,7 @@ class DataDecoder:
             content = content[1:]
         if self._in_headers:
             end = self._scan_headers(content, at_line_start)
-            if self.authserv_id is not None:
+            if self.authserv_id is not None or self.owned_fields:
                 head = content if end < 0 else content[:end]
                 kept = self._without_forged_results(head, ended=end >= 0)
                 content = kept + content[len(head):]
@@ -152,7 +155,8 @@ class DataDecoder:
 
     def _without_forged_results(self, head: bytes, ended: bool) -> bytes:
         """Header lines (whole CRLF lines) minus Authentication-Results fields
-        carrying our authserv-id; a field may be folded across chunks."""
+        carrying our authserv-id and fields our filters own; a field may be
+        folded across chunks."""
         kept = []
         for line in head.split(b"\r\n")[:-1]:
             line += b"\r\n"
@@ -163,7 +167,8 @@ class DataDecoder:
                     self._results_field = b"(dropped)"
                 continue
             kept.append(self._finish_results_field())
-            if line[: len(_AUTHENTICATION_RESULTS)].lower() == _AUTHENTICATION_RESULTS:
+            name = line[: line.find(b":") + 1].lower()
+            if name == _AUTHENTICATION_RESULTS or name in self.owned_fields:
                 self._results_field = line
             else:
                 kept.append(line)
@@ -175,6 +180,9 @@ class DataDecoder:
         field, self._results_field = self._results_field, None
         too_long, self._results_too_long = self._results_too_long, False
         if field is None:
+            return b""
+        if field[: field.find(b":") + 1].lower() in self.owned_fields:
+            self.removed_results += 1
             return b""
         value = _COMMENT.sub(b" ", field[len(_AUTHENTICATION_RESULTS) :].replace(b"\r\n", b""))
         # authserv-id [version] ";" ... (RFC 8601 2.2)

@@ -567,6 +567,7 @@ class SMTPServer(CommandReader, smtp.ESMTP):
         if self.factory.submission:
             self._decoder.add_headers = self._missing_headers
         self._decoder.authserv_id = self.factory.hostname.lower().encode()
+        self._decoder.owned_fields = self.factory.filters.owned_fields
         self.mode = DATA
         self.reply(354, "", "End data with <CR><LF>.<CR><LF>")
 
