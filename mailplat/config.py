@@ -397,12 +397,16 @@ def _listen(table: _Reader) -> dict[str, str]:
             continue
         try:
             # Parsing builds the endpoint object without listening on it.
-            endpoints.serverFromString(reactor, value)
+            endpoint = endpoints.serverFromString(reactor, value)
         except Exception as e:  # Twisted raises ValueError, TypeError, KeyError...
             raise table.error(
                 name, f"{value!r} is not a Twisted endpoint: {e}",
                 'e.g. "tcp:25" or "tcp:2525:interface=127.0.0.1"; TLS comes from [tls], not the endpoint',
             )
+        # Twisted takes any integer as a TCP port; the kernel then refuses it at bind time.
+        port = getattr(endpoint, "_port", 0)
+        if isinstance(port, int) and not 0 <= port <= 65535:
+            raise table.error(name, f"{value!r}: {port} is not a TCP port (0 to 65535)", 'e.g. "tcp:25"')
         listen[name] = value
     table.finish(list(ListenerNames))
     return listen
