@@ -42,6 +42,10 @@ def validate_domain(domain: str) -> str:
     labels = domain.split(".")
     if len(labels) < 2 or not all(_LABEL.match(label) for label in labels):
         raise AddressError(f"{domain!r} is not a valid domain name (letters, digits, '-' and dots)")
+    if labels[-1].isdigit():
+        # RFC 3696 2: a top-level domain is never all digits, so this is an
+        # IP address, which mail names as an address literal: [192.0.2.1].
+        raise AddressError(f"{domain!r} is an IP address, not a domain name")
     return domain
 
 
