@@ -1,1 +1,1 @@
-"""Built-in message filters (see ``IMessageFilter``): spamd, clamd, dnsbl."""
+"""Built-in message filters (see ``IMessageFilter``): spamd, clamd, dnsbl, authentication."""

@@ -35,8 +35,6 @@ import struct
 from typing import IO, Any
 
 from twisted.internet import defer
-from twisted.internet.endpoints import connectProtocol
-from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import IPullProducer
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
@@ -44,6 +42,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailplat.config import ConfigError
+from mailplat.filters.daemon import connect, too_big
 from mailplat.interfaces import BackendContext, Client, MessageFilter, SpooledMessage, Verdict
 from mailplat.options import client_endpoint, refuse_unknown
 
@@ -170,18 +169,11 @@ class ClamdFilter(MessageFilter):
         self.hostname = hostname
 
     async def check_data(self, client: Client, sender: str, recipients: tuple[str, ...], message: SpooledMessage) -> Verdict | None:
-        if message.size > self.max_size:
-            log.info(
-                "clamd: message from {client} not scanned: {size} bytes is more than max_size {max_size}",
-                client=client.address, size=message.size, max_size=self.max_size,
-            )
+        if too_big("clamd", client, message, self.max_size):
             return None
         with message.open() as stream:
             protocol = _Instream(stream)
-            try:
-                await connectProtocol(self.endpoint, protocol)
-            except ConnectError as e:
-                raise ClamdError(f"cannot reach clamd at {self.address}: {e}") from e
+            await connect(self.endpoint, protocol, "clamd", self.address, ClamdError)
             reply = await protocol.reply
         virus = parse_reply(reply)
         scanned = ("X-Virus-Scanned", f"clamd ({self.hostname})")

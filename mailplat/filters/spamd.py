@@ -55,7 +55,6 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from twisted.internet import defer
-from twisted.internet.endpoints import connectProtocol
 from twisted.internet.interfaces import IPullProducer
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
@@ -63,6 +62,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailplat.config import ConfigError
+from mailplat.filters.daemon import connect, too_big
 from mailplat.interfaces import BackendContext, Client, MessageFilter, SpooledMessage, Verdict
 from mailplat.options import client_endpoint, refuse_unknown
 
@@ -303,20 +303,11 @@ class SpamdFilter(MessageFilter):
         self.reject_score = reject_score
 
     async def check_data(self, client: Client, sender: str, recipients: tuple[str, ...], message: SpooledMessage) -> Verdict | None:
-        if message.size > self.max_size:
-            log.info(
-                "spamd: message from {client} not checked: {size} bytes is more than max_size {max_size}",
-                client=client.address, size=message.size, max_size=self.max_size,
-            )
+        if too_big("spamd", client, message, self.max_size, "not checked"):
             return None
         with message.open() as stream:
             request = _SymbolsRequest(request_head(message.size, self.user), stream, message.size)
-            try:
-                await connectProtocol(self.endpoint, request)
-            except defer.CancelledError:
-                raise
-            except Exception as e:
-                raise SpamdError(f"cannot reach spamd at {self.address}: {e}") from e
+            await connect(self.endpoint, request, "spamd", self.address, SpamdError)
             result = await request.result
         return self.verdict(result)
 
