@@ -1,5 +1,14 @@
 # Shell functions the benchmark scripts share; sourced, not run.
 
+# The folder of the instance started on $port (recorded in $statefile).
+instance_dir() {
+    if [ ! -f "$statefile" ]; then
+        echo "no benchmark $server_name instance on port $port ($statefile missing)" >&2
+        return 1
+    fi
+    cat "$statefile"
+}
+
 # Poll (up to ~$2 tenths of a second) until command $1 succeeds.
 wait_for() {
     n=0

@@ -45,15 +45,8 @@ port=${2:-1110}
 case $port in
     ''|*[!0-9]*) usage ;;
 esac
+server_name=Dovecot
 statefile=/tmp/mailplat-bench-dovecot-$port.dir
-
-instance_dir() {
-    if [ ! -f "$statefile" ]; then
-        echo "no benchmark Dovecot instance on port $port ($statefile missing)" >&2
-        return 1
-    fi
-    cat "$statefile"
-}
 
 master_pid() {
     tr -d ' \n' < "$1/run/master.pid"

@@ -42,15 +42,8 @@ port=${2:-2525}
 case $port in
     ''|*[!0-9]*) echo "usage: $0 start|stop|pids|dir|count [PORT]" >&2; exit 2 ;;
 esac
+server_name=Postfix
 statefile=/tmp/mailplat-bench-postfix-$port.dir
-
-instance_dir() {
-    if [ ! -f "$statefile" ]; then
-        echo "no benchmark Postfix instance on port $port ($statefile missing)" >&2
-        return 1
-    fi
-    cat "$statefile"
-}
 
 master_pid() {
     # master.pid holds the PID right-aligned in 10 characters.
