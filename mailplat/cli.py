@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def dkim_keygen(settings: Settings, args: argparse.Namespace) -> int:
     """Write a key (mode 0600, never over an existing file) and say what to publish and configure."""
-    from mailplat.dkim import generate_key
+    from mailplat.mailauth.dkim import generate_key
 
     domain = args.domain.strip().lower().rstrip(".")
     if domain not in settings.domains:
@@ -184,7 +184,7 @@ def user_command(settings: Settings, args: argparse.Namespace) -> int:
 
 def _print_queue(queue: Any) -> int:
     """One line per message and one per recipient, written in one go."""
-    from mailplat.smtp.queue import PENDING
+    from mailplat.queue.store import PENDING
 
     times: dict[int, str] = {}
 
@@ -209,7 +209,7 @@ def _print_queue(queue: Any) -> int:
 
 
 def queue_command(settings: Settings, args: argparse.Namespace) -> int:
-    from mailplat.smtp.queue import Queue
+    from mailplat.queue.store import Queue
 
     queue = Queue(os.path.join(settings.data_dir, "queue"))
     if not os.path.isdir(queue.envelopes_dir):

@@ -475,7 +475,7 @@ class _Doctor:
                 "DKIM", domain, WARN, f"no [dkim.\"{domain}\"] table: mail from {domain} is not signed (DMARC then rests on SPF alone)",
                 f"mailplat --config {self.settings.path} dkim keygen {domain}",
             )
-        from mailplat.dkim import dns_record
+        from mailplat.mailauth.dkim import dns_record
 
         name = f"{settings.selector}._domainkey.{domain}"
         expected = dns_record(settings.key)

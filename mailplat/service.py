@@ -26,8 +26,8 @@ from mailplat.interfaces import BackendContext
 from mailplat.plugins import build_backend, call
 from mailplat.pop3.server import LoginFailures, POP3Factory
 from mailplat.smtp.filtering import ConfiguredFilter, FilterChain
-from mailplat.smtp.outbound import QueueRunner
-from mailplat.smtp.queue import Queue
+from mailplat.queue.runner import QueueRunner
+from mailplat.queue.store import Queue
 from mailplat.smtp.receiving import Spool
 from mailplat.smtp.server import SMTPFactory
 from mailplat.tls import load_server_context
@@ -125,7 +125,7 @@ def make_service(
 
     signer = None
     if settings.dkim:
-        from mailplat.dkim import Signer
+        from mailplat.mailauth.dkim import Signer
 
         signer = Signer(settings.dkim)
     checker = AuthBackendChecker(auth)

@@ -9,7 +9,6 @@ A worker that dies is restarted; a worker whose main process dies exits.
 
 from __future__ import annotations
 
-import argparse
 import os
 import socket
 import sys
@@ -20,12 +19,10 @@ from twisted.internet import defer, protocol
 from twisted.logger import (
     Logger,
     eventFromJSON,
-    globalLogBeginner,
     globalLogPublisher,
-    jsonFileLogObserver,
 )
 
-__all__ = ["WorkerPool", "adopt_port", "main"]
+__all__ = ["WorkerPool", "adopt_port"]
 
 log = Logger()
 
@@ -85,7 +82,7 @@ class WorkerPool(service.Service):
     def spawn(self, number: int) -> None:
         if not self.running:
             return
-        args = [sys.executable, "-m", "mailplat.workers", "--config", self.config_path, "--worker", str(number)]
+        args = [sys.executable, "-m", "mailplat.worker", "--config", self.config_path, "--worker", str(number)]
         # The child's stdin is a pipe from us: when we die, it reads EOF and exits.
         child_fds: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
         for child_fd, listener in enumerate(self.listeners, start=3):
@@ -129,41 +126,3 @@ def adopt_port(reactor: Any, fd: int, factory: Any) -> Any:
     port = reactor.adoptStreamPort(fd, kind, factory)
     os.close(fd)  # adoptStreamPort duplicated it
     return port
-
-
-def main(argv: list[str] | None = None) -> None:
-    """A worker process: the same service, on inherited sockets."""
-    parser = argparse.ArgumentParser(prog="mailplat-worker")
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--worker", type=int, required=True)
-    parser.add_argument("--listen", action="append", default=[], help="NAME=FD")
-    args = parser.parse_args(argv)
-
-    from twisted.internet import reactor, stdio
-
-    from mailplat.config import ConfigError, load
-    from mailplat.service import make_service
-
-    # Record separators frame each event; the main process re-logs them.
-    globalLogBeginner.beginLoggingTo([jsonFileLogObserver(sys.stdout)], redirectStandardIO=False)
-    inherited = {name: int(fd) for name, _, fd in (item.partition("=") for item in args.listen)}
-    try:
-        top = make_service(load(args.config), reactor, worker=args.worker, inherited=inherited)
-    except ConfigError as e:
-        print(f"mailplat: {e}", file=sys.stderr)
-        raise SystemExit(1)
-
-    class _Parent(protocol.Protocol):
-        def connectionLost(self, reason: Any = None) -> None:
-            if reactor.running:
-                reactor.stop()
-
-    stdio.StandardIO(_Parent(), stdin=0, stdout=os.open(os.devnull, os.O_WRONLY))
-    top.privilegedStartService()
-    top.startService()
-    reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
-    reactor.run()
-
-
-if __name__ == "__main__":
-    main()

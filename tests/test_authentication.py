@@ -23,7 +23,7 @@ from conftest import BASE_CONFIG, MailplatServer, merge_toml, wait_for
 from dnsserver import DNSServer
 
 from mailplat.config import ConfigError, DKIMSettings
-from mailplat.dkim import Signer, dns_record, generate_key
+from mailplat.mailauth.dkim import Signer, dns_record, generate_key
 from mailplat.filters.authentication import (
     DKIMResult,
     DMARCResult,

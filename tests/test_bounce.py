@@ -1,4 +1,4 @@
-"""Delivery status notifications: the multipart/report built by mailplat.smtp.bounce."""
+"""Delivery status notifications: the multipart/report built by mailplat.queue.bounce."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from email.message import EmailMessage
 
 import pytest
 
-from mailplat.smtp.bounce import FailedRecipient, build_bounce, is_bounce
+from mailplat.queue.bounce import FailedRecipient, build_bounce, is_bounce
 
 MARKER = "BODY-MARKER-7f3a"
 ORIGINAL = (

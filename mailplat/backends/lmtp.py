@@ -71,8 +71,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailplat.config import ConfigError
-from mailplat.connections import set_no_delay
-from mailplat.dotstuff import DotStuffedSender
+from mailplat.wire.connections import set_no_delay
+from mailplat.wire.dotstuff import DotStuffedSender
 from mailplat.interfaces import (
     Account,
     BackendContext,

@@ -80,7 +80,7 @@ up first and answers 451.
 
 Memory: a message with a DKIM-Signature is read whole into memory for
 ``dkimpy``, which then holds about 3.5 times its size more while it
-canonicalizes the body (see :mod:`mailplat.dkim`); at most
+canonicalizes the body (see :mod:`mailplat.mailauth.dkim`); at most
 ``MESSAGE_THREADS`` messages are verified at once.  A message without a
 signature has only its header section read.
 """

@@ -21,12 +21,12 @@ from twisted.logger import Logger
 from twisted.mail import pop3
 
 from mailplat.config import POP3Settings
-from mailplat.connections import ConnectionCounter, set_no_delay
-from mailplat.dotstuff import DotStuffedSender
+from mailplat.wire.connections import ConnectionCounter, set_no_delay
+from mailplat.wire.dotstuff import DotStuffedSender
 from mailplat.interfaces import IMaildrop, MaildropInUse, TemporaryFailure
-from mailplat.linereader import CommandReader
+from mailplat.wire.lines import CommandReader
 from mailplat.plugins import call
-from mailplat.smtp.receiving import new_id
+from mailplat.ids import new_id
 
 __all__ = ["POP3Factory", "POP3Server"]
 

@@ -13,14 +13,13 @@ from __future__ import annotations
 import io
 import os
 import re
-import secrets
 from collections.abc import Callable
 from typing import IO, Any
 
 from mailplat.fsutil import makedirs_durable
 from mailplat.interfaces import SpooledMessage
 
-__all__ = ["DataDecoder", "Spool", "SpoolFile", "new_id"]
+__all__ = ["DataDecoder", "Spool", "SpoolFile"]
 
 _TERMINATOR = b"\r\n.\r\n"
 _AUTHENTICATION_RESULTS = b"authentication-results:"
@@ -31,11 +30,6 @@ _HEADER_NAME = re.compile(rb"^([!-9;-~]+):", re.M)
 _WRITE_BUFFER = 256 * 1024
 # Messages up to this size are received in memory, larger ones in a file.
 _MEMORY_LIMIT = 128 * 1024
-
-
-def new_id() -> str:
-    """A short random id for a session or a message, as Postfix's queue ids."""
-    return secrets.token_hex(5).upper()
 
 
 class DataDecoder:

@@ -26,12 +26,13 @@ from twisted.mail import smtp
 
 from mailplat.addresses import AddressError, AliasResolver, MailPath, parse_path, validate_address, validate_domain
 from mailplat.config import SMTPLimits
-from mailplat.connections import ConnectionCounter, set_no_delay
+from mailplat.wire.connections import ConnectionCounter, set_no_delay
 from mailplat.interfaces import Account, Client, DeliveryFailure, Envelope, PartialFailure, PermanentFailure, TemporaryFailure
-from mailplat.linereader import CommandReader
+from mailplat.wire.lines import CommandReader
 from mailplat.plugins import call
 from mailplat.smtp.filtering import FilterChain, Outcome, header_block
-from mailplat.smtp.receiving import DataDecoder, Spool, SpoolFile, new_id
+from mailplat.ids import new_id
+from mailplat.smtp.receiving import DataDecoder, Spool, SpoolFile
 
 __all__ = ["SMTPFactory", "SMTPServer"]
 

@@ -29,10 +29,10 @@ from mailplat.interfaces import (
     TemporaryFailure,
 )
 from mailplat.plugins import call
-from mailplat.smtp.bounce import FailedRecipient, build_bounce, is_bounce
-from mailplat.smtp.queue import DONE, FAILED, Queue, QueuedMessage, QueuedRecipient
-from mailplat.smtp.receiving import new_id
-from mailplat.smtp.relay import Reply, SessionCache, addresses_of, find_hosts
+from mailplat.queue.bounce import FailedRecipient, build_bounce, is_bounce
+from mailplat.queue.store import DONE, FAILED, Queue, QueuedMessage, QueuedRecipient
+from mailplat.ids import new_id
+from mailplat.queue.relay import Reply, SessionCache, addresses_of, find_hosts
 
 __all__ = ["QueueRunner"]
 

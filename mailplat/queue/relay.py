@@ -19,8 +19,8 @@ from twisted.internet import defer, endpoints, error, protocol, ssl
 from twisted.names import dns, error as dns_error
 
 from mailplat.config import RelaySettings
-from mailplat.connections import set_no_delay
-from mailplat.dotstuff import DotStuffedSender
+from mailplat.wire.connections import set_no_delay
+from mailplat.wire.dotstuff import DotStuffedSender
 from mailplat.interfaces import PermanentFailure, TemporaryFailure
 
 __all__ = ["Reply", "SessionCache", "addresses_of", "find_hosts"]

@@ -1,0 +1,1 @@
+"""Message authentication: DKIM, SPF, DMARC and the Authentication-Results header."""

@@ -1,0 +1,1 @@
+"""The outbound queue: store, runner, relay to other hosts, bounces."""
