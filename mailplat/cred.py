@@ -1,19 +1,28 @@
-"""twisted.cred glue: the configured auth backend as a checker, the mailbox as a realm."""
+"""twisted.cred glue, and the one login guard every listener logs in through.
+
+The configured auth backend is the checker; the realm hands out either the
+account (SMTP submission) or its maildrop (POP3).  :class:`LoginGuard` is
+the only way a protocol checks a password: it slows down a failed login
+(as Dovecot's ``auth_failure_delay``) and refuses, for a while, an address
+that keeps failing, whichever port it tries.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.cred import credentials, error
 from twisted.cred.checkers import ICredentialsChecker
-from twisted.cred.portal import IRealm
-from twisted.internet import defer
-from zope.interface import implementer
+from twisted.cred.portal import IRealm, Portal
+from twisted.internet import defer, task
+from twisted.internet.interfaces import IReactorTime
+from zope.interface import Interface, implementer
 
-from mailplat.interfaces import Account, IMaildrop
+from mailplat.interfaces import Account, IAccount, IMaildrop
 from mailplat.plugins import call
 
-__all__ = ["AuthBackendChecker", "MaildropRealm"]
+__all__ = ["AuthBackendChecker", "LoginBlocked", "LoginGuard", "MailRealm"]
 
 
 @implementer(ICredentialsChecker)
@@ -33,22 +42,82 @@ class AuthBackendChecker:
             raise error.UnauthorizedLogin("wrong address or password")
         return account.address.encode("utf-8")
 
-    def requestAvatarId(self, creds: Any) -> Any:
+    def requestAvatarId(self, creds: Any) -> defer.Deferred[bytes]:
         return defer.Deferred.fromCoroutine(self._check(creds))
 
 
 @implementer(IRealm)
-class MaildropRealm:
-    """Opens the account's maildrop (locked) from the mailbox backend."""
+class MailRealm:
+    """An account (IAccount) or its maildrop, locked, from the mailbox backend (IMaildrop)."""
 
     def __init__(self, mailbox: Any) -> None:
         self.mailbox = mailbox
 
-    async def _open(self, avatar_id: bytes) -> tuple[Any, Any, Any]:
-        maildrop = await call(self.mailbox.open, Account(avatar_id.decode("utf-8")))
+    async def _open(self, account: Account) -> tuple[Any, Any, Callable[[], Any]]:
+        maildrop = await call(self.mailbox.open, account)
         return IMaildrop, maildrop, maildrop.close
 
     def requestAvatar(self, avatarId: bytes, mind: Any, *interfaces: Any) -> Any:
-        if IMaildrop not in interfaces:
-            raise NotImplementedError("only maildrops are served here")
-        return defer.Deferred.fromCoroutine(self._open(avatarId))
+        account = Account(avatarId.decode("utf-8"))
+        if IAccount in interfaces:
+            return IAccount, account, lambda: None
+        if IMaildrop in interfaces:
+            return defer.Deferred.fromCoroutine(self._open(account))
+        raise NotImplementedError("only accounts and maildrops are served here")
+
+
+class LoginBlocked(Exception):
+    """Too many failed logins from this address: no password is checked for ``seconds``."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"blocked for {seconds:.0f} more seconds")
+        self.seconds = seconds
+
+
+class LoginGuard:
+    """Every password check of every listener: delay on failure, block after many.
+
+    Failures are counted per client address over ``block_time`` seconds;
+    at ``max_failures`` the address is refused until the oldest counted
+    failure is ``block_time`` old.  Time comes from ``clock``.
+    """
+
+    def __init__(self, portal: Portal, clock: IReactorTime, failure_delay: float, max_failures: int, block_time: float) -> None:
+        self.portal = portal
+        self.clock = clock
+        self.failure_delay = failure_delay
+        self.max_failures = max_failures
+        self.block_time = block_time
+        self._failures: dict[str, list[float]] = {}
+
+    def _recent(self, peer: str) -> list[float]:
+        now = self.clock.seconds()
+        recent = [t for t in self._failures.get(peer, []) if t > now - self.block_time]
+        if recent:
+            self._failures[peer] = recent
+        else:
+            self._failures.pop(peer, None)
+        return recent
+
+    def blocked_for(self, peer: str) -> float:
+        """Seconds until ``peer`` may try again (0: it may now)."""
+        recent = self._recent(peer)
+        if len(recent) < self.max_failures:
+            return 0.0
+        return max(0.0, recent[-self.max_failures] + self.block_time - self.clock.seconds())
+
+    async def login(self, peer: str, username: str, password: str, interface: type[Interface]) -> tuple[Any, Callable[[], Any]]:
+        """The avatar for ``interface`` and its logout; LoginBlocked, or
+        UnauthorizedLogin after the failure delay; a backend's
+        TemporaryFailure (or MaildropInUse) passes through."""
+        wait = self.blocked_for(peer)
+        if wait:
+            raise LoginBlocked(wait)
+        creds = credentials.UsernamePassword(username.encode("utf-8"), password.encode("utf-8"))
+        try:
+            _, avatar, logout = await self.portal.login(creds, None, interface)
+        except error.UnauthorizedLogin:
+            self._failures.setdefault(peer, []).append(self.clock.seconds())
+            await task.deferLater(self.clock, self.failure_delay, lambda: None)
+            raise
+        return avatar, logout

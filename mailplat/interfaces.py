@@ -22,6 +22,7 @@ __all__ = [
     "Client",
     "DeliveryFailure",
     "Envelope",
+    "IAccount",
     "IAuthBackend",
     "IBackendFactory",
     "IDeliveryBackend",
@@ -216,6 +217,11 @@ class BackendContext:
     # The [dns] servers as "ip:port" ("" for the system's), for a backend
     # whose library does its own DNS (in a thread).
     dns_servers: tuple[str, ...] = ()
+    # The service's thread pools (mailplat.threads.Threads: ``blocking``,
+    # ``passwords``, ``cpu``, and ``pool(name, size)`` for one of the
+    # backend's own), started and stopped by the service.  Blocking work
+    # runs there, never on the reactor thread; None in the admin command.
+    threads: Any = None
 
     def resolve_path(self, path: str) -> str:
         """A path from the config file, relative to the folder holding it."""
@@ -314,6 +320,10 @@ class IMailboxBackend(Interface):
 
     def open(account: Account) -> IMaildrop:
         """One retrieval session's view of the account's mail."""
+
+
+class IAccount(Interface):
+    """The avatar of a login that needs no mailbox (SMTP submission): an :class:`Account`."""
 
 
 class IMaildrop(Interface):

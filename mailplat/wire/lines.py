@@ -1,4 +1,4 @@
-"""Reading command lines from a client, for the SMTP and POP3 servers.
+"""Reading command lines from a client, for the SMTP, POP3 and IMAP servers.
 
 Twisted's LineOnlyReceiver splits lines only on CRLF, runs every pipelined
 command at once even when an earlier one is still waiting on a Deferred (so
@@ -7,6 +7,11 @@ after an over-long line.  This mixin reads one command at a time, holds the
 next until the current one has replied (RFC 2920 3.1, RFC 2449 6.6), answers
 over-long lines and bare LF and goes on, and can hand a raw byte stream
 (SMTP's DATA) to the protocol in chunks.
+
+It is also the one place where a command's failure is caught: whatever a
+hook raises, or a Deferred it returns fails with, goes to
+:meth:`CommandReader.command_failed`, which answers with the protocol's
+error reply; nothing escapes ``dataReceived`` to tear the connection down.
 """
 
 from __future__ import annotations
@@ -14,8 +19,9 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import defer
+from twisted.python.failure import Failure
 
-__all__ = ["CommandReader"]
+__all__ = ["CommandReader", "describe_failure"]
 
 # While a command waits, stop reading from a client that keeps sending.
 _PAUSE_ABOVE = 64 * 1024
@@ -57,6 +63,10 @@ class CommandReader:
         """The raw stream has ended; may return a Deferred to hold further commands."""
         raise NotImplementedError
 
+    def command_failed(self, failure: Failure) -> None:
+        """A hook raised, or its Deferred failed: answer with the protocol's error."""
+        raise NotImplementedError
+
     # -- machinery --------------------------------------------------------------
 
     def discard_pending_input(self) -> None:
@@ -78,11 +88,16 @@ class CommandReader:
         buffer, pos = self._input, 0
         while pos < len(buffer) and not self._waiting and not self.transport.disconnecting:
             if self.reading_raw():
-                rest = self.raw_received(buffer[pos:] if pos else buffer)
+                try:
+                    rest = self.raw_received(buffer[pos:] if pos else buffer)
+                except Exception:
+                    self.command_failed(Failure())
+                    buffer, pos = b"", 0
+                    break
                 buffer, pos = rest or b"", 0
                 if rest is None:
                     break
-                self._wait(self.raw_ended())
+                self._wait(self._guarded(self.raw_ended))
                 continue
             end = buffer.find(b"\n", pos)
             if end < 0:
@@ -100,7 +115,7 @@ class CommandReader:
             elif not line.endswith(b"\r"):
                 self.bare_newline()
             else:
-                self._wait(self.command_received(line[:-1]))
+                self._wait(self._guarded(self.command_received, line[:-1]))
                 if self._discard_input:
                     self._discard_input = False
                     buffer, pos = b"", 0
@@ -108,6 +123,25 @@ class CommandReader:
         if self._paused and not self._waiting:
             self._paused = False
             self.transport.resumeProducing()
+
+    def _guarded(self, hook: Any, *args: Any) -> Any:
+        """Run a hook; its exception, or its Deferred's failure, goes to command_failed."""
+        try:
+            result = hook(*args)
+        except Exception:
+            self.command_failed(Failure())
+            return None
+        if isinstance(result, defer.Deferred):
+            result.addErrback(self._failed_later)
+        return result
+
+    def _failed_later(self, failure: Failure) -> None:
+        try:
+            self.command_failed(failure)
+        except Exception:
+            # The error reply itself failed (the transport is gone): nothing
+            # more can be said to this client.
+            self.transport.loseConnection()
 
     def _wait(self, result: Any) -> None:
         """Hold further input until an asynchronous command has replied."""
@@ -121,3 +155,12 @@ class CommandReader:
                 self._process()
 
         result.addBoth(done)
+
+
+def describe_failure(failure: Failure) -> str:
+    """A bug in one log line: the exception and where it was raised."""
+    where = ""
+    if failure.frames:
+        _, filename, line = failure.frames[-1][:3]
+        where = f" at {'/'.join(filename.split('/')[-2:])}:{line}"
+    return f"{failure.type.__name__}: {failure.getErrorMessage()}{where}"
