@@ -11,22 +11,25 @@ boundary goes out unstuffed and ends the message early.
 from __future__ import annotations
 
 import base64
-import binascii
+import inspect
 from typing import Any
 
-from twisted.cred import credentials, error
-from twisted.internet import defer, protocol, task
+from twisted.cred import error
+from twisted.internet import defer, protocol
 from twisted.internet.error import ConnectionLost
 from twisted.logger import Logger
 from twisted.mail import pop3
+from twisted.python.failure import Failure
 
 from mailplat.config import POP3Settings
+from mailplat.cred import LoginBlocked, LoginGuard
+from mailplat.ids import new_id
+from mailplat.interfaces import IMaildrop, MaildropInUse, TemporaryFailure
+from mailplat.plugins import call
+from mailplat.wire import sasl
 from mailplat.wire.connections import ConnectionCounter, set_no_delay
 from mailplat.wire.dotstuff import DotStuffedSender
-from mailplat.interfaces import IMaildrop, MaildropInUse, TemporaryFailure
-from mailplat.wire.lines import CommandReader
-from mailplat.plugins import call
-from mailplat.ids import new_id
+from mailplat.wire.lines import CommandReader, describe_failure
 
 __all__ = ["POP3Factory", "POP3Server"]
 
@@ -38,35 +41,6 @@ class ERR(Exception):
     def __init__(self, text: str, code: str = "") -> None:
         super().__init__(text)
         self.line = f"[{code}] {text}" if code else text
-
-
-class LoginFailures:
-    """Failed logins per client address, and who is blocked for a while."""
-
-    def __init__(self, limit: int, window: float, clock: Any) -> None:
-        self.limit = limit
-        self.window = window
-        self.clock = clock
-        self._failures: dict[str, list[float]] = {}
-
-    def _recent(self, peer: str) -> list[float]:
-        now = self.clock.seconds()
-        recent = [t for t in self._failures.get(peer, []) if t > now - self.window]
-        if recent:
-            self._failures[peer] = recent
-        else:
-            self._failures.pop(peer, None)
-        return recent
-
-    def blocked_for(self, peer: str) -> float:
-        """Seconds until ``peer`` may try again (0: it may now)."""
-        recent = self._recent(peer)
-        if len(recent) < self.limit:
-            return 0.0
-        return max(0.0, recent[-self.limit] + self.window - self.clock.seconds())
-
-    def failed(self, peer: str) -> None:
-        self._failures.setdefault(peer, []).append(self.clock.seconds())
 
 
 class TopReader:
@@ -99,13 +73,14 @@ class TopReader:
 
 
 class POP3Server(CommandReader, pop3.POP3):
-    """One POP3 session (RFC 1939) with STLS, CAPA and SASL PLAIN (RFC 2595, 2449, 5034)."""
+    """One POP3 session (RFC 1939) with STLS, CAPA and SASL PLAIN and LOGIN (RFC 2595, 2449, 5034)."""
 
     def __init__(self, factory: POP3Factory) -> None:
         self.factory = factory
         self.settings: POP3Settings = factory.settings
-        self.portal = factory.portal
         self.timeOut = self.settings.idle_timeout
+        # TimeoutMixin schedules on the global reactor unless told otherwise.
+        self.callLater = factory.clock.callLater
         self.max_command_line = 1024
         self.session = new_id()
         self.peer = ""
@@ -116,7 +91,7 @@ class POP3Server(CommandReader, pop3.POP3):
         self.messages: list[Any] = []
         self.deleted: set[int] = set()
         self.retrieved: set[int] = set()
-        self._sasl = False
+        self._sasl: sasl.SASLExchange | None = None  # the AUTH exchange, while one is open
         self._counted = False
 
     # -- connection ---------------------------------------------------------
@@ -158,42 +133,32 @@ class POP3Server(CommandReader, pop3.POP3):
         self.failResponse("Command lines must end with CRLF, not a bare LF")
 
     def command_received(self, line: bytes) -> Any:
-        if self._sasl:
-            self._sasl = False
-            try:
-                return self._finish(self._sasl_response(line))
-            except ERR as e:
-                return self.failResponse(e.line)
+        if self._sasl is not None:
+            return self._sasl_step(line)
         if b"\0" in line:
-            return self.failResponse("NUL character in command")
+            raise ERR("NUL character in command")
         words = line.split()
         if not words:
-            return self.failResponse("Empty command")
+            raise ERR("Empty command")
         verb = words[0].upper()
         handler = self.COMMANDS_AUTH.get(verb) if self.maildrop is None else self.COMMANDS_TRANSACTION.get(verb)
         if handler is None:
             known = verb in self.COMMANDS_AUTH or verb in self.COMMANDS_TRANSACTION
             shown = verb.decode("ascii", "replace")[:20] if verb.isascii() and verb.isalpha() else "?"
-            return self.failResponse(f"{shown} is not valid in this state" if known else f"Unknown command: {shown}")
-        try:
-            result = getattr(self, handler)(*[w.decode("utf-8", "replace") for w in words[1:]])
-        except ERR as e:
-            return self.failResponse(e.line)
-        except TypeError:
-            return self.failResponse(f"Wrong number of arguments for {verb.decode()}")
-        return self._finish(result)
+            raise ERR(f"{shown} is not valid in this state" if known else f"Unknown command: {shown}")
+        method = getattr(self, handler)
+        arguments = [w.decode("utf-8", "replace") for w in words[1:]]
+        if not _takes(method, len(arguments)):
+            raise ERR(f"Wrong number of arguments for {verb.decode()}")
+        return method(*arguments)
 
-    def _finish(self, result: Any) -> Any:
-        if isinstance(result, defer.Deferred):
-            result.addErrback(self._command_failed)
-        return result
-
-    def _command_failed(self, failure: Any) -> None:
+    def command_failed(self, failure: Failure) -> None:
+        """Every command's refusal (an ERR) and every bug end here, as one -ERR."""
         if failure.check(ERR):
             self.failResponse(failure.value.line)
-        else:
-            log.failure("{session} internal error", failure, session=self.session)
-            self.failResponse("[SYS/TEMP] Internal error, try again later")
+            return
+        log.error("{session} internal error: {error}", session=self.session, error=describe_failure(failure))
+        self.failResponse("[SYS/TEMP] Internal error, try again later")
 
     COMMANDS_AUTH = {
         b"CAPA": "do_CAPA", b"STLS": "do_STLS", b"USER": "do_USER", b"PASS": "do_PASS",
@@ -211,7 +176,7 @@ class POP3Server(CommandReader, pop3.POP3):
         expire = self.settings.expire_days
         caps.append(f"EXPIRE {int(expire) if expire is not None else 'NEVER'}")
         if self.tls:
-            caps += ["USER", "SASL PLAIN", "AUTH-RESP-CODE"]
+            caps += ["USER", "SASL " + " ".join(sasl.MECHANISMS), "AUTH-RESP-CODE"]
         elif self.factory.tls is not None and self.maildrop is None:
             caps.append("STLS")
         caps.append("IMPLEMENTATION mailplat")
@@ -260,46 +225,50 @@ class POP3Server(CommandReader, pop3.POP3):
         if not mechanism:
             # RFC 5034 (and Outlook): AUTH alone lists the mechanisms.
             self.successResponse("")
-            self.transport.write(b"PLAIN\r\n.\r\n" if self.tls else b".\r\n")
+            mechanisms = "".join(f"{m}\r\n" for m in sasl.MECHANISMS) if self.tls else ""
+            self.transport.write(f"{mechanisms}.\r\n".encode())
             return None
         self._require_tls()
-        if mechanism.upper() != "PLAIN":
-            raise ERR(f"Unsupported mechanism {mechanism[:20]}; use PLAIN")
+        try:
+            exchange = sasl.start(mechanism)
+        except sasl.SASLError:
+            raise ERR(f"Unsupported mechanism {_shown(mechanism)}; use {' or '.join(sasl.MECHANISMS)}")
+        self._sasl = exchange
         if initial:
-            return self._sasl_response(initial.encode())
-        self._sasl = True
-        self.transport.write(b"+ \r\n")
+            return self._sasl_step(initial.encode())
+        self._challenge(exchange)
         return None
 
-    def _sasl_response(self, line: bytes) -> Any:
-        if line.strip() == b"*":
-            raise ERR("Authentication cancelled")
+    def _challenge(self, exchange: sasl.SASLExchange) -> None:
+        # RFC 5034 4: "+ " and the base64 challenge (empty for PLAIN).
+        self.transport.write(b"+ " + base64.b64encode(exchange.challenge) + b"\r\n")
+
+    def _sasl_step(self, line: bytes) -> Any:
+        """One client line of an AUTH exchange: a refusal leaves the session open."""
+        exchange, self._sasl = self._sasl, None
+        assert exchange is not None
         try:
-            decoded = base64.b64decode(line.strip() + b"==", validate=False)
-            authzid, authcid, password = decoded.split(b"\0")
-            user, pw = authcid.decode("utf-8"), password.decode("utf-8")
-        except (binascii.Error, ValueError, UnicodeDecodeError):
-            raise ERR("Malformed SASL PLAIN response")
-        if authzid and authzid != authcid:
-            raise ERR("Logging in as another user is not allowed", "AUTH")
-        return self._login(user, pw)
+            credentials = exchange.respond(line)
+        except sasl.SASLError as e:
+            log.info("{session} pop3 auth ended: {why}", session=self.session, why=e.text)
+            raise ERR(e.text, "AUTH" if e.why is sasl.Why.AUTHZID else "")
+        if credentials is None:
+            self._sasl = exchange
+            self._challenge(exchange)
+            return None
+        return self._login(credentials.username, credentials.password)
 
     def _login(self, user: str, password: str) -> defer.Deferred[None]:
         return defer.Deferred.fromCoroutine(self._login_async(user, password))
 
     async def _login_async(self, user: str, password: str) -> None:
-        failures = self.factory.login_failures
-        wait = failures.blocked_for(self.peer)
-        if wait:
-            log.info("{session} pop3 login refused: {peer} is blocked", session=self.session, peer=self.peer)
-            raise ERR(f"Too many failed logins from your address; try again in {int(wait) + 1} seconds", "SYS/TEMP")
         try:
-            _, maildrop, _ = await self.portal.login(credentials.UsernamePassword(user.encode(), password.encode()), None, IMaildrop)
+            maildrop, _ = await self.factory.login_guard.login(self.peer, user, password, IMaildrop)
+        except LoginBlocked as blocked:
+            log.info("{session} pop3 login refused: {peer} is blocked", session=self.session, peer=self.peer)
+            raise ERR(f"Too many failed logins from your address; try again in {int(blocked.seconds) + 1} seconds", "SYS/TEMP")
         except error.UnauthorizedLogin:
-            failures.failed(self.peer)
             log.info("{session} pop3 login failed for {user!r} from {peer}", session=self.session, user=user[:100], peer=self.peer)
-            # Like Dovecot's auth_failure_delay: slow down password guessing.
-            await task.deferLater(self.factory.clock, self.settings.auth_failure_delay, lambda: None)
             raise ERR("Authentication failed", "AUTH")
         except MaildropInUse:
             raise ERR("The maildrop is in use by another session", "IN-USE")
@@ -420,6 +389,20 @@ class POP3Server(CommandReader, pop3.POP3):
         self.transport.loseConnection()
 
 
+def _takes(method: Any, count: int) -> bool:
+    """Whether a command method accepts ``count`` arguments (the client's words)."""
+    try:
+        inspect.signature(method).bind(*[""] * count)
+    except TypeError:
+        return False
+    return True
+
+
+def _shown(word: str) -> str:
+    """A client's word made safe to echo."""
+    return "".join(c if 0x20 < ord(c) < 0x7F else "?" for c in word[:20])
+
+
 def _client_gone(failure: Any) -> None:
     """A client gone (or not reading for idle_timeout) mid-message: nothing more to say to it."""
     failure.trap(ConnectionLost, defer.TimeoutError)
@@ -431,16 +414,15 @@ class POP3Factory(protocol.ServerFactory):
     noisy = False  # our own connect/disconnect lines say it better
 
     def __init__(
-        self, settings: POP3Settings, portal: Any, tls: Any, implicit_tls: bool, clock: Any, login_failures: LoginFailures
+        self, settings: POP3Settings, login_guard: LoginGuard, tls: Any, implicit_tls: bool, clock: Any,
     ) -> None:
         self.settings = settings
-        self.portal = portal
+        # Shared by every listener: a guesser may switch ports.
+        self.login_guard = login_guard
         self.tls = tls
         self.implicit_tls = implicit_tls
         self.clock = clock
         self.connections = ConnectionCounter(settings.max_connections, settings.max_connections_per_ip)
-        # Shared by the pop3 and pop3s listeners: a guesser may switch ports.
-        self.login_failures = login_failures
 
     def buildProtocol(self, addr: Any) -> POP3Server:
         return POP3Server(self)

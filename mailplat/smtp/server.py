@@ -11,28 +11,30 @@ and commands pipelined after STARTTLS that would be executed inside TLS.
 from __future__ import annotations
 
 import base64
-import binascii
 import email.utils
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet import defer, protocol, task
+from twisted.internet import defer, protocol
 from twisted.internet.interfaces import ITLSTransport
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.mail import smtp
+from twisted.python.failure import Failure
 
-from mailplat.addresses import AddressError, AliasResolver, MailPath, parse_path, validate_address, validate_domain
+from mailplat.addresses import AddressError, AliasResolver, MailPath, parse_path, validate_address
 from mailplat.config import SMTPLimits
-from mailplat.wire.connections import ConnectionCounter, set_no_delay
-from mailplat.interfaces import Account, Client, DeliveryFailure, Envelope, PartialFailure, PermanentFailure, TemporaryFailure
-from mailplat.wire.lines import CommandReader
-from mailplat.plugins import call
-from mailplat.smtp.filtering import FilterChain, Outcome, header_block
+from mailplat.cred import LoginBlocked, LoginGuard
 from mailplat.ids import new_id
+from mailplat.interfaces import Account, Client, DeliveryFailure, Envelope, IAccount, PermanentFailure, TemporaryFailure
+from mailplat.routing import Router
+from mailplat.smtp.filtering import FilterChain, Outcome, header_block
+from mailplat.smtp.policy import Destination, RecipientRefused, classify_recipient, may_send_as
 from mailplat.smtp.receiving import DataDecoder, Spool, SpoolFile
+from mailplat.wire import sasl
+from mailplat.wire.connections import ConnectionCounter, set_no_delay
+from mailplat.wire.lines import CommandReader, describe_failure
 
 __all__ = ["SMTPFactory", "SMTPServer"]
 
@@ -75,6 +77,17 @@ def _reply_text(text: str, default: str) -> str:
     return " ".join(words) or default
 
 
+# How each way an AUTH exchange can end without credentials is answered (RFC 4954 4, 6).
+_SASL_REPLIES = {
+    sasl.Why.CANCELLED: (501, "5.7.0"),
+    sasl.Why.NOT_BASE64: (501, "5.5.2"),
+    sasl.Why.MALFORMED: (501, "5.5.2"),
+    sasl.Why.NOT_UTF8: (501, "5.5.2"),
+    sasl.Why.AUTHZID: (535, "5.7.8"),
+    sasl.Why.UNSUPPORTED: (504, "5.5.4"),
+}
+
+
 class SMTPServer(CommandReader, smtp.ESMTP):
     """One SMTP session on the MX port: mail for our domains only."""
 
@@ -85,6 +98,8 @@ class SMTPServer(CommandReader, smtp.ESMTP):
         self.limits: SMTPLimits = factory.limits
         self.host = factory.hostname.encode("ascii")
         self.timeout = self.limits.idle_timeout
+        # TimeoutMixin schedules on the global reactor unless told otherwise.
+        self.callLater = factory.clock.callLater
         self.session = new_id()
         self.peer = ""
         self.max_command_line = self.limits.max_command_line
@@ -95,7 +110,7 @@ class SMTPServer(CommandReader, smtp.ESMTP):
         self._esmtp = False
         self._transaction: Transaction | None = None
         self.authenticated_as: Account | None = None
-        self._sasl: Any = None  # the pending AUTH exchange, while one is open
+        self._sasl: sasl.SASLExchange | None = None  # the AUTH exchange, while one is open
         self._decoder: DataDecoder | None = None
         self._spool_file: SpoolFile | None = None
         # What the filters said at connect and at HELO: applies to every message.
@@ -204,34 +219,33 @@ class SMTPServer(CommandReader, smtp.ESMTP):
 
     def command_received(self, line: bytes) -> Any:
         if self._sasl is not None:
-            return self._finish_command(self._sasl_step(line))
+            return self._sasl_step(line)
         if b"\0" in line:
-            return self.reply(500, "5.5.2", "Syntax error: NUL character in command")
+            raise Reply(500, "5.5.2", "Syntax error: NUL character in command")
         verb, _, argument = line.strip().partition(b" ")
         if self._refused_at_connect and verb.upper() != b"QUIT":
-            return self.reply(503, "5.7.1", f"{self._refused_at_connect}; only QUIT is accepted")
+            raise Reply(503, "5.7.1", f"{self._refused_at_connect}; only QUIT is accepted")
         handler = self.COMMANDS.get(verb.upper())
         if handler is None:
             shown = _printable(verb, 20) or "(empty line)"
-            return self.reply(500, "5.5.1", f"Command unrecognized: {shown}")
-        return self._finish_command(lambda: getattr(self, handler)(argument.strip()))
+            raise Reply(500, "5.5.1", f"Command unrecognized: {shown}")
+        return getattr(self, handler)(argument.strip())
 
-    def _finish_command(self, run: Any) -> Any:
-        try:
-            result = run() if callable(run) else run
-        except Reply as r:
-            return self.reply(r.code, r.status, r.text)
-        if isinstance(result, defer.Deferred):
-            result.addErrback(self._command_failed)
-        return result
-
-    def _command_failed(self, failure: Any) -> None:
+    def command_failed(self, failure: Failure) -> None:
+        """Every command's refusal (a Reply) and every bug end here, as one reply."""
         if failure.check(Reply):
             r = failure.value
             self.reply(r.code, r.status, r.text)
-        else:
-            log.failure("{session} internal error", failure, session=self.session)
-            self.reply(451, "4.3.0", "Local error in processing; try again later")
+            return
+        log.error("{session} internal error: {error}", session=self.session, error=describe_failure(failure))
+        if self.mode == DATA:
+            # The rest of the message must not be read as commands.
+            self._abort_data()
+            self.mode = COMMAND
+            self.reply(421, "4.3.0", f"{self.factory.hostname} local error in processing; closing the connection")
+            self.transport.loseConnection()
+            return
+        self.reply(451, "4.3.0", "Local error in processing; try again later")
 
     COMMANDS: dict[bytes, str] = {
         b"HELO": "do_HELO",
@@ -333,65 +347,45 @@ class SMTPServer(CommandReader, smtp.ESMTP):
         if self._transaction is not None:
             raise Reply(503, "5.5.1", "AUTH is not allowed during a mail transaction")
         mechanism, _, initial = argument.partition(b" ")
-        mechanism = mechanism.upper()
-        if mechanism == b"PLAIN":
-            self._sasl = ["PLAIN"]
-            if initial:
-                return self._sasl_step(initial)
-            self.sendCode(334, b"")
-        elif mechanism == b"LOGIN":
-            self._sasl = ["LOGIN"]
-            if initial:
-                return self._sasl_step(initial)
-            self.sendCode(334, base64.b64encode(b"Username:"))
-        else:
+        try:
+            exchange = sasl.start(mechanism)
+        except sasl.SASLError:
             raise Reply(504, "5.5.4", "Unsupported mechanism; use PLAIN or LOGIN")
+        self._sasl = exchange
+        if initial:
+            return self._sasl_step(initial)
+        self.sendCode(334, base64.b64encode(exchange.challenge))
         return None
 
     def _sasl_step(self, line: bytes) -> Any:
-        """One client line of an AUTH exchange (RFC 4954 4)."""
-        state, self._sasl = self._sasl, None
-        if line.strip() == b"*":
-            raise Reply(501, "5.7.0", "Authentication cancelled")
+        """One client line of an AUTH exchange (RFC 4954 4): a refusal leaves the session open."""
+        exchange, self._sasl = self._sasl, None
+        assert exchange is not None
         try:
-            decoded = base64.b64decode(line.strip(), validate=True)
-        except (binascii.Error, ValueError):
-            raise Reply(501, "5.5.2", "Cannot decode the AUTH response (base64)")
-        if state[0] == "LOGIN" and len(state) == 1:
-            self._sasl = ["LOGIN", decoded]
-            self.sendCode(334, base64.b64encode(b"Password:"))
+            credentials = exchange.respond(line)
+        except sasl.SASLError as e:
+            log.info("{session} auth ended: {why}", session=self.session, why=e.text)
+            raise Reply(*_SASL_REPLIES[e.why], e.text)
+        if credentials is None:
+            self._sasl = exchange
+            self.sendCode(334, base64.b64encode(exchange.challenge))
             return None
-        if state[0] == "LOGIN":
-            user, password = state[1], decoded
-        else:
-            try:
-                authzid, user, password = decoded.split(b"\0")
-            except ValueError:
-                raise Reply(501, "5.5.2", "Malformed AUTH PLAIN response")
-            if authzid and authzid != user:
-                raise Reply(535, "5.7.8", "Authentication credentials invalid")
-        try:
-            return defer.Deferred.fromCoroutine(self._login(user.decode("utf-8"), password.decode("utf-8")))
-        except UnicodeDecodeError:
-            raise Reply(501, "5.5.2", "User names and passwords must be UTF-8")
+        return defer.Deferred.fromCoroutine(self._login(credentials.username, credentials.password))
 
     async def _login(self, user: str, password: str) -> None:
-        failures = self.factory.login_failures
-        if failures.blocked_for(self.peer):
+        try:
+            account, _ = await self.factory.login_guard.login(self.peer, user, password, IAccount)
+        except LoginBlocked:
             log.info("{session} auth refused: {peer} is blocked", session=self.session, peer=self.peer)
             raise Reply(454, "4.7.0", "Too many failed logins from your address; try again later")
-        try:
-            avatar = await self.factory.checker.requestAvatarId(UsernamePassword(user.encode(), password.encode()))
         except TemporaryFailure as e:
             # RFC 4954 6: the auth backend is down, the credentials may be fine.
             log.warn("{session} auth for {user!r} not checked: {text}", session=self.session, user=user[:100], text=e.text)
             raise Reply(454, "4.7.0", "Temporary authentication failure; try again later")
         except UnauthorizedLogin:
-            failures.failed(self.peer)
             log.info("{session} auth failed for {user!r} from {peer}", session=self.session, user=user[:100], peer=self.peer)
-            await task.deferLater(self.factory.clock, self.factory.auth_failure_delay, lambda: None)
             raise Reply(535, "5.7.8", "Authentication credentials invalid")
-        self.authenticated_as = Account(avatar.decode("utf-8"))
+        self.authenticated_as = account
         log.info("{session} auth {user}", session=self.session, user=self.authenticated_as.address)
         self.reply(235, "2.7.0", "Authentication successful")
 
@@ -459,14 +453,7 @@ class SMTPServer(CommandReader, smtp.ESMTP):
         """RFC 6409 6.1: an authenticated user sends as themselves or an alias of theirs."""
         account = self.authenticated_as
         assert account is not None
-        allowed = False
-        if sender and "@" in sender and self.factory.resolver.is_hosted(sender.rpartition("@")[2]):
-            try:
-                validate_address(sender.lower())
-                allowed = account in await self.factory.resolver.resolve(sender)
-            except AddressError:
-                allowed = False
-        if not allowed:
+        if not await may_send_as(account, sender, self.factory.resolver):
             log.info("{session} sender <{sender}> refused for {user}", session=self.session, sender=_printable(sender, 300), user=account.address)
             raise Reply(553, "5.7.1", f"<{_printable(sender)}>: Sender address rejected: not owned by {account.address}")
         await self._start_transaction(sender)
@@ -488,13 +475,17 @@ class SMTPServer(CommandReader, smtp.ESMTP):
             log.info("{session} reject rcpt <{rcpt}>: {why}", session=self.session, rcpt=_printable(address, 300), why=why)
             return Reply(code, status, f"<{_printable(address)}>: Recipient address rejected: {why}")
 
-        reason = self.factory.relay_denied(path)
-        if reason and self.factory.submission and self.factory.outbound is not None and self._relayable(path):
+        try:
+            destination = classify_recipient(path, self.factory.resolver)
+        except RecipientRefused as refused:
+            raise reject(550, "5.7.1", f"Relay access denied ({refused.reason})")
+        if destination is Destination.REMOTE:
+            # Never relay for an unauthenticated client: only submission has one.
+            if not (self.factory.submission and self.authenticated_as is not None and self.factory.router.can_relay):
+                raise reject(550, "5.7.1", "Relay access denied (we do not serve this domain)")
             if self.factory.filters:
                 return defer.Deferred.fromCoroutine(self._accept_remote_after_filters(transaction, address))
             return self._accept_remote(transaction, address)
-        if reason:
-            raise reject(550, "5.7.1", f"Relay access denied ({reason})")
         try:
             validate_address(address.lower())
         except AddressError as e:
@@ -535,18 +526,6 @@ class SMTPServer(CommandReader, smtp.ESMTP):
         transaction.remote.append(address)
         log.info("{session} accept from=<{sender}> rcpt=<{rcpt}> (relay)", session=self.session, sender=transaction.sender, rcpt=address)
         self.reply(250, "2.1.5", "Recipient OK")
-
-    @staticmethod
-    def _relayable(path: MailPath) -> bool:
-        """A plain address in another domain: no routing tricks, no address literal."""
-        local, _, domain = path.address.rpartition("@")
-        if path.routed or local.startswith('"') or any(c in local for c in "%!@") or domain.startswith("["):
-            return False
-        try:
-            validate_domain(domain.lower())
-        except AddressError:
-            return False
-        return all(0x21 <= ord(c) < 0x7F for c in local)
 
     def do_DATA(self, argument: bytes) -> None:
         transaction = self._transaction
@@ -634,28 +613,13 @@ class SMTPServer(CommandReader, smtp.ESMTP):
                 authenticated_as=self.authenticated_as,
                 folder=folder,
             )
-            queued = list(transaction.remote)
             try:
-                if envelope.recipients:
-                    try:
-                        await call(self.factory.delivery.deliver, envelope, message)
-                    except PartialFailure as partial:
-                        # Delivered to the others: the queue retries (or bounces) these alone.
-                        for account, failure in partial.failed.items():
-                            log.info("{session} {queue_id} <{rcpt}> queued after: {text}", session=self.session,
-                                     queue_id=queue_id, rcpt=account.address, text=failure.text)
-                        queued += [account.address for account in partial.failed]
-                if queued:
-                    assert self.factory.outbound is not None
-                    await self.factory.outbound.enqueue(queue_id, transaction.sender, queued, message, folder)
+                queued = await self.factory.router.hand_off(envelope, message, transaction.remote)
             except DeliveryFailure as e:
+                # The one mapping of a delivery failure to a reply (RFC 5321 4.2.5).
                 code, status = (554, "5.0.0") if isinstance(e, PermanentFailure) else (451, "4.3.0")
                 log.info("{session} {queue_id} not delivered: {text}", session=self.session, queue_id=queue_id, text=e.text)
                 self.reply(code, status, e.text)
-                return
-            except Exception:
-                log.failure("{session} {queue_id} delivery failed", session=self.session, queue_id=queue_id)
-                self.reply(451, "4.3.0", "Local error in processing; try again later")
                 return
             log.info(
                 "{session} {queue_id} delivered from=<{sender}> size={size} to={rcpts}",
@@ -675,7 +639,7 @@ class SMTPServer(CommandReader, smtp.ESMTP):
                 return self.factory.signer.sign_message(source)
 
         try:
-            signature = await deferToThreadPool(self.factory.clock, self.factory.clock.getThreadPool(), sign)
+            signature = await deferToThreadPool(self.factory.clock, self.factory.signing_threads, sign)
         except Exception as e:
             log.warn("{session} {queue_id} sent unsigned: {error}", session=self.session, queue_id=self.queue_id, error=e)
             return message
@@ -710,38 +674,35 @@ class SMTPFactory(protocol.ServerFactory):
         hostname: str,
         limits: SMTPLimits,
         resolver: AliasResolver,
-        delivery: Any,
+        router: Router,
         spool: Spool,
+        clock: Any,
         tls: Any = None,
         submission: bool = False,
         implicit_tls: bool = False,
-        checker: Any = None,
-        login_failures: Any = None,
-        auth_failure_delay: float = 2.0,
-        clock: Any = None,
-        outbound: Any = None,
+        login_guard: LoginGuard | None = None,
         listener: str = "smtp",
         filters: FilterChain | None = None,
         signer: Any = None,
+        signing_threads: Any = None,
     ) -> None:
         self.hostname = hostname
         self.limits = limits
         self.resolver = resolver
-        self.delivery = delivery
+        # Where accepted mail goes: our recipients' delivery, the queue for the rest.
+        self.router = router
         self.spool = spool
+        self.clock = clock
         self.tls = tls
         # Submission (RFC 6409): AUTH after TLS, then mail from the user's own addresses.
         self.submission = submission
         self.implicit_tls = implicit_tls
-        self.checker = checker
-        self.login_failures = login_failures
-        self.auth_failure_delay = auth_failure_delay
-        self.clock = clock
-        # The queue runner, where submission hands mail for other domains.
-        self.outbound = outbound
+        self.login_guard = login_guard
         self.listener = listener
-        # DKIM signing of what authenticated users send ([dkim] tables).
+        # DKIM signing of what authenticated users send ([dkim] tables), in
+        # the service's thread pool for CPU work on whole messages.
         self.signer = signer
+        self.signing_threads = signing_threads
         self.filters = filters if filters is not None else FilterChain((), clock)
         self.connections = ConnectionCounter(limits.max_connections, limits.max_connections_per_ip)
 
@@ -749,24 +710,3 @@ class SMTPFactory(protocol.ServerFactory):
         p = SMTPServer(self)
         p.factory = self
         return p
-
-    def relay_denied(self, path: MailPath) -> str:
-        """Why this recipient would be relaying (empty when it is ours).
-
-        Every routing trick that made old MTAs forward mail is refused here:
-        source routes, ``%`` and ``!`` in the local part, quoted local parts,
-        address literals and domains we do not host (a trailing dot too).
-        """
-        if path.routed:
-            return "source routes are not accepted"
-        local, _, domain = path.address.rpartition("@")
-        if local.startswith('"'):
-            return "quoted local parts are not accepted"
-        for char in "%!@":
-            if char in local:
-                return f"{char!r} in the local part"
-        if domain.startswith("["):
-            return "address literals are not accepted"
-        if not self.resolver.is_hosted(domain):
-            return "we do not serve this domain"
-        return ""

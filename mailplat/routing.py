@@ -1,0 +1,74 @@
+"""The one hand-off of an accepted message: our recipients to the delivery
+backend, everyone else (and what local delivery could not take) to the queue.
+
+The SMTP server and the queue runner both deliver through here, so a
+delivery backend's answer (done, PartialFailure, Temporary/PermanentFailure,
+or a bug) is read the same way wherever a message comes from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from twisted.logger import Logger
+
+from mailplat.interfaces import DeliveryFailure, Envelope, PartialFailure, SpooledMessage, TemporaryFailure
+from mailplat.plugins import call
+
+__all__ = ["Outbound", "Router"]
+
+log = Logger()
+
+
+class Outbound(Protocol):
+    """Where mail for other domains waits (the queue runner)."""
+
+    def enqueue(self, queue_id: str, sender: str, recipients: list[str], message: SpooledMessage, folder: str = "") -> Any:
+        """Store durably; the 250 is sent after this completes."""
+
+
+class Router:
+    """Local delivery through the delivery backend, the rest into ``queue``.
+
+    ``queue`` is None for a process that only delivers locally (the admin
+    command, tests); the service sets it once the queue runner exists.
+    """
+
+    def __init__(self, delivery: Any, queue: Outbound | None = None) -> None:
+        self.delivery = delivery
+        self.queue = queue
+
+    @property
+    def can_relay(self) -> bool:
+        return self.queue is not None
+
+    async def deliver_local(self, envelope: Envelope, message: SpooledMessage) -> dict[str, DeliveryFailure]:
+        """Deliver to every account of ``envelope``; the failure of each one
+        that did not get it.  Raises DeliveryFailure when nobody got it."""
+        try:
+            await call(self.delivery.deliver, envelope, message)
+        except PartialFailure as partial:
+            return {account.address: failure for account, failure in partial.failed.items()}
+        except DeliveryFailure:
+            raise
+        except Exception as e:
+            log.error("{queue_id} delivery backend failed: {error!r}", queue_id=envelope.queue_id, error=e)
+            raise TemporaryFailure("Local error in processing; try again later")
+        return {}
+
+    async def hand_off(self, envelope: Envelope, message: SpooledMessage, remote: Sequence[str] = ()) -> list[str]:
+        """Deliver to our accounts, queue ``remote`` and whatever local delivery
+        left over; the queued addresses.  Raises DeliveryFailure when the
+        message was taken for nobody (the client then hears 4xx or 5xx)."""
+        queued = list(remote)
+        if envelope.recipients:
+            failed = await self.deliver_local(envelope, message)
+            for address, failure in failed.items():
+                log.info("{queue_id} <{rcpt}> queued after: {text}", queue_id=envelope.queue_id, rcpt=address, text=failure.text)
+            queued += failed
+        if queued:
+            if self.queue is None:
+                raise TemporaryFailure("cannot queue mail in this process; try again later")
+            await self.queue.enqueue(envelope.queue_id, envelope.sender, queued, message, envelope.folder)
+        return queued
