@@ -53,6 +53,8 @@ class GroupCommit:
         self._pending: list[_Job] = []
         self._condition = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._stopped: defer.Deferred[None] | None = None
 
     def write(self, tmp: str, final: str, data: bytes) -> defer.Deferred[None]:
         """Fires once ``final`` exists durably; fails with the OSError otherwise."""
@@ -63,8 +65,20 @@ class GroupCommit:
         batch's); ``then`` is removed after that, without a sync of its own."""
         return self._add(_Removal(path, then, defer.Deferred()))
 
+    def stop(self) -> defer.Deferred[None]:
+        """Finish what is queued, then end the thread; fires when it has ended."""
+        with self._condition:
+            if self._thread is None or self._stopped is not None:
+                return self._stopped or defer.succeed(None)
+            self._stopping = True
+            self._stopped = defer.Deferred()
+            self._condition.notify()
+        return self._stopped
+
     def _add(self, job: Any) -> defer.Deferred[None]:
         with self._condition:
+            if self._stopping:
+                return defer.fail(OSError("the group commit is stopped"))
             self._pending.append(job)
             self._condition.notify()
         if self._thread is None:
@@ -75,8 +89,13 @@ class GroupCommit:
     def _run(self) -> None:
         while True:
             with self._condition:
-                while not self._pending:
+                while not self._pending and not self._stopping:
                     self._condition.wait()
+                if not self._pending:
+                    stopped = self._stopped
+                    assert stopped is not None
+                    self.reactor.callFromThread(stopped.callback, None)
+                    return
                 batch, self._pending = self._pending, []
             writes = [job for job in batch if isinstance(job, _Job)]
             removals = [job for job in batch if isinstance(job, _Removal)]

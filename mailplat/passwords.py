@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import hmac
-import os
 from typing import Any
 
 import argon2
@@ -83,23 +82,13 @@ def _verify_argon2(digest: str, password: str) -> bool:
         return False
 
 
-_pools: dict[int, Any] = {}
+def verify_in_thread(reactor: Any, pool: Any, stored: str | None, password: str, allow_plain: bool = False) -> Any:
+    """``verify_password`` in ``pool`` (the service's ``passwords`` pool), as a Deferred.
 
-
-def verify_in_thread(reactor: Any, stored: str | None, password: str, allow_plain: bool = False) -> Any:
-    """``verify_password`` in a thread pool of its own, as a Deferred.
-
-    A hash costs tens of milliseconds of CPU and 64 MiB on purpose; in the
-    reactor's shared pool a burst of logins would queue every mailbox write
-    and queue fsync behind it.  One thread per core: more would not check
-    passwords faster, only use more memory.
+    argon2id takes tens of milliseconds of CPU by design: in the reactor's
+    shared pool a burst of logins would queue every mailbox write and queue
+    fsync behind it.
     """
     from twisted.internet.threads import deferToThreadPool
-    from twisted.python.threadpool import ThreadPool
 
-    pool = _pools.get(id(reactor))
-    if pool is None:
-        pool = _pools[id(reactor)] = ThreadPool(0, max(1, os.cpu_count() or 1), name="mailplat-passwords")
-        pool.start()
-        reactor.addSystemEventTrigger("during", "shutdown", pool.stop)
     return deferToThreadPool(reactor, pool, verify_password, stored, password, allow_plain)

@@ -20,16 +20,18 @@ from twisted.python import usage
 
 from mailplat.addresses import AliasResolver
 from mailplat.config import ConfigError, Settings, load
-from mailplat.cred import AuthBackendChecker, MaildropRealm
+from mailplat.cred import AuthBackendChecker, LoginGuard, MailRealm
 from mailplat.fsutil import makedirs_durable
 from mailplat.interfaces import BackendContext
 from mailplat.plugins import build_backend, call
-from mailplat.pop3.server import LoginFailures, POP3Factory
+from mailplat.pop3.server import POP3Factory
 from mailplat.smtp.filtering import ConfiguredFilter, FilterChain
 from mailplat.queue.runner import QueueRunner
 from mailplat.queue.store import Queue
 from mailplat.smtp.receiving import Spool
 from mailplat.smtp.server import SMTPFactory
+from mailplat.routing import Router
+from mailplat.threads import Threads
 from mailplat.tls import load_server_context
 from mailplat.workers import WorkerPool, adopt_port
 
@@ -48,6 +50,7 @@ def backend_context(settings: Settings, reactor: Any, admin: bool = False) -> Ba
         admin=admin,
         dns=None if admin else _dns_resolver(settings),
         dns_servers=settings.dns_servers,
+        threads=None if admin else Threads(reactor),
     )
 
 
@@ -128,12 +131,16 @@ def make_service(
         from mailplat.mailauth.dkim import Signer
 
         signer = Signer(settings.dkim)
-    checker = AuthBackendChecker(auth)
-    portal = Portal(MaildropRealm(providers["mailbox"]), [checker])
-    # One count of failed logins for every listener: a guesser may switch ports.
-    login_failures = LoginFailures(settings.pop3.max_login_failures, settings.pop3.login_block_time, reactor)
+    portal = Portal(MailRealm(providers["mailbox"]), [AuthBackendChecker(auth)])
+    # One guard for every listener: a guesser may switch ports.
+    login_guard = LoginGuard(
+        portal, reactor, settings.pop3.auth_failure_delay, settings.pop3.max_login_failures, settings.pop3.login_block_time,
+    )
 
     top = _StopInReverse()
+    # The thread pools start first and stop last: every backend may use them.
+    threads = context.threads
+    threads.setServiceParent(top)
     # A backend that holds resources (a pool, a socket) says so by providing
     # IService: it starts before the listeners serve anyone and stops after
     # they have closed.
@@ -141,10 +148,12 @@ def make_service(
         if service.IService.providedBy(provider) and provider.parent is None:
             provider.setServiceParent(top)
     # The outbound queue: every process may add to it; the main one runs it.
+    router = Router(providers["delivery"])
     outbound = QueueRunner(
         Queue(os.path.join(settings.data_dir, "queue")), settings.relay, settings.smarthost, settings.hostname,
-        context.dns if worker == 0 else None, (resolver, providers["delivery"]), reactor,
+        context.dns if worker == 0 else None, resolver, router, reactor, threads,
     )
+    router.queue = outbound
     if worker == 0:
         outbound.setServiceParent(top)
     listeners = []
@@ -152,15 +161,13 @@ def make_service(
         factory: Any
         if name in ("smtp", "submission", "submissions"):
             factory = SMTPFactory(
-                settings.hostname, settings.smtp, resolver, providers["delivery"], spool, tls,
-                submission=name != "smtp", implicit_tls=name == "submissions", checker=checker,
-                login_failures=login_failures, auth_failure_delay=settings.pop3.auth_failure_delay, clock=reactor,
-                outbound=outbound, listener=name,
+                settings.hostname, settings.smtp, resolver, router, spool, reactor, tls,
+                submission=name != "smtp", implicit_tls=name == "submissions", login_guard=login_guard, listener=name,
                 filters=FilterChain([f for f in filters if name in f.settings.listeners], reactor),
-                signer=signer if name != "smtp" else None,
+                signer=signer if name != "smtp" else None, signing_threads=threads.cpu,
             )
         else:
-            factory = POP3Factory(settings.pop3, portal, tls, name == "pop3s", reactor, login_failures)
+            factory = POP3Factory(settings.pop3, login_guard, tls, name == "pop3s", reactor)
         if name in ("submissions", "pop3s"):
             # RFC 8314: implicit TLS, the whole connection inside TLS.
             factory = TLSMemoryBIOFactory(tls, False, factory)

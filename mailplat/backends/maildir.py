@@ -17,6 +17,7 @@ import socket
 import time
 from typing import IO, Any
 
+from twisted.application import service
 from twisted.internet.threads import deferToThreadPool
 from zope.interface import implementer
 
@@ -72,12 +73,14 @@ def _temporary(error: OSError) -> TemporaryFailure:
 
 
 @implementer(IMailboxBackend)
-class Maildir:
+class Maildir(service.Service):
     """One folder per account under ``root``, created on first delivery."""
 
-    def __init__(self, root: str, reactor: Any) -> None:
+    def __init__(self, root: str, reactor: Any, threads: Any) -> None:
+        super().__init__()
         self.root = os.path.abspath(root)
         self.reactor = reactor
+        self.threads = threads
         self._host = _safe_hostname()
         self.committer = GroupCommit(reactor)
 
@@ -103,7 +106,12 @@ class Maildir:
         return os.path.join(maildir, "." + name)
 
     def _thread(self, f: Any, *args: Any) -> Any:
-        return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args)
+        return deferToThreadPool(self.reactor, self.threads.blocking, f, *args)
+
+    def stopService(self) -> Any:
+        """The group commit's thread ends after the last listener has closed."""
+        super().stopService()
+        return self.committer.stop()
 
     def unique_name(self, size: int) -> str:
         """time.MusecPpidQn.host (the maildir spec), plus ,S=size as Dovecot does.
@@ -160,7 +168,7 @@ class Maildir:
 
     def open(self, account: Account) -> Any:
         folder = self.folder(account)
-        return self._thread(MaildirDrop.open, folder, self.reactor)
+        return self._thread(MaildirDrop.open, folder, self.reactor, self.threads)
 
 
 @implementer(IMaildrop)
@@ -172,16 +180,17 @@ class MaildirDrop:
     the Maildir++ folder ``.Trash``.  Work on many files runs in a thread.
     """
 
-    def __init__(self, folder: str, lock: IO[bytes], reactor: Any) -> None:
+    def __init__(self, folder: str, lock: IO[bytes], reactor: Any, threads: Any) -> None:
         self.folder = folder
         self.reactor = reactor
+        self.threads = threads
         self._lock = lock
         self._files: dict[str, str] = {}
         self._entries: list[MaildropEntry] = []
         self._scan()
 
     @classmethod
-    def open(cls, folder: str, reactor: Any) -> MaildirDrop:
+    def open(cls, folder: str, reactor: Any, threads: Any) -> MaildirDrop:
         for sub in ("tmp", "new", "cur"):
             os.makedirs(os.path.join(folder, sub), mode=0o700, exist_ok=True)
         lock = open(os.path.join(folder, "mailplat.lock"), "ab")
@@ -193,7 +202,7 @@ class MaildirDrop:
             lock.close()
             raise MaildropInUse("the maildrop is in use by another session")
         try:
-            return cls(folder, lock, reactor)
+            return cls(folder, lock, reactor, threads)
         except BaseException:
             lock.close()
             raise
@@ -222,7 +231,7 @@ class MaildirDrop:
         return open(self._files[uid], "rb")
 
     def _thread(self, f: Any, *args: Any) -> Any:
-        return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args)
+        return deferToThreadPool(self.reactor, self.threads.blocking, f, *args)
 
     def commit(self, deleted: list[str], retrieved: list[str], trash: bool) -> Any:
         return self._thread(self._commit, deleted, retrieved, trash)
@@ -304,4 +313,4 @@ def build(options: dict[str, Any], context: BackendContext) -> Maildir:
             raise ConfigError("path", f"cannot create {root}: {e.strerror}", "choose a folder mailplat may write to")
         if not os.access(root, os.W_OK | os.X_OK):
             raise ConfigError("path", f"{root} is not writable", "let the user mailplat runs as write to it")
-    return Maildir(root, context.reactor)
+    return Maildir(root, context.reactor, context.threads)

@@ -61,9 +61,10 @@ def parse(text: str, path: str, allow_plain: bool) -> dict[str, str]:
 class PasswdFile:
     """Users from one file, re-read when its inode, size or mtime changes."""
 
-    def __init__(self, path: str, reactor: Any, allow_plain: bool = False) -> None:
+    def __init__(self, path: str, reactor: Any, threads: Any, allow_plain: bool = False) -> None:
         self.path = path
         self.reactor = reactor
+        self.threads = threads
         self.allow_plain = allow_plain
         self._stamp: tuple[int, int, int] | None = None
         self._users: dict[str, str] = {}
@@ -101,7 +102,7 @@ class PasswdFile:
             return Account(address) if ok and stored is not None else None
 
         # argon2 is slow on purpose: never on the reactor thread.
-        return verify_in_thread(self.reactor, stored, password, self.allow_plain).addCallback(checked)
+        return verify_in_thread(self.reactor, self.threads.passwords, stored, password, self.allow_plain).addCallback(checked)
 
     # -- editing (IUserManager) ---------------------------------------------
 
@@ -176,7 +177,7 @@ def build(options: dict[str, Any], context: BackendContext) -> PasswdFile:
     if not isinstance(allow_plain, bool):
         raise ConfigError("allow_plain", "must be true or false", "allow_plain = false")
     refuse_unknown(options, ["path", "allow_plain"], "passwd-file")
-    backend = PasswdFile(context.resolve_path(path), context.reactor, allow_plain)
+    backend = PasswdFile(context.resolve_path(path), context.reactor, context.threads, allow_plain)
     if not context.admin and not os.path.isfile(backend.path):
         raise ConfigError("path", f"no such file: {backend.path}", "create it by adding a user: mailplat --config FILE user add ADDRESS")
     try:

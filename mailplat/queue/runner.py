@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime
 import heapq
 import os
-import time
 from typing import Any
 
 from twisted.application import service
@@ -23,12 +22,10 @@ from mailplat.interfaces import (
     Account,
     DeliveryFailure,
     Envelope,
-    PartialFailure,
     PermanentFailure,
     SpooledMessage,
     TemporaryFailure,
 )
-from mailplat.plugins import call
 from mailplat.queue.bounce import FailedRecipient, build_bounce, is_bounce
 from mailplat.queue.store import DONE, FAILED, Queue, QueuedMessage, QueuedRecipient
 from mailplat.ids import new_id
@@ -46,16 +43,22 @@ class QueueRunner(service.Service):
     """Delivers what is due, one connection per destination domain."""
 
     def __init__(
-        self, queue: Queue, relay: RelaySettings, smarthost: str, hostname: str, dns: Any, local: Any, reactor: Any
+        self, queue: Queue, relay: RelaySettings, smarthost: str, hostname: str, dns: Any, resolver: Any, router: Any,
+        reactor: Any, threads: Any,
     ) -> None:
         self.queue = queue
         self.relay = relay
         self.smarthost = smarthost
         self.hostname = hostname
         self.dns = dns
-        # (resolver, delivery backend): bounces to our own users are delivered at once.
-        self.local = local
+        # Our own domains' recipients (and bounces to our own users) go
+        # through the router's local delivery.
+        self.resolver = resolver
+        self.router = router
+        # Time comes from the reactor (a task.Clock in tests), files are
+        # touched in the service's blocking pool.
         self.reactor = reactor
+        self.threads = threads
         self.in_flight: set[str] = set()
         # id -> when it is due; the heap holds (time, id) pairs, some stale,
         # so that finding what is due does not scan a queue of 100,000.
@@ -69,7 +72,7 @@ class QueueRunner(service.Service):
         self.committer = GroupCommit(reactor)
 
     def _thread(self, f: Any, *args: Any) -> Any:
-        return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args)
+        return deferToThreadPool(self.reactor, self.threads.blocking, f, *args)
 
     def startService(self) -> None:
         super().startService()
@@ -83,6 +86,7 @@ class QueueRunner(service.Service):
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self.sessions.close()
+        return self.committer.stop()
 
     def enqueue(
         self, queue_id: str, sender: str, recipients: list[str], message: SpooledMessage, folder: str = "",
@@ -91,9 +95,11 @@ class QueueRunner(service.Service):
 
         ``folder`` is where our own recipients' copies go (a filter's quarantine).
         """
+        now = self.reactor.seconds()
+
         def store() -> None:
             with message.open() as source:
-                self.queue.enqueue(queue_id, sender, recipients, source, folder)
+                self.queue.enqueue(queue_id, sender, recipients, source, now, folder)
 
         def stored(result: None) -> None:
             # Queued by this process: due now, and no need to wait for the next tick.
@@ -108,7 +114,7 @@ class QueueRunner(service.Service):
 
         if message.content is not None:
             # One file, envelope and message, in a group commit.
-            envelope = self.queue.new_envelope(queue_id, sender, recipients, folder)
+            envelope = self.queue.new_envelope(queue_id, sender, recipients, now, folder)
             envelope.inline = True
             path = self.queue.envelope_path(queue_id)
             written = self.committer.write(path + ".tmp", path, self.queue.envelope_data(envelope, message.content))
@@ -164,7 +170,7 @@ class QueueRunner(service.Service):
 
     def _start_due(self) -> None:
         """Start what is due, up to the concurrency limit (cheap: called after every run)."""
-        now = time.time()
+        now = self.reactor.seconds()
         while self._due and len(self.in_flight) < _CONCURRENCY and self.running:
             when, queue_id = self._due[0]
             if when > now:
@@ -214,13 +220,12 @@ class QueueRunner(service.Service):
             log.error("{queue_id}: the message file is missing; dropping its envelope", queue_id=message.id)
             await self._thread(self.queue.remove, message.id)
             return
-        now = time.time()
+        now = self.reactor.seconds()
         by_domain: dict[str, list[QueuedRecipient]] = {}
         for recipient in message.pending(now):
             by_domain.setdefault(recipient.domain, []).append(recipient)
-        resolver, _ = self.local
         for domain, recipients in by_domain.items():
-            if resolver.is_hosted(domain):
+            if self.resolver.is_hosted(domain):
                 # Our own users whose delivery failed when the message came in.
                 await self._deliver_locally(message, recipients)
             else:
@@ -251,7 +256,7 @@ class QueueRunner(service.Service):
                     log.info("{queue_id}: {host}: {error}", queue_id=message.id, host=host[0], error=e.text)
         except DeliveryFailure as e:
             error = e
-        now = time.time()
+        now = self.reactor.seconds()
         for r in recipients:
             r.attempts += 1
             reply = replies.get(r.address)
@@ -283,7 +288,6 @@ class QueueRunner(service.Service):
 
     async def _deliver_locally(self, message: QueuedMessage, recipients: list[QueuedRecipient]) -> None:
         """Hand the message to the delivery backend for these accounts of ours."""
-        _, delivery = self.local
 
         def spooled() -> SpooledMessage:
             if message.inline:
@@ -295,15 +299,10 @@ class QueueRunner(service.Service):
         envelope = Envelope(message.id, message.sender, tuple(Account(r.address) for r in recipients), folder=message.folder)
         failed: dict[str, DeliveryFailure] = {}
         try:
-            await call(delivery.deliver, envelope, await self._thread(spooled))
-        except PartialFailure as e:
-            failed = {account.address: failure for account, failure in e.failed.items()}
+            failed = await self.router.deliver_local(envelope, await self._thread(spooled))
         except DeliveryFailure as e:
             failed = dict.fromkeys((r.address for r in recipients), e)
-        except Exception:
-            log.failure("{queue_id}: local delivery failed", queue_id=message.id)
-            failed = dict.fromkeys((r.address for r in recipients), TemporaryFailure("local delivery failed"))
-        now = time.time()
+        now = self.reactor.seconds()
         for r in recipients:
             r.attempts += 1
             failure = failed.get(r.address)
@@ -348,12 +347,11 @@ class QueueRunner(service.Service):
         dsn = await self._thread(build)
         bounce_id = new_id()
         spooled = SpooledMessage("", len(dsn), "", dsn)
-        resolver, delivery = self.local
         domain = message.sender.rpartition("@")[2].lower()
-        if resolver.is_hosted(domain):
-            accounts = await resolver.resolve(message.sender)
+        if self.resolver.is_hosted(domain):
+            accounts = await self.resolver.resolve(message.sender)
             if accounts:
-                await call(delivery.deliver, Envelope(bounce_id, "", tuple(accounts)), spooled)
+                await self.router.deliver_local(Envelope(bounce_id, "", tuple(accounts)), spooled)
             log.info("{queue_id}: bounce {bounce_id} delivered to <{sender}>", queue_id=message.id, bounce_id=bounce_id, sender=message.sender)
             return
         await self.enqueue(bounce_id, "", [message.sender], spooled)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import IO, Any
@@ -92,7 +91,7 @@ class Queue:
     def message_path(self, queue_id: str) -> str:
         return os.path.join(self.messages_dir, queue_id)
 
-    def enqueue(self, queue_id: str, sender: str, recipients: list[str], source: Any, folder: str = "") -> None:
+    def enqueue(self, queue_id: str, sender: str, recipients: list[str], source: Any, now: float, folder: str = "") -> None:
         """Store a message durably: the message file, then its envelope (both fsynced)."""
         path = self.message_path(queue_id)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -102,11 +101,11 @@ class Queue:
             out.flush()
             os.fsync(out.fileno())
         fsync_directory(self.messages_dir)
-        self.save(self.new_envelope(queue_id, sender, recipients, folder))
+        self.save(self.new_envelope(queue_id, sender, recipients, now, folder))
 
     @staticmethod
-    def new_envelope(queue_id: str, sender: str, recipients: list[str], folder: str = "") -> QueuedMessage:
-        now = time.time()
+    def new_envelope(queue_id: str, sender: str, recipients: list[str], now: float, folder: str = "") -> QueuedMessage:
+        """A new message's envelope, every recipient due ``now`` (the runner's clock)."""
         return QueuedMessage(queue_id, sender, now, [QueuedRecipient(r, next_try=now) for r in recipients], folder=folder)
 
     def envelope_path(self, queue_id: str) -> str:
