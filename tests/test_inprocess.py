@@ -1,0 +1,160 @@
+"""SMTP and POP3 sessions in-process (StringTransport + Clock): what needs time
+to pass, and what must never escape a protocol's dataReceived."""
+
+from __future__ import annotations
+
+import base64
+
+from twisted.logger import globalLogPublisher
+
+from inprocess import Platform
+from mailplat.config import POP3Settings, SMTPLimits
+
+PLAIN_ALICE = base64.b64encode(b"\0alice@example.org\0alice-password").decode()
+PLAIN_WRONG = base64.b64encode(b"\0alice@example.org\0wrong").decode()
+
+
+def greeted(wire, ehlo: bool = True):
+    assert wire.output().startswith(("220", "+OK"))
+    if ehlo:
+        wire.send("EHLO client.example.org")
+        assert wire.output().startswith("250")
+    return wire
+
+
+def test_wrong_password_answered_after_the_delay():
+    """A failed SMTP login is answered only after auth_failure_delay; a right one at once."""
+    platform = Platform(failure_delay=2.0)
+    wire = greeted(platform.smtp())
+    wire.send(f"AUTH PLAIN {PLAIN_WRONG}")
+    assert wire.output() == ""
+    platform.clock.advance(1.9)
+    assert wire.output() == ""
+    platform.clock.advance(0.2)
+    assert wire.output().startswith("535 5.7.8")
+    wire.send(f"AUTH PLAIN {PLAIN_ALICE}")
+    assert wire.output().startswith("235 2.7.0")
+
+
+def test_block_is_shared_by_smtp_and_pop3_and_ends():
+    """max_login_failures on SMTP blocks the address on POP3 too, until login_block_time has passed."""
+    platform = Platform(failure_delay=1.0, max_failures=3, block_time=300.0)
+    for _ in range(3):
+        wire = greeted(platform.smtp())
+        wire.send(f"AUTH PLAIN {PLAIN_WRONG}")
+        platform.clock.advance(1.0)
+        assert wire.output().startswith("535")
+    pop = greeted(platform.pop3(), ehlo=False)
+    pop.send("USER alice@example.org")
+    pop.send("PASS alice-password")
+    assert "-ERR [SYS/TEMP] Too many failed logins" in pop.output()
+    other = greeted(platform.pop3(peer="192.0.2.2"), ehlo=False)
+    other.send(f"AUTH PLAIN {PLAIN_ALICE}")
+    assert "+OK Logged in" in other.output()
+    smtp = greeted(platform.smtp())
+    smtp.send(f"AUTH PLAIN {PLAIN_ALICE}")
+    assert smtp.output().startswith("454 4.7.0")
+    platform.clock.advance(300.0)
+    smtp = greeted(platform.smtp())
+    smtp.send(f"AUTH PLAIN {PLAIN_ALICE}")
+    assert smtp.output().startswith("235")
+
+
+def test_smtp_idle_timeout():
+    """A silent SMTP client hears 421 4.4.2 after idle_timeout and is disconnected; input resets the timer."""
+    platform = Platform(smtp=SMTPLimits(idle_timeout=10.0))
+    wire = greeted(platform.smtp(listener="smtp"))
+    platform.clock.advance(9.0)
+    wire.send("NOOP")
+    assert wire.output().startswith("250")
+    platform.clock.advance(9.0)
+    assert not wire.closed
+    platform.clock.advance(1.5)
+    assert wire.output().startswith("421 4.4.2")
+    assert wire.closed
+
+
+def test_pop3_idle_timeout():
+    platform = Platform(pop3=POP3Settings(idle_timeout=600.0))
+    wire = greeted(platform.pop3(), ehlo=False)
+    platform.clock.advance(599.0)
+    assert not wire.closed
+    platform.clock.advance(2.0)
+    assert "-ERR [SYS/TEMP] idle" in wire.output()
+    assert wire.closed
+
+
+def capture_log():
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    return events, lambda: globalLogPublisher.removeObserver(events.append)
+
+
+def test_backend_bug_is_a_reply_not_a_dropped_connection():
+    """An auth backend that raises gets 451 4.3.0 (SMTP) and -ERR [SYS/TEMP] (POP3), one log line with
+    the session id, and the session goes on."""
+    platform = Platform()
+    platform.users.broken = KeyError("boom")
+    events, stop = capture_log()
+    try:
+        smtp = greeted(platform.smtp())
+        smtp.send(f"AUTH PLAIN {PLAIN_ALICE}")
+        assert smtp.output().startswith("451 4.3.0")
+        assert not smtp.closed
+        smtp.send("NOOP")
+        assert smtp.output().startswith("250")
+        pop = greeted(platform.pop3(), ehlo=False)
+        pop.send(f"AUTH PLAIN {PLAIN_ALICE}")
+        assert pop.output().startswith("-ERR [SYS/TEMP]")
+        pop.send("USER alice@example.org")
+        assert pop.output().startswith("+OK")
+    finally:
+        stop()
+    errors = [e for e in events if "internal error" in e.get("log_format", "")]
+    assert len(errors) == 2
+    assert {e["session"] for e in errors} == {smtp.protocol.session, pop.protocol.session}
+    assert all("KeyError" in e["error"] and "\n" not in e["error"] for e in errors)
+
+
+def test_sasl_refusals_leave_the_session_open():
+    """Cancel, bad base64, malformed PLAIN, foreign authzid, non-UTF-8: each a reply, then a login works."""
+    platform = Platform()
+    wire = greeted(platform.smtp())
+    for response, expected in [
+        ("*", "501 5.7.0"),
+        ("###", "501 5.5.2"),
+        (base64.b64encode(b"no nuls").decode(), "501 5.5.2"),
+        (base64.b64encode(b"bob@example.org\0alice@example.org\0alice-password").decode(), "535 5.7.8"),
+        (base64.b64encode(b"\0\xff@example.org\0x").decode(), "501 5.5.2"),
+    ]:
+        wire.send("AUTH PLAIN")
+        assert wire.output().startswith("334")
+        wire.send(response)
+        assert wire.output().startswith(expected), response
+    wire.send(f"AUTH PLAIN {PLAIN_ALICE}")
+    assert wire.output().startswith("235")
+    # None of these counted as a failed login.
+    assert platform.guard.blocked_for("192.0.2.1") == 0
+
+
+def test_garbage_is_answered_and_the_session_goes_on():
+    """Bare LF, a NUL, an over-long line and an unknown verb: each gets its error, then NOOP works."""
+    platform = Platform()
+    wire = greeted(platform.smtp(listener="smtp"))
+    wire.protocol.dataReceived(b"NOOP\n")
+    assert wire.output().startswith("500 5.5.2")
+    wire.send(b"NO\0OP")
+    assert wire.output().startswith("500 5.5.2")
+    wire.send(b"X" * 5000)
+    assert wire.output().startswith("500 5.5.2")
+    wire.send(b"\xff\xfe")
+    assert wire.output().startswith("500 5.5.1")
+    wire.send("NOOP")
+    assert wire.output().startswith("250")
+    pop = greeted(platform.pop3(), ehlo=False)
+    pop.send(b"\xff")
+    pop.send(b"LIST")
+    pop.send(b"USER")
+    assert pop.output().count("-ERR") == 3
+    pop.send("QUIT")
+    assert pop.output().startswith("+OK")
