@@ -11,6 +11,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,11 @@ class Reactor:
     def getThreadPool(self) -> SyncThreadPool:
         return self.pool
 
+    @property
+    def threads(self):
+        """The service's pools, as a backend sees them: all of them this one."""
+        return types.SimpleNamespace(blocking=self.pool, passwords=self.pool, cpu=self.pool)
+
     def callFromThread(self, f, *args, **kwargs) -> None:
         if threading.get_ident() == self.main:
             f(*args, **kwargs)
@@ -85,6 +91,11 @@ class Reactor:
         return results[0]
 
 
+def reactor_and_threads() -> tuple[Reactor, types.SimpleNamespace]:
+    reactor = Reactor()
+    return reactor, reactor.threads
+
+
 @pytest.fixture
 def reactor() -> Reactor:
     return Reactor()
@@ -92,7 +103,7 @@ def reactor() -> Reactor:
 
 @pytest.fixture
 def maildir(tmp_path: Path, reactor: Reactor) -> Maildir:
-    return Maildir(str(tmp_path / "mail"), reactor)
+    return Maildir(str(tmp_path / "mail"), reactor, reactor.threads)
 
 
 def in_memory(content: bytes = BODY, sender: str = "bob@remote.test") -> SpooledMessage:
@@ -205,7 +216,7 @@ def _deliver_outcome(root: str, address: str, spooled: str) -> str:
     reactor = Reactor()
     message = on_disk_at(spooled) if spooled else in_memory()
     try:
-        reactor.wait(Maildir(root, reactor).deliver(Account(address), message))
+        reactor.wait(Maildir(root, reactor, reactor.threads).deliver(Account(address), message))
     except Exception as e:
         return type(e).__name__
     return "ok"
@@ -312,7 +323,7 @@ def filled(maildir, tmp_path) -> tuple[str, dict[str, bytes]]:
 def test_maildrop_entries_and_read(filled):
     """The maildrop lists every message in new/ and cur/ with its uid and exact size, and read returns its bytes."""
     folder, contents = filled
-    drop = MaildirDrop.open(folder, Reactor())
+    drop = MaildirDrop.open(folder, *reactor_and_threads())
     try:
         entries = drop.entries()
         assert {(e.uid, e.size) for e in entries} == {(uid, len(data)) for uid, data in contents.items()}
@@ -330,11 +341,11 @@ def test_commit_deletes_only_the_given_uids(filled):
     """commit removes exactly the messages named, in new/ or cur/, keeps the rest, and releases the lock."""
     folder, contents = filled
     uids = sorted(contents)
-    drop = MaildirDrop.open(folder, Reactor())
+    drop = MaildirDrop.open(folder, *reactor_and_threads())
     in_cur = next(uid for uid in uids if os.path.exists(os.path.join(folder, "cur", uid + ":2,S")))
     deleted = [in_cur, next(uid for uid in uids if uid != in_cur)]
     settle(drop.commit(deleted, [], False))
-    again = MaildirDrop.open(folder, Reactor())
+    again = MaildirDrop.open(folder, *reactor_and_threads())
     try:
         assert {e.uid for e in again.entries()} == set(uids) - set(deleted)
     finally:
@@ -345,8 +356,8 @@ def test_commit_deletes_only_the_given_uids(filled):
 def test_close_changes_nothing(filled):
     """close releases the lock without deleting anything."""
     folder, contents = filled
-    MaildirDrop.open(folder, Reactor()).close()
-    drop = MaildirDrop.open(folder, Reactor())
+    MaildirDrop.open(folder, *reactor_and_threads()).close()
+    drop = MaildirDrop.open(folder, *reactor_and_threads())
     try:
         assert {e.uid for e in drop.entries()} == set(contents)
     finally:
@@ -366,11 +377,11 @@ def test_empty_account_opens_empty(maildir, reactor, tmp_path):
 def test_second_open_in_same_process_is_refused(filled):
     """While a maildrop is open, a second open (another session) raises MaildropInUse; after close it works."""
     folder, _ = filled
-    first = MaildirDrop.open(folder, Reactor())
+    first = MaildirDrop.open(folder, *reactor_and_threads())
     with pytest.raises(MaildropInUse):
-        MaildirDrop.open(folder, Reactor())
+        MaildirDrop.open(folder, *reactor_and_threads())
     first.close()
-    MaildirDrop.open(folder, Reactor()).close()
+    MaildirDrop.open(folder, *reactor_and_threads()).close()
 
 
 HOLD_LOCK = """
@@ -410,16 +421,16 @@ def test_lock_held_by_another_process_is_refused(filled):
     try:
         assert state == "locked"
         with pytest.raises(MaildropInUse):
-            MaildirDrop.open(folder, Reactor())
+            MaildirDrop.open(folder, *reactor_and_threads())
     finally:
         release(holder)
-    MaildirDrop.open(folder, Reactor()).close()
+    MaildirDrop.open(folder, *reactor_and_threads()).close()
 
 
 def test_open_maildrop_excludes_other_processes(filled):
     """While this process holds a maildrop, another process cannot take its lock; after close it can."""
     folder, _ = filled
-    drop = MaildirDrop.open(folder, Reactor())
+    drop = MaildirDrop.open(folder, *reactor_and_threads())
     try:
         holder, state = lock_holder(folder)
         release(holder)
@@ -434,7 +445,7 @@ def test_open_maildrop_excludes_other_processes(filled):
 def test_lock_is_released_when_commit_fails(filled, monkeypatch):
     """Even when commit fails half-way, the lock is released for the next session."""
     folder, contents = filled
-    drop = MaildirDrop.open(folder, Reactor())
+    drop = MaildirDrop.open(folder, *reactor_and_threads())
 
     def broken(path):
         raise OSError(5, "I/O error")
