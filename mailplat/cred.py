@@ -55,7 +55,7 @@ class MailRealm:
 
     async def _open(self, account: Account) -> tuple[Any, Any, Callable[[], Any]]:
         maildrop = await call(self.mailbox.open, account)
-        return IMaildrop, maildrop, maildrop.close
+        return IMaildrop, maildrop, lambda: call(maildrop.close)
 
     def requestAvatar(self, avatarId: bytes, mind: Any, *interfaces: Any) -> Any:
         account = Account(avatarId.decode("utf-8"))

@@ -26,6 +26,7 @@ from mailplat.interfaces import (
     IDeliveryBackend,
     IMailboxBackend,
     IMessageFilter,
+    MaybeAsync,
 )
 
 __all__ = ["PROVIDES", "BackendFactory", "build_backend", "call", "discover", "find_factory"]
@@ -41,7 +42,7 @@ PROVIDES: dict[str, type[Interface]] = {
 }
 
 
-def call(method: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
+def call(method: Callable[..., MaybeAsync[T]], *args: Any, **kwargs: Any) -> defer.Deferred[T]:
     """Call a backend method that may return a value, a Deferred or a coroutine.
 
     The one place backends are called: ``maybeDeferred`` already adapts all

@@ -114,11 +114,17 @@ class POP3Server(CommandReader, pop3.POP3):
         if self.maildrop is not None:
             # RFC 1939 6: without QUIT nothing is deleted.
             maildrop, self.maildrop = self.maildrop, None
-            maildrop.close()
+            self._release(maildrop)
         if self._counted:
             self._counted = False
             self.factory.connections.release(self.peer)
             log.info("{session} pop3 disconnect from {peer}", session=self.session, peer=self.peer)
+
+    def _release(self, maildrop: Any) -> None:
+        """Unlock a maildrop without changes (close may be async, and may fail: logged)."""
+        call(maildrop.close).addErrback(
+            lambda f: log.error("{session} pop3 maildrop close failed: {error}", session=self.session, error=describe_failure(f))
+        )
 
     def timeoutConnection(self) -> None:
         self.failResponse("[SYS/TEMP] idle for too long, closing the connection")
@@ -275,13 +281,13 @@ class POP3Server(CommandReader, pop3.POP3):
         except TemporaryFailure as e:
             raise ERR(e.text, "SYS/TEMP")
         if self.transport.disconnecting:
-            maildrop.close()
+            self._release(maildrop)
             return
         try:
             await call(maildrop.expire, self.settings.expire_days, self.settings.trash_days)
-            self.messages = list(maildrop.entries())
+            self.messages = list(await call(maildrop.entries))
         except BaseException:
-            maildrop.close()
+            self._release(maildrop)
             raise
         self.maildrop = maildrop
         self.account = user.lower()
