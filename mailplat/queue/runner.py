@@ -350,9 +350,21 @@ class QueueRunner(service.Service):
         domain = message.sender.rpartition("@")[2].lower()
         if self.resolver.is_hosted(domain):
             accounts = await self.resolver.resolve(message.sender)
-            if accounts:
-                await self.router.deliver_local(Envelope(bounce_id, "", tuple(accounts)), spooled)
-            log.info("{queue_id}: bounce {bounce_id} delivered to <{sender}>", queue_id=message.id, bounce_id=bounce_id, sender=message.sender)
-            return
+            if not accounts:
+                log.info("{queue_id}: bounce {bounce_id} dropped: <{sender}> is no longer ours", queue_id=message.id,
+                         bounce_id=bounce_id, sender=message.sender)
+                return
+            try:
+                failed = await self.router.deliver_local(Envelope(bounce_id, "", tuple(accounts)), spooled)
+            except DeliveryFailure as e:
+                # Nobody got it: the bounce waits in the queue and is retried like any mail.
+                log.info("{queue_id}: bounce {bounce_id} not delivered at once: {text}", queue_id=message.id,
+                         bounce_id=bounce_id, text=e.text)
+            else:
+                for address, failure in failed.items():
+                    log.info("{queue_id}: bounce {bounce_id} not delivered to <{rcpt}>: {text}", queue_id=message.id,
+                             bounce_id=bounce_id, rcpt=address, text=failure.text)
+                log.info("{queue_id}: bounce {bounce_id} delivered to <{sender}>", queue_id=message.id, bounce_id=bounce_id, sender=message.sender)
+                return
         await self.enqueue(bounce_id, "", [message.sender], spooled)
         log.info("{queue_id}: bounce {bounce_id} queued for <{sender}>", queue_id=message.id, bounce_id=bounce_id, sender=message.sender)
