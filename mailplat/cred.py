@@ -42,8 +42,9 @@ class AuthBackendChecker:
             raise error.UnauthorizedLogin("wrong address or password")
         return account.address.encode("utf-8")
 
-    def requestAvatarId(self, creds: Any) -> defer.Deferred[bytes]:
-        return defer.Deferred.fromCoroutine(self._check(creds))
+    def requestAvatarId(self, creds: Any) -> defer.Deferred[bytes | tuple[()]]:
+        d: defer.Deferred[bytes | tuple[()]] = defer.Deferred.fromCoroutine(self._check(creds))
+        return d
 
 
 @implementer(IRealm)
@@ -57,7 +58,9 @@ class MailRealm:
         maildrop = await call(self.mailbox.open, account)
         return IMaildrop, maildrop, lambda: call(maildrop.close)
 
-    def requestAvatar(self, avatarId: bytes, mind: Any, *interfaces: Any) -> Any:
+    def requestAvatar(self, avatarId: bytes | tuple[()], mind: Any, *interfaces: Any) -> Any:
+        if not isinstance(avatarId, bytes):
+            raise NotImplementedError("anonymous logins are not served")
         account = Account(avatarId.decode("utf-8"))
         if IAccount in interfaces:
             return IAccount, account, lambda: None

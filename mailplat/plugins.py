@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from twisted.internet import defer
-from twisted.logger import globalLogPublisher
+from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.plugin import IPlugin, getPlugins
 from zope.interface import Interface, implementer
 from zope.interface.exceptions import Invalid
@@ -48,7 +48,9 @@ def call(method: Callable[..., MaybeAsync[T]], *args: Any, **kwargs: Any) -> def
     The one place backends are called: ``maybeDeferred`` already adapts all
     three (and turns an exception into a failed Deferred).
     """
-    return defer.maybeDeferred(method, *args, **kwargs)
+    # maybeDeferred's stubs know only "returns a Deferred or a value"; it
+    # adapts coroutines too (Twisted >= 22.8).
+    return defer.maybeDeferred(cast("Callable[..., defer.Deferred[T]]", method), *args, **kwargs)
 
 
 @implementer(IPlugin, IBackendFactory)
@@ -89,11 +91,12 @@ def discover() -> tuple[list[Any], list[str]]:
             where = f"{modules[-1]}: " if modules else ""
             errors.append(f"{where}{failure.type.__name__}: {failure.getErrorMessage()}")
 
-    globalLogPublisher.addObserver(observe)
+    observer = cast(ILogObserver, observe)  # a plain function is an ILogObserver
+    globalLogPublisher.addObserver(observer)
     try:
         factories = list(getPlugins(IBackendFactory))
     finally:
-        globalLogPublisher.removeObserver(observe)
+        globalLogPublisher.removeObserver(observer)
     return factories, errors
 
 

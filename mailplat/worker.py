@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
             if reactor.running:
                 reactor.stop()
 
-    stdio.StandardIO(_Parent(), stdin=0, stdout=os.open(os.devnull, os.O_WRONLY))
+    stdio.StandardIO(_Parent(), stdin=0, stdout=os.open(os.devnull, os.O_WRONLY))  # type: ignore[call-arg]  # mypy picks the Windows signature
     top.privilegedStartService()
     top.startService()
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)

@@ -110,7 +110,8 @@ class WorkerPool(service.Service):
         for process in list(self.processes.values()):
             ended.append(process.ended)
             try:
-                process.transport.signalProcess("TERM")
+                if process.transport is not None:
+                    process.transport.signalProcess("TERM")
             except Exception:  # already gone
                 pass
         return defer.DeferredList(ended)

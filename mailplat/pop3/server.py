@@ -75,12 +75,14 @@ class TopReader:
 class POP3Server(CommandReader, pop3.POP3):
     """One POP3 session (RFC 1939) with STLS, CAPA and SASL PLAIN and LOGIN (RFC 2595, 2449, 5034)."""
 
+    factory: POP3Factory  # type: ignore[assignment]  # Twisted's POP3 declares it None
+
     def __init__(self, factory: POP3Factory) -> None:
         self.factory = factory
         self.settings: POP3Settings = factory.settings
-        self.timeOut = self.settings.idle_timeout
+        self.timeOut = self.settings.idle_timeout  # type: ignore[assignment]  # Twisted says int; any number of seconds works
         # TimeoutMixin schedules on the global reactor unless told otherwise.
-        self.callLater = factory.clock.callLater
+        self.callLater = factory.clock.callLater  # type: ignore[method-assign]
         self.max_command_line = 1024
         self.session = new_id()
         self.peer = ""
@@ -160,7 +162,7 @@ class POP3Server(CommandReader, pop3.POP3):
 
     def command_failed(self, failure: Failure) -> None:
         """Every command's refusal (an ERR) and every bug end here, as one -ERR."""
-        if failure.check(ERR):
+        if isinstance(failure.value, ERR):
             self.failResponse(failure.value.line)
             return
         log.error("{session} internal error: {error}", session=self.session, error=describe_failure(failure))
@@ -430,5 +432,5 @@ class POP3Factory(protocol.ServerFactory):
         self.clock = clock
         self.connections = ConnectionCounter(settings.max_connections, settings.max_connections_per_ip)
 
-    def buildProtocol(self, addr: Any) -> POP3Server:
+    def buildProtocol(self, addr: Any) -> POP3Server:  # type: ignore[override]
         return POP3Server(self)

@@ -15,6 +15,7 @@ from twisted.application import service
 from twisted.internet import defer, task
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from mailplat.config import RelaySettings
 from mailplat.fsutil import GroupCommit
@@ -180,8 +181,14 @@ class QueueRunner(service.Service):
                 continue  # stale: rescheduled, removed, or running
             self.in_flight.add(queue_id)
             d = defer.Deferred.fromCoroutine(self._run(queue_id))
-            d.addErrback(lambda f, i=queue_id: log.failure("{queue_id}: queue run failed", f, queue_id=i))
-            d.addBoth(lambda _, i=queue_id: self._ran(i))
+            d.addErrback(self._run_failed, queue_id)
+            d.addBoth(self._ran_after, queue_id)
+
+    def _run_failed(self, failure: Failure, queue_id: str) -> None:
+        log.failure("{queue_id}: queue run failed", failure, queue_id=queue_id)
+
+    def _ran_after(self, result: None, queue_id: str) -> None:
+        self._ran(queue_id)
 
     def _ran(self, queue_id: str) -> None:
         self.in_flight.discard(queue_id)
@@ -355,13 +362,13 @@ class QueueRunner(service.Service):
                          bounce_id=bounce_id, sender=message.sender)
                 return
             try:
-                failed = await self.router.deliver_local(Envelope(bounce_id, "", tuple(accounts)), spooled)
+                undelivered = await self.router.deliver_local(Envelope(bounce_id, "", tuple(accounts)), spooled)
             except DeliveryFailure as e:
                 # Nobody got it: the bounce waits in the queue and is retried like any mail.
                 log.info("{queue_id}: bounce {bounce_id} not delivered at once: {text}", queue_id=message.id,
                          bounce_id=bounce_id, text=e.text)
             else:
-                for address, failure in failed.items():
+                for address, failure in undelivered.items():
                     log.info("{queue_id}: bounce {bounce_id} not delivered to <{rcpt}>: {text}", queue_id=message.id,
                              bounce_id=bounce_id, rcpt=address, text=failure.text)
                 log.info("{queue_id}: bounce {bounce_id} delivered to <{sender}>", queue_id=message.id, bounce_id=bounce_id, sender=message.sender)

@@ -97,9 +97,9 @@ class SMTPServer(CommandReader, smtp.ESMTP):
         self.factory = factory
         self.limits: SMTPLimits = factory.limits
         self.host = factory.hostname.encode("ascii")
-        self.timeout = self.limits.idle_timeout
+        self.timeout = self.limits.idle_timeout  # type: ignore[assignment]  # Twisted says int; any number of seconds works
         # TimeoutMixin schedules on the global reactor unless told otherwise.
-        self.callLater = factory.clock.callLater
+        self.callLater = factory.clock.callLater  # type: ignore[method-assign]
         self.session = new_id()
         self.peer = ""
         self.max_command_line = self.limits.max_command_line
@@ -233,7 +233,7 @@ class SMTPServer(CommandReader, smtp.ESMTP):
 
     def command_failed(self, failure: Failure) -> None:
         """Every command's refusal (a Reply) and every bug end here, as one reply."""
-        if failure.check(Reply):
+        if isinstance(failure.value, Reply):
             r = failure.value
             self.reply(r.code, r.status, r.text)
             return
@@ -667,7 +667,7 @@ class SMTPFactory(protocol.ServerFactory):
 
     noisy = False  # our own connect/disconnect lines say it better
 
-    protocol = SMTPServer  # type: ignore[assignment]
+    protocol = SMTPServer
 
     def __init__(
         self,

@@ -163,4 +163,5 @@ def describe_failure(failure: Failure) -> str:
     if failure.frames:
         _, filename, line = failure.frames[-1][:3]
         where = f" at {'/'.join(filename.split('/')[-2:])}:{line}"
-    return f"{failure.type.__name__}: {failure.getErrorMessage()}{where}"
+    kind = failure.type.__name__ if failure.type is not None else "Exception"
+    return f"{kind}: {failure.getErrorMessage()}{where}"
