@@ -6,7 +6,6 @@ and the fix, so an operator never has to read a traceback.
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 import socket
@@ -16,51 +15,23 @@ from typing import Any
 
 from mailplat.addresses import AddressError, validate_address, validate_domain
 
+# ConfigError lives beside the reader that raises it; plugin authors import it from here.
+from mailplat.options import ConfigError, OptionReader, toml_value
+
 __all__ = [
     "BackendSettings",
     "ConfigError",
     "ListenerNames",
     "POP3Settings",
     "RelaySettings",
-    "Settings",
     "SMTPLimits",
+    "Settings",
     "TLSSettings",
     "load",
 ]
 
 # The listener names of [listen], in the order they are started.
 ListenerNames = ("smtp", "submission", "submissions", "pop3", "pop3s")
-
-
-class ConfigError(Exception):
-    """A mistake in the configuration: which file, which key, what, and the fix.
-
-    A backend's ``build`` raises it with only ``key`` (its option name); the
-    loader adds the file and the section.
-    """
-
-    def __init__(self, key: str, problem: str, fix: str = "", file: str = "") -> None:
-        super().__init__(key, problem, fix, file)
-        self.key = key
-        self.problem = problem
-        self.fix = fix
-        self.file = file
-
-    def within(self, file: str, section: str) -> ConfigError:
-        """This error, placed in ``file`` under ``[section]``."""
-        key = self.key
-        if section and not key.startswith("["):
-            # A section may come already written out: "[filter] #2 (spamd)".
-            where = section if section.startswith("[") else f"[{section}]"
-            key = f"{where} {key}" if key else where
-        return ConfigError(key, self.problem, self.fix, self.file or file)
-
-    def __str__(self) -> str:
-        where = ": ".join(part for part in (self.file, self.key) if part)
-        text = f"{where}: {self.problem}" if where else self.problem
-        if self.fix:
-            text += f"; fix: {self.fix}"
-        return text
 
 
 @dataclass(frozen=True)
@@ -212,17 +183,7 @@ class Settings:
         return "\n".join(lines) + "\n"
 
 
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
-    # TOML basic strings may not hold control characters (a tab excepted) raw.
-    text = re.sub(r"[\x00-\x08\x0a-\x1f\x7f]", lambda m: f"\\u{ord(m.group()):04x}", text)
-    return f'"{text}"'
+_toml = toml_value
 
 
 def _key(key: str) -> str:
@@ -231,62 +192,6 @@ def _key(key: str) -> str:
 
 
 # --- reading ---------------------------------------------------------------
-
-
-class _Reader:
-    """Pops keys off one table, so whatever is left over is an unknown key."""
-
-    def __init__(self, file: str, section: str, table: dict[str, Any]) -> None:
-        self.file = file
-        self.section = section
-        self.table = dict(table)
-
-    def error(self, key: str, problem: str, fix: str = "") -> ConfigError:
-        return ConfigError(key, problem, fix).within(self.file, self.section)
-
-    def take(self, key: str, kind: type | tuple[type, ...], default: Any = ..., example: str = "") -> Any:
-        if key not in self.table:
-            if default is ...:
-                raise self.error(key, "is required", f"add e.g. {key} = {example}")
-            return default
-        value = self.table.pop(key)
-        kinds = kind if isinstance(kind, tuple) else (kind,)
-        # TOML booleans are ints to Python; never let true pass as a number.
-        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-            wanted = " or ".join(_TYPE_NAMES.get(k, k.__name__) for k in kinds)
-            raise self.error(
-                key,
-                f"must be {wanted}, not {_TYPE_NAMES.get(type(value), type(value).__name__)} {value!r}",
-                f"e.g. {key} = {example}" if example else "",
-            )
-        return value
-
-    def positive(self, key: str, default: float, kind: type = int) -> Any:
-        kinds: tuple[type, ...] = (int, float) if kind is float else (int,)
-        value = self.take(key, kinds, default, example=str(default))
-        if value <= 0:
-            raise self.error(key, f"must be greater than 0, not {value!r}", f"e.g. {key} = {default}")
-        return kind(value)
-
-    def finish(self, known: list[str]) -> None:
-        """Refuse whatever was not taken: an unknown key, with a hint."""
-        for key in self.table:
-            raise self.unknown(key, known)
-
-    def reject_unknown(self, known: list[str]) -> None:
-        """Refuse keys not in ``known`` before reading any value."""
-        for key in self.table:
-            if key not in known:
-                raise self.unknown(key, known)
-
-    def unknown(self, key: str, known: list[str]) -> ConfigError:
-        hint = difflib.get_close_matches(key, known, n=1)
-        where = (self.section if self.section.startswith("[") else f"[{self.section}]") + " " if self.section else ""
-        fix = f"did you mean {hint[0]!r}?" if hint else f"known keys here: {', '.join(known)}"
-        return ConfigError(f"{where}{key}", "unknown key", fix, self.file)
-
-
-_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list", dict: "a table"}
 
 
 def load(path: str) -> Settings:
@@ -313,27 +218,23 @@ def _parse(path: str, data: dict[str, Any]) -> Settings:
     def relative(p: str) -> str:
         return os.path.normpath(os.path.join(config_dir, os.path.expanduser(p)))
 
-    top = _Reader(path, "", data)
+    top = OptionReader(data, file=path, folder=config_dir)
     top.reject_unknown(_TOP_LEVEL_KEYS)  # a typo is the likeliest mistake: report it first
-    given = "hostname" in top.table
+    given = "hostname" in top.options
     hostname = top.take("hostname", str, socket.getfqdn(), example='"mail.example.org"').strip().lower()
     try:
         validate_domain(hostname)
     except AddressError as e:
         problem = str(e) if given else f"not set, and this machine's name {hostname!r} is not a fully qualified domain name"
         raise top.error("hostname", problem, 'set the name clients see, e.g. hostname = "mail.example.org"')
-    data_dir = relative(top.take("data_dir", str, "var", example='"var"'))
-    workers = top.positive("workers", 1)
-    if workers > 64:
-        raise top.error("workers", f"{workers} is more than 64", "use about one worker per CPU core")
+    data_dir = top.path("data_dir", "var", what="mailplat's state folder", example='"var"')
+    workers = top.integer("workers", 1, at_most=64, fix="use about one worker per CPU core, e.g. workers = 4")
 
-    raw_domains = top.take("domains", list, example='["example.org"]')
+    raw_domains = top.strings("domains", example='["example.org"]')
     if not raw_domains:
         raise top.error("domains", "is empty: mailplat would accept no mail", 'list your domains, e.g. domains = ["example.org"]')
     domains: list[str] = []
     for entry in raw_domains:
-        if not isinstance(entry, str):
-            raise top.error("domains", f"must be a list of strings; {entry!r} is not", 'e.g. domains = ["example.org"]')
         domain = entry.strip().lower()
         try:
             validate_domain(domain)
@@ -343,8 +244,8 @@ def _parse(path: str, data: dict[str, Any]) -> Settings:
             raise top.error("domains", f"{entry!r} is listed twice", "remove the second entry")
         domains.append(domain)
 
-    listen = _listen(_Reader(path, "listen", top.take("listen", dict, {})))
-    tls = _tls(_Reader(path, "tls", top.take("tls", dict)), relative) if "tls" in top.table else None
+    listen = _listen(top.table("listen"))
+    tls = _tls(top.table("tls")) if "tls" in top.options else None
     needs_tls = [name for name in ("submission", "submissions", "pop3", "pop3s") if name in listen]
     if tls is None and needs_tls:
         raise ConfigError(
@@ -355,14 +256,14 @@ def _parse(path: str, data: dict[str, Any]) -> Settings:
     auth = _backend(path, "auth", top.take("auth", dict, example='{ backend = "passwd-file" }'))
     mailbox = _backend(path, "mailbox", top.take("mailbox", dict, example='{ backend = "maildir" }'))
     delivery = _backend(path, "delivery", top.take("delivery", dict, {"backend": "local"}))
-    aliases = _aliases(_Reader(path, "aliases", top.take("aliases", dict, {})), domains)
+    aliases = _aliases(top.table("aliases"), domains)
 
-    relay_reader = _Reader(path, "relay", top.take("relay", dict, {}))
+    relay_reader = top.table("relay")
     smarthost = relay_reader.take("smarthost", str, "", example='"smtp.example.net:587"')
     if smarthost and not _is_host_port(smarthost):
         raise relay_reader.error("smarthost", f"{smarthost!r} is not host:port", 'e.g. smarthost = "smtp.example.net:587"')
     relay = _relay_settings(relay_reader)
-    dns = _Reader(path, "dns", top.take("dns", dict, {}))
+    dns = top.table("dns")
     servers = dns.take("servers", list, [], example='["127.0.0.1:53"]')
     for server in servers:
         if not isinstance(server, str) or not _is_host_port(server):
@@ -371,8 +272,8 @@ def _parse(path: str, data: dict[str, Any]) -> Settings:
 
     dkim = _dkim(path, top.take("dkim", dict, {}), domains, relative)
     filters = _filters(path, top.take("filter", list, [], example='[{ backend = "spamd" }] (write it as a [[filter]] table)'), listen)
-    smtp = _smtp_limits(_Reader(path, "smtp", top.take("smtp", dict, {})))
-    pop3 = _pop3_settings(_Reader(path, "pop3", top.take("pop3", dict, {})))
+    smtp = _smtp_limits(top.table("smtp"))
+    pop3 = _pop3_settings(top.table("pop3"))
     top.finish(_TOP_LEVEL_KEYS)
     return Settings(
         path=path, hostname=hostname, data_dir=data_dir, domains=tuple(domains), listen=listen, tls=tls,
@@ -382,12 +283,12 @@ def _parse(path: str, data: dict[str, Any]) -> Settings:
 
 
 _TOP_LEVEL_KEYS = [
-    "hostname", "data_dir", "workers", "domains", "listen", "tls", "auth", "mailbox", "delivery", "aliases", "relay", "dns", "smtp",
-    "pop3", "filter", "dkim",
+    "hostname", "data_dir", "workers", "domains", "listen", "tls", "auth", "mailbox", "delivery", "aliases", "relay", "dns",
+    "smtp", "pop3", "filter", "dkim",
 ]
 
 
-def _listen(table: _Reader) -> dict[str, str]:
+def _listen(table: OptionReader) -> dict[str, str]:
     from twisted.internet import endpoints, reactor
 
     listen: dict[str, str] = {}
@@ -412,10 +313,10 @@ def _listen(table: _Reader) -> dict[str, str]:
     return listen
 
 
-def _tls(table: _Reader, relative: Any) -> TLSSettings:
+def _tls(table: OptionReader) -> TLSSettings:
     paths = {}
     for key, example in (("certificate", '"tls/fullchain.pem"'), ("key", '"tls/privkey.pem"')):
-        value = relative(table.take(key, str, example=example))
+        value = table.path(key, what="a PEM file", example=example)
         if not os.path.isfile(value):
             raise table.error(key, f"no such file: {value}", f"point it at a PEM file, e.g. {key} = {example} (relative to this file)")
         if not os.access(value, os.R_OK):
@@ -448,7 +349,7 @@ def _dkim(path: str, table: dict[str, Any], domains: list[str], relative: Any) -
             raise ConfigError(where, f"{domain} is not one of the domains", "sign only for domains listed in domains", path)
         if not isinstance(entry, dict):
             raise ConfigError(where, "must be a table", f'{where} with selector = "mail" and key = "dkim/{name}.key"', path)
-        reader = _Reader(path, where, dict(entry))
+        reader = OptionReader(entry, file=path, section=where)
         selector = reader.take("selector", str, example='"mail"')
         if not re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*", selector):
             raise reader.error("selector", f"{selector!r} is not a DNS label", 'e.g. selector = "mail"')
@@ -477,28 +378,26 @@ def _filters(path: str, tables: list[Any], listen: dict[str, str]) -> tuple[Filt
     for number, table in enumerate(tables, 1):
         if not isinstance(table, dict):
             raise ConfigError("filter", f"entry {number} is not a table", 'write each filter as a [[filter]] table with backend = "..."', path)
-        reader = _Reader(path, f"[filter] #{number}", dict(table))
+        reader = OptionReader(table, file=path, section=f"[filter] #{number}")
         name = reader.take("backend", str, example='"spamd"')
-        timeout = reader.positive("timeout", FilterSettings.timeout, float)
-        on_error = reader.take("on_error", str, "tempfail", example='"tempfail"')
-        if on_error not in ("tempfail", "accept"):
-            raise reader.error("on_error", f'must be "tempfail" or "accept", not {on_error!r}', 'on_error = "tempfail" fails closed (451)')
-        listeners = reader.take("listeners", list, ["smtp"], example='["smtp"]')
+        timeout = reader.number("timeout", FilterSettings.timeout, unit="of seconds")
+        on_error = reader.choice("on_error", ("tempfail", "accept"), "tempfail", fix='on_error = "tempfail" fails closed (451)')
+        listeners = reader.strings("listeners", ["smtp"], example='["smtp"]')
         for listener in listeners:
             if listener not in ("smtp", "submission", "submissions"):
                 raise reader.error("listeners", f"{listener!r} is not an SMTP listener", 'choose among "smtp", "submission" and "submissions"')
         # What is left are the backend's own options.
         label = f"[filter] #{number} ({name})"
-        filters.append(FilterSettings(BackendSettings("filter", name, reader.table, label), timeout, on_error, tuple(listeners)))
+        filters.append(FilterSettings(BackendSettings("filter", name, reader.options, label), timeout, on_error, tuple(listeners)))
     return tuple(filters)
 
 
 _DEFAULT_BACKENDS = {"auth": "passwd-file", "mailbox": "maildir", "delivery": "local"}
 
 
-def _aliases(table: _Reader, domains: list[str]) -> dict[str, tuple[str, ...]]:
+def _aliases(table: OptionReader, domains: list[str]) -> dict[str, tuple[str, ...]]:
     aliases: dict[str, tuple[str, ...]] = {}
-    for source in list(table.table):
+    for source in list(table.options):
         targets = table.take(source, (str, list), example='"alice@example.org"')
         targets = [targets] if isinstance(targets, str) else targets
         key = source.strip().lower()
@@ -536,45 +435,37 @@ def _quote(key: str) -> str:
     return f'"{key}"'
 
 
-def _smtp_limits(table: _Reader) -> SMTPLimits:
+def _smtp_limits(table: OptionReader) -> SMTPLimits:
     d = SMTPLimits()
     limits = SMTPLimits(
-        max_message_size=table.positive("max_message_size", d.max_message_size),
-        max_recipients=table.positive("max_recipients", d.max_recipients),
-        max_command_line=table.positive("max_command_line", d.max_command_line),
-        max_text_line=table.positive("max_text_line", d.max_text_line),
-        idle_timeout=table.positive("idle_timeout", d.idle_timeout, float),
-        max_connections=table.positive("max_connections", d.max_connections),
-        max_connections_per_ip=table.positive("max_connections_per_ip", d.max_connections_per_ip),
-        max_errors=table.positive("max_errors", d.max_errors),
-        max_received_headers=table.positive("max_received_headers", d.max_received_headers),
+        max_message_size=table.integer("max_message_size", d.max_message_size, unit="of octets"),
+        max_recipients=table.integer("max_recipients", d.max_recipients),
+        max_command_line=table.integer(
+            "max_command_line", d.max_command_line, at_least=512, unit="of octets", fix="max_command_line = 512 (RFC 5321 4.5.3.1.4)",
+        ),
+        max_text_line=table.integer("max_text_line", d.max_text_line, at_least=1000, unit="of octets", fix="max_text_line = 1000 (RFC 5321 4.5.3.1.6)"),
+        idle_timeout=table.number("idle_timeout", d.idle_timeout, unit="of seconds"),
+        max_connections=table.integer("max_connections", d.max_connections),
+        max_connections_per_ip=table.integer("max_connections_per_ip", d.max_connections_per_ip),
+        max_errors=table.integer("max_errors", d.max_errors),
+        max_received_headers=table.integer("max_received_headers", d.max_received_headers),
     )
-    if limits.max_command_line < 512:
-        raise table.error("max_command_line", "must be at least 512 (RFC 5321 4.5.3.1.4)", "max_command_line = 512")
-    if limits.max_text_line < 1000:
-        raise table.error("max_text_line", "must be at least 1000 (RFC 5321 4.5.3.1.6)", "max_text_line = 1000")
     table.finish(list(vars(d)))
     return limits
 
 
-def _relay_settings(table: _Reader) -> RelaySettings:
+def _relay_settings(table: OptionReader) -> RelaySettings:
     d = RelaySettings()
-    tls = table.take("tls", str, d.tls, example='"opportunistic"')
-    if tls not in ("opportunistic", "required", "verify"):
-        raise table.error("tls", f"must be \"opportunistic\", \"required\" or \"verify\", not {tls!r}", 'tls = "opportunistic"')
-    port = table.positive("port", d.port)
-    if port > 65535:
-        raise table.error("port", f"{port} is not a TCP port", "port = 25")
     settings = RelaySettings(
-        tls=tls,
-        port=port,
-        retry_initial=table.positive("retry_initial", d.retry_initial, float),
-        retry_max=table.positive("retry_max", d.retry_max, float),
-        max_age=table.positive("max_age", d.max_age, float),
+        tls=table.choice("tls", ("opportunistic", "required", "verify"), d.tls),
+        port=table.integer("port", d.port, at_most=65535),
+        retry_initial=table.number("retry_initial", d.retry_initial, unit="of seconds"),
+        retry_max=table.number("retry_max", d.retry_max, unit="of seconds"),
+        max_age=table.number("max_age", d.max_age, unit="of seconds"),
         username=table.take("username", str, "", example='"relay-user"'),
         password=table.take("password", str, "", example='"secret"'),
         ca_file=_ca_file(table),
-        **{key: table.positive(key, getattr(d, key), float) for key in _RELAY_TIMEOUTS},
+        **{key: table.number(key, getattr(d, key), unit="of seconds") for key in _RELAY_TIMEOUTS},
     )
     table.finish(["smarthost", *vars(d)])
     return settings
@@ -583,11 +474,10 @@ def _relay_settings(table: _Reader) -> RelaySettings:
 _RELAY_TIMEOUTS = ("connect_timeout", "greeting_timeout", "command_timeout", "data_timeout", "data_block_timeout", "data_done_timeout")
 
 
-def _ca_file(table: _Reader) -> str:
-    path = table.take("ca_file", str, "", example='"/etc/ssl/certs/ca-certificates.crt"')
+def _ca_file(table: OptionReader) -> str:
+    path: str = table.path("ca_file", "", what="a PEM file of trusted certificates", example='"/etc/ssl/certs/ca-certificates.crt"')
     if not path:
         return ""
-    path = os.path.normpath(os.path.join(os.path.dirname(table.file), os.path.expanduser(path)))
     try:
         from twisted.internet import ssl
 
@@ -600,27 +490,20 @@ def _ca_file(table: _Reader) -> str:
     return path
 
 
-def _pop3_settings(table: _Reader) -> POP3Settings:
+def _pop3_settings(table: OptionReader) -> POP3Settings:
     d = POP3Settings()
-    delay = table.take("auth_failure_delay", (int, float), d.auth_failure_delay, example="2")
-    if delay < 0:
-        raise table.error("auth_failure_delay", "must not be negative", "auth_failure_delay = 2")
-    expire = table.take("expire_days", (int, float), None, example="30")
-    if expire is not None and expire <= 0:
-        raise table.error("expire_days", "must be greater than 0", "leave it out to keep retrieved mail, or e.g. expire_days = 30")
-    on_delete = table.take("on_delete", str, d.on_delete, example='"trash"')
-    if on_delete not in ("remove", "trash"):
-        raise table.error("on_delete", f"must be \"remove\" or \"trash\", not {on_delete!r}", 'on_delete = "trash" keeps deleted mail in .Trash')
     settings = POP3Settings(
-        auth_failure_delay=float(delay),
-        max_login_failures=table.positive("max_login_failures", d.max_login_failures),
-        login_block_time=table.positive("login_block_time", d.login_block_time, float),
-        idle_timeout=table.positive("idle_timeout", d.idle_timeout, float),
-        max_connections=table.positive("max_connections", d.max_connections),
-        max_connections_per_ip=table.positive("max_connections_per_ip", d.max_connections_per_ip),
-        expire_days=float(expire) if expire is not None else None,
-        on_delete=on_delete,
-        trash_days=table.positive("trash_days", d.trash_days, float),
+        auth_failure_delay=table.number("auth_failure_delay", d.auth_failure_delay, at_least=0, unit="of seconds"),
+        max_login_failures=table.integer("max_login_failures", d.max_login_failures),
+        login_block_time=table.number("login_block_time", d.login_block_time, unit="of seconds"),
+        idle_timeout=table.number("idle_timeout", d.idle_timeout, unit="of seconds"),
+        max_connections=table.integer("max_connections", d.max_connections),
+        max_connections_per_ip=table.integer("max_connections_per_ip", d.max_connections_per_ip),
+        expire_days=table.number(
+            "expire_days", None, unit="of days", fix="leave it out to keep retrieved mail, or e.g. expire_days = 30",
+        ),
+        on_delete=table.choice("on_delete", ("remove", "trash"), d.on_delete, fix='on_delete = "trash" keeps deleted mail in .Trash'),
+        trash_days=table.number("trash_days", d.trash_days, unit="of days"),
     )
     table.finish(list(vars(d)))
     return settings

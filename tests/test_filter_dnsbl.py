@@ -361,7 +361,7 @@ def test_silent_dns_server_times_out_to_451_and_the_session_goes_on(make_server)
     [
         ("", r"\[filter\] #1 \(dnsbl\) zones: is required.*fix: e\.g\. zones = \[\"zen"),
         ('zones = ["bl..test"]', r"zones: 'bl\.\.test' is not a domain name"),
-        ('zones = ["bl.test"]\naction = "drop"', r"action: must be \"reject\" or \"tag\", not 'drop'"),
+        ('zones = ["bl.test"]\naction = "drop"', r"action: must be \"reject\" or \"tag\", not \"drop\""),
         ('zones = ["bl.test"]\nskip = ["10.0.0.1/8"]', r"skip: '10\.0\.0\.1/8' is not a network .*fix: e\.g\. skip = \[\"127\.0\.0\.0/8\""),
         ('zones = ["bl.test"]\nzone = ["x.test"]', r"zone: unknown key; fix: did you mean 'zones'\?"),
     ],

@@ -286,7 +286,7 @@ def test_filters_apply_to_the_mx_listener_only_by_default(filtered_server):
 @pytest.mark.parametrize(
     "table, error",
     [
-        ('[[filter]]\nbackend = "scriptedfilter:factory"\ntimeout = 0\n', r"\[filter\] #1 timeout: must be greater than 0"),
+        ('[[filter]]\nbackend = "scriptedfilter:factory"\ntimeout = 0\n', r"\[filter\] #1 timeout: must be a number of seconds greater than 0, not 0"),
         ('[[filter]]\nbackend = "scriptedfilter:factory"\non_error = "ignore"\n', r"\[filter\] #1 on_error: must be \"tempfail\" or \"accept\""),
         ('[[filter]]\nbackend = "scriptedfilter:factory"\nlisteners = ["pop3"]\n', r"\[filter\] #1 listeners: 'pop3' is not an SMTP listener"),
         ('[[filter]]\nbackend = "scriptedfilter:factory"\nsteps = { mail = "maybe" }\n', r"\[filter\] #1 \(scriptedfilter:factory\) steps.mail: unknown action"),

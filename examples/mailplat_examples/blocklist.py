@@ -16,6 +16,7 @@ from twisted.logger import Logger
 
 from mailplat.config import ConfigError
 from mailplat.interfaces import BackendContext, Client, MessageFilter, Verdict
+from mailplat.options import OptionReader
 
 __all__ = ["SenderBlocklist", "build", "parse"]
 
@@ -80,12 +81,9 @@ class SenderBlocklist(MessageFilter):
 
 def build(options: dict[str, Any], context: BackendContext) -> SenderBlocklist:
     """Check the options of ``[[filter]] backend = "sender-blocklist"``."""
-    path = options.pop("path", None)
-    if not isinstance(path, str) or not path:
-        raise ConfigError("path", "is required: the blocklist file", 'e.g. path = "blocked-senders.txt" (relative to this file)')
-    if options:
-        raise ConfigError(next(iter(options)), "unknown key", "sender-blocklist knows only: path")
-    blocklist = SenderBlocklist(context.resolve_path(path))
+    reader = OptionReader(options, "sender-blocklist", context=context)
+    blocklist = SenderBlocklist(reader.path("path", what="the blocklist file", example='"blocked-senders.txt"'))
+    reader.finish()
     if not os.path.isfile(blocklist.path):
         raise ConfigError("path", f"no such file: {blocklist.path}", "create it, even empty")
     try:

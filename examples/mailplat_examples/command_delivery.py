@@ -36,6 +36,7 @@ from mailplat.interfaces import (
     SpooledMessage,
     TemporaryFailure,
 )
+from mailplat.options import OptionReader
 
 __all__ = ["CommandDelivery", "build"]
 
@@ -171,17 +172,15 @@ class CommandDelivery(Service):
 
 def build(options: dict[str, Any], context: BackendContext) -> CommandDelivery:
     """Check the options of ``[delivery] backend = "command"``."""
-    argv = options.pop("argv", None)
+    reader = OptionReader(options, "command", context=context)
     example = 'e.g. argv = ["/usr/local/bin/deliver-mail", "--verbose"]'
-    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) and a for a in argv):
+    argv = reader.strings("argv", fix=example, what="the command and its arguments")
+    if not argv or not all(argv):
         raise ConfigError("argv", "must be a non-empty list of non-empty strings: the command and its arguments", example)
     # A relative path is relative to the config file, like every other path.
     program = shutil.which(context.resolve_path(argv[0]) if os.sep in argv[0] else argv[0])
     if program is None:
         raise ConfigError("argv", f"{argv[0]!r} is not an executable file, nor a program found on PATH", example)
-    timeout = options.pop("timeout", 300)
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-        raise ConfigError("timeout", f"must be a number of seconds greater than 0, not {timeout!r}", "timeout = 300")
-    if options:
-        raise ConfigError(next(iter(options)), "unknown key", "the command delivery backend knows: argv, timeout")
-    return CommandDelivery([os.path.abspath(program), *argv[1:]], float(timeout), context.reactor)
+    timeout = reader.number("timeout", 300.0, unit="of seconds")
+    reader.finish()
+    return CommandDelivery([os.path.abspath(program), *argv[1:]], timeout, context.reactor)

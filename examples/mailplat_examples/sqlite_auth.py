@@ -26,6 +26,7 @@ from zope.interface import implementer
 from mailplat.addresses import AddressError, validate_address
 from mailplat.config import ConfigError
 from mailplat.interfaces import Account, BackendContext, IAuthBackend, IUserManager, TemporaryFailure
+from mailplat.options import OptionReader
 from mailplat.passwords import hash_password, verify_password
 
 __all__ = ["SQLiteUsers", "build"]
@@ -143,12 +144,9 @@ class SQLiteUsers:
 
 def build(options: dict[str, Any], context: BackendContext) -> SQLiteUsers:
     """Check the options of ``[auth] backend = "sqlite"`` and open the database."""
-    path = options.pop("path", None)
-    if not isinstance(path, str) or not path:
-        raise ConfigError("path", "is required: the SQLite database file", 'e.g. path = "users.sqlite" (relative to this file)')
-    if options:
-        raise ConfigError(next(iter(options)), "unknown key", "the sqlite auth backend knows only: path")
-    backend = SQLiteUsers(context.resolve_path(path), context.reactor)
+    reader = OptionReader(options, "sqlite", context=context)
+    backend = SQLiteUsers(reader.path("path", what="the SQLite database file", example='"users.sqlite"'), context.reactor)
+    reader.finish()
     if context.admin:
         # `mailplat user add` may start from nothing.
         os.makedirs(os.path.dirname(backend.path), exist_ok=True)

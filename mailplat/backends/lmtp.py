@@ -58,7 +58,6 @@ misfiles the address.
 from __future__ import annotations
 
 import collections
-import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -70,7 +69,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailplat.config import ConfigError
 from mailplat.wire.connections import set_no_delay
 from mailplat.wire.dotstuff import DotStuffedSender
 from mailplat.interfaces import (
@@ -83,7 +81,7 @@ from mailplat.interfaces import (
     SpooledMessage,
     TemporaryFailure,
 )
-from mailplat.options import client_endpoint, refuse_unknown
+from mailplat.options import OptionReader
 
 __all__ = ["LMTPDelivery", "Reply", "build"]
 
@@ -92,7 +90,6 @@ log = Logger()
 DEFAULT_TIMEOUT = 300.0
 DEFAULT_MAX_CONNECTIONS = 10
 FOLDERS = ("inbox", "detail")
-OPTIONS = ["address", "timeout", "max_connections", "folders"]
 # A kept connection unused for this long is closed: each one holds a
 # process of the LMTP server (Dovecot's lmtp serves one client per process).
 IDLE_TIMEOUT = 30.0
@@ -577,26 +574,12 @@ def _safe(text: str) -> str:
 
 def build(options: dict[str, Any], context: BackendContext) -> LMTPDelivery:
     """Check the options of ``[delivery] backend = "lmtp"`` and make the backend."""
-    examples = 'e.g. address = "unix:path=/run/dovecot/lmtp" or "tcp:host=127.0.0.1:port=24"'
-    address, endpoint = client_endpoint(options, context.reactor, None, examples)
-
-    timeout = options.pop("timeout", DEFAULT_TIMEOUT)
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
-        raise ConfigError("timeout", f"must be a number of seconds greater than 0, not {timeout!r}", f"e.g. timeout = {DEFAULT_TIMEOUT:g}")
-
-    max_connections = options.pop("max_connections", DEFAULT_MAX_CONNECTIONS)
-    if isinstance(max_connections, bool) or not isinstance(max_connections, int) or not 1 <= max_connections <= 1000:
-        raise ConfigError(
-            "max_connections", f"must be a whole number from 1 to 1000, not {max_connections!r}",
-            f"e.g. max_connections = {DEFAULT_MAX_CONNECTIONS}",
-        )
-
-    folders = options.pop("folders", "inbox")
-    if folders not in FOLDERS:
-        raise ConfigError(
-            "folders", f'must be "inbox" or "detail", not {folders!r}',
-            'folders = "inbox" ignores the Quarantine folder; "detail" sends it as alice+Quarantine@...',
-        )
-
-    refuse_unknown(options, OPTIONS, "lmtp")
-    return LMTPDelivery(endpoint, address, context.hostname, float(timeout), max_connections, folders, context.reactor)
+    reader = OptionReader(options, "lmtp", context=context)
+    address, endpoint = reader.endpoint("address", example='"unix:path=/run/dovecot/lmtp" or "tcp:host=127.0.0.1:port=24"')
+    timeout = reader.number("timeout", DEFAULT_TIMEOUT, unit="of seconds")
+    max_connections = reader.integer("max_connections", DEFAULT_MAX_CONNECTIONS, at_most=1000)
+    folders = reader.choice(
+        "folders", FOLDERS, "inbox", fix='folders = "inbox" ignores the Quarantine folder; "detail" sends it as alice+Quarantine@...',
+    )
+    reader.finish()
+    return LMTPDelivery(endpoint, address, context.hostname, timeout, max_connections, folders, context.reactor)

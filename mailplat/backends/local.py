@@ -19,8 +19,8 @@ from mailplat.interfaces import (
     SpooledMessage,
     TemporaryFailure,
 )
+from mailplat.options import OptionReader
 from mailplat.plugins import call
-from mailplat.options import refuse_unknown
 
 __all__ = ["LocalDelivery", "build"]
 
@@ -63,7 +63,7 @@ class LocalDelivery:
 
 
 def build(options: dict[str, Any], context: BackendContext) -> LocalDelivery:
-    refuse_unknown(options, [], "local")
+    OptionReader(options, "local").finish()
     mailbox = context.providers.get("mailbox")
     if mailbox is None:
         raise ConfigError("backend", "local delivery needs a [mailbox] backend", 'add [mailbox] backend = "maildir"')

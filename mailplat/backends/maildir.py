@@ -35,7 +35,7 @@ from mailplat.interfaces import (
     SpooledMessage,
     TemporaryFailure,
 )
-from mailplat.options import refuse_unknown
+from mailplat.options import OptionReader
 
 __all__ = ["Maildir", "build"]
 
@@ -301,11 +301,9 @@ class MaildirDrop:
 
 
 def build(options: dict[str, Any], context: BackendContext) -> Maildir:
-    path = options.pop("path", None)
-    if not isinstance(path, str) or not path:
-        raise ConfigError("path", "is required: the folder holding the maildirs", 'e.g. path = "mail" (relative to this file)')
-    refuse_unknown(options, ["path"], "maildir")
-    root = context.resolve_path(path)
+    reader = OptionReader(options, "maildir", context=context)
+    root = reader.path("path", what="the folder holding the maildirs", example='"mail"')
+    reader.finish()
     if not context.admin:
         try:
             makedirs_durable(root)

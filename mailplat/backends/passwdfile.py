@@ -19,8 +19,8 @@ from mailplat.addresses import AddressError, validate_address
 from mailplat.config import ConfigError
 from mailplat.fsutil import fsync_directory
 from mailplat.interfaces import Account, BackendContext, IAuthBackend, IUserManager
+from mailplat.options import OptionReader
 from mailplat.passwords import UnsupportedScheme, hash_password, scheme_of, verify_in_thread
-from mailplat.options import refuse_unknown
 
 __all__ = ["PasswdFile", "build"]
 
@@ -170,14 +170,11 @@ def _keep_ownership(old: str, new: str) -> None:
 
 
 def build(options: dict[str, Any], context: BackendContext) -> PasswdFile:
-    path = options.pop("path", None)
-    if not isinstance(path, str) or not path:
-        raise ConfigError("path", "is required: the users file", 'e.g. path = "users.passwd" (relative to this file)')
-    allow_plain = options.pop("allow_plain", False)
-    if not isinstance(allow_plain, bool):
-        raise ConfigError("allow_plain", "must be true or false", "allow_plain = false")
-    refuse_unknown(options, ["path", "allow_plain"], "passwd-file")
-    backend = PasswdFile(context.resolve_path(path), context.reactor, context.threads, allow_plain)
+    reader = OptionReader(options, "passwd-file", context=context)
+    path = reader.path("path", what="the users file", example='"users.passwd"')
+    allow_plain = reader.take("allow_plain", bool, False, example="false")
+    reader.finish()
+    backend = PasswdFile(path, context.reactor, context.threads, allow_plain)
     if not context.admin and not os.path.isfile(backend.path):
         raise ConfigError("path", f"no such file: {backend.path}", "create it by adding a user: mailplat --config FILE user add ADDRESS")
     try:

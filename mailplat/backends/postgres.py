@@ -84,8 +84,8 @@ from mailplat.interfaces import (
     SpooledMessage,
     TemporaryFailure,
 )
+from mailplat.options import OptionReader, toml_value
 from mailplat.passwords import UnsupportedScheme, hash_password, verify_password
-from mailplat.options import refuse_unknown
 
 try:
     import psycopg
@@ -639,27 +639,25 @@ class PostgresMaildrop:
 
 
 def _database(options: dict[str, Any], kind: str) -> Database:
-    """Check the options shared by both backends (popping them)."""
+    """Check the options shared by both backends."""
     if psycopg is None:
         raise ConfigError("backend", "the postgres backend needs psycopg 3 and psycopg-pool", "pip install 'psycopg[binary]' psycopg-pool")
-    dsn = options.pop("dsn", None)
-    if not isinstance(dsn, str) or not dsn.strip():
-        raise ConfigError("dsn", "is required: a libpq connection string", 'e.g. dsn = "host=127.0.0.1 dbname=mail user=mailplat"')
+    reader = OptionReader(options, "postgres")
+    example = '"host=127.0.0.1 dbname=mail user=mailplat"'
+    dsn = reader.take("dsn", str, example=example, what="a libpq connection string")
+    if not dsn.strip():
+        raise reader.error("dsn", "is empty: it must be a libpq connection string", f"e.g. dsn = {example}")
     try:
         conninfo_to_dict(dsn)
     except psycopg.Error as e:
-        raise ConfigError("dsn", f"is not a valid connection string: {e}", 'e.g. dsn = "host=127.0.0.1 dbname=mail user=mailplat"')
-    pool_size = options.pop("pool_size", 10)
-    if not isinstance(pool_size, int) or isinstance(pool_size, bool) or not 1 <= pool_size <= 1000:
-        raise ConfigError("pool_size", "must be a whole number from 1 to 1000", "pool_size = 10")
-    timeout = options.pop("timeout", 10)
-    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 < timeout <= 3600:
-        raise ConfigError("timeout", "must be a number of seconds above 0 and at most 3600", "timeout = 10")
-    schema = options.pop("schema", "mailplat")
-    if not isinstance(schema, str) or not _SCHEMA_NAME.fullmatch(schema) or schema.startswith("pg_"):
-        raise ConfigError("schema", "must be a lower-case SQL name (letters, digits, _; not starting with pg_)", 'schema = "mailplat"')
-    refuse_unknown(options, ["dsn", "pool_size", "timeout", "schema"], "postgres")
-    db = Database(dsn, schema, pool_size, float(timeout))
+        raise reader.error("dsn", f"is not a valid connection string: {e}", f"e.g. dsn = {example}")
+    pool_size = reader.integer("pool_size", 10, at_most=1000)
+    timeout = reader.number("timeout", 10.0, at_most=3600, unit="of seconds")
+    schema = reader.take("schema", str, "mailplat", example='"mailplat"')
+    if not _SCHEMA_NAME.fullmatch(schema) or schema.startswith("pg_"):
+        raise reader.error("schema", f"{toml_value(schema)} is not a lower-case SQL name (letters, digits, _; not starting with pg_)", 'schema = "mailplat"')
+    reader.finish()
+    db = Database(dsn, schema, pool_size, timeout)
     if (db.conninfo, db.schema) not in _migrated:
         try:
             migrate(db)

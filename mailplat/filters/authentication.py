@@ -110,10 +110,9 @@ from twisted.internet.threads import deferToThread, deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from mailplat.config import ConfigError
 from mailplat.interfaces import BackendContext, Client, MessageFilter, SpooledMessage, Verdict
 from mailplat.plugins import BackendFactory
-from mailplat.options import refuse_unknown
+from mailplat.options import OptionReader
 
 __all__ = [
     "AuthenticationFilter",
@@ -143,7 +142,6 @@ log = Logger()
 HEADER = "Authentication-Results"
 DMARC_REJECT = ("reject", "quarantine", "tag")
 SPF_FAIL = ("reject", "tag")
-OPTIONS = ["dmarc_reject", "spf_fail"]
 
 # Seconds one DNS question may take (every server tried), and the totals
 # for an SPF check (RFC 7208 4.6.4 suggests at least 20 s; ours is shorter
@@ -864,19 +862,14 @@ def configured_servers(context: BackendContext) -> list[tuple[str, int]] | None:
 
 def build(options: dict[str, Any], context: BackendContext) -> AuthenticationFilter:
     """Check the ``[[filter]]`` options and make the filter."""
-    dmarc_reject = options.pop("dmarc_reject", "reject")
-    if dmarc_reject not in DMARC_REJECT:
-        raise ConfigError(
-            "dmarc_reject", f'must be "reject", "quarantine" or "tag", not {dmarc_reject!r}',
-            'e.g. dmarc_reject = "reject" (what to do with mail failing a p=reject DMARC policy)',
-        )
-    spf_fail = options.pop("spf_fail", "tag")
-    if spf_fail not in SPF_FAIL:
-        raise ConfigError(
-            "spf_fail", f'must be "reject" or "tag", not {spf_fail!r}',
-            'e.g. spf_fail = "tag" (refuse SPF -all failures at MAIL FROM with "reject")',
-        )
-    refuse_unknown(options, OPTIONS, "authentication")
+    reader = OptionReader(options, "authentication")
+    dmarc_reject = reader.choice(
+        "dmarc_reject", DMARC_REJECT, "reject", fix='e.g. dmarc_reject = "reject" (what to do with mail failing a p=reject DMARC policy)',
+    )
+    spf_fail = reader.choice(
+        "spf_fail", SPF_FAIL, "tag", fix='e.g. spf_fail = "tag" (refuse SPF -all failures at MAIL FROM with "reject")',
+    )
+    reader.finish()
     return AuthenticationFilter(context.hostname, dmarc_reject, spf_fail, Resolver(configured_servers(context)), context.reactor)
 
 

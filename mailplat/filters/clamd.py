@@ -41,10 +41,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailplat.config import ConfigError
 from mailplat.filters.daemon import connect, too_big
 from mailplat.interfaces import BackendContext, Client, MessageFilter, SpooledMessage, Verdict
-from mailplat.options import client_endpoint, refuse_unknown
+from mailplat.options import OptionReader
 
 __all__ = ["ClamdError", "ClamdFilter", "build", "parse_reply"]
 
@@ -53,7 +52,6 @@ log = Logger()
 DEFAULT_ADDRESS = "unix:path=/var/run/clamav/clamd.ctl"
 DEFAULT_MAX_SIZE = 25 * 1024 * 1024
 ACTIONS = ("reject", "quarantine")
-OPTIONS = ["address", "action", "max_size"]
 
 CHUNK_SIZE = 64 * 1024
 # clamd's replies are one short line; anything longer is not clamd.
@@ -186,19 +184,11 @@ class ClamdFilter(MessageFilter):
 
 def build(options: dict[str, Any], context: BackendContext) -> ClamdFilter:
     """Check the ``[[filter]]`` options and make the filter."""
-    examples = f'e.g. address = "{DEFAULT_ADDRESS}" or "tcp:127.0.0.1:3310"'
-    address, endpoint = client_endpoint(options, context.reactor, DEFAULT_ADDRESS, examples)
-
-    action = options.pop("action", "reject")
-    if action not in ACTIONS:
-        raise ConfigError("action", f'must be "reject" or "quarantine", not {action!r}', 'e.g. action = "reject"')
-
-    max_size = options.pop("max_size", DEFAULT_MAX_SIZE)
-    if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size <= 0:
-        raise ConfigError(
-            "max_size", f"must be a positive whole number of bytes, not {max_size!r}",
-            f"e.g. max_size = {DEFAULT_MAX_SIZE} (no more than clamd's StreamMaxLength)",
-        )
-
-    refuse_unknown(options, OPTIONS, "clamd")
+    reader = OptionReader(options, "clamd", context=context)
+    address, endpoint = reader.endpoint("address", DEFAULT_ADDRESS, example=f'"{DEFAULT_ADDRESS}" or "tcp:127.0.0.1:3310"')
+    action = reader.choice("action", ACTIONS, "reject")
+    max_size = reader.integer(
+        "max_size", DEFAULT_MAX_SIZE, unit="of bytes", fix=f"e.g. max_size = {DEFAULT_MAX_SIZE} (no more than clamd's StreamMaxLength)",
+    )
+    reader.finish()
     return ClamdFilter(address, endpoint, action, max_size, context.hostname)

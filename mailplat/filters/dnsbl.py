@@ -58,9 +58,8 @@ from twisted.logger import Logger
 from twisted.names import dns
 from twisted.names.error import DNSNameError
 
-from mailplat.config import ConfigError
 from mailplat.interfaces import BackendContext, Client, MessageFilter, SpooledMessage, Verdict
-from mailplat.options import refuse_unknown
+from mailplat.options import OptionReader
 
 __all__ = ["DNSBLError", "DNSBLFilter", "Listing", "build", "listing_codes", "reversed_name"]
 
@@ -68,7 +67,6 @@ log = Logger()
 
 ACTIONS = ("reject", "tag")
 DEFAULT_SKIP = ("127.0.0.0/8", "::1/128")
-OPTIONS = ["zones", "action", "skip"]
 
 LISTED = ipaddress.ip_network("127.0.0.0/8")
 # Spamhaus's "your query was not answered" codes: not listings.
@@ -295,38 +293,30 @@ def _describe(error: BaseException) -> str:
 
 def build(options: dict[str, Any], context: BackendContext) -> DNSBLFilter:
     """Check the ``[[filter]]`` options and make the filter."""
+    reader = OptionReader(options, "dnsbl", context=context)
     example = 'e.g. zones = ["zen.spamhaus.org"]'
-    if "zones" not in options:
-        raise ConfigError("zones", "is required: the blocklists to ask", example)
-    zones = options.pop("zones")
-    if not isinstance(zones, list) or not zones:
-        raise ConfigError("zones", f"must be a non-empty list of domain names, not {zones!r}", example)
+    zones = reader.strings("zones", fix=example, what="the blocklists to ask")
+    if not zones:
+        raise reader.error("zones", "is empty: it must list the blocklists to ask", example)
     normalised: list[str] = []
     for zone in zones:
-        name = zone.strip().rstrip(".").lower() if isinstance(zone, str) else ""
+        name = zone.strip().rstrip(".").lower()
         labels = name.split(".")
         if not name or len(name) > MAX_ZONE_LENGTH or not all(_LABEL.fullmatch(label) for label in labels):
-            raise ConfigError("zones", f"{zone!r} is not a domain name", example)
+            raise reader.error("zones", f"{zone!r} is not a domain name", example)
         if name in normalised:
-            raise ConfigError("zones", f"{zone!r} is listed twice", "give each zone once")
+            raise reader.error("zones", f"{zone!r} is listed twice", "give each zone once")
         normalised.append(name)
 
-    action = options.pop("action", "reject")
-    if action not in ACTIONS:
-        raise ConfigError("action", f'must be "reject" or "tag", not {action!r}', 'e.g. action = "reject"')
+    action = reader.choice("action", ACTIONS, "reject")
 
-    skip = options.pop("skip", list(DEFAULT_SKIP))
     skip_example = f'e.g. skip = {list(DEFAULT_SKIP)!r} (CIDR networks, or [] to check every client)'.replace("'", '"')
-    if not isinstance(skip, list):
-        raise ConfigError("skip", f"must be a list of networks, not {skip!r}", skip_example)
     networks = []
-    for network in skip:
+    for network in reader.strings("skip", list(DEFAULT_SKIP), fix=skip_example):
         try:
-            if not isinstance(network, str):
-                raise ValueError("not a string")
             networks.append(ipaddress.ip_network(network.strip()))
         except ValueError as e:
-            raise ConfigError("skip", f"{network!r} is not a network ({e})", skip_example)
+            raise reader.error("skip", f"{network!r} is not a network ({e})", skip_example)
 
-    refuse_unknown(options, OPTIONS, "dnsbl")
+    reader.finish()
     return DNSBLFilter(normalised, action, networks, context.dns, context.reactor)

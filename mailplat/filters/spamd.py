@@ -49,7 +49,6 @@ filter's ``timeout`` above spamd's worst scan time.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from typing import IO, Any
@@ -61,10 +60,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailplat.config import ConfigError
 from mailplat.filters.daemon import connect, too_big
 from mailplat.interfaces import BackendContext, Client, MessageFilter, SpooledMessage, Verdict
-from mailplat.options import client_endpoint, refuse_unknown
+from mailplat.options import OptionReader, toml_value
 
 __all__ = ["SpamdError", "SpamdFilter", "SpamdResult", "build", "parse_response", "request_head"]
 
@@ -73,7 +71,6 @@ log = Logger()
 DEFAULT_ADDRESS = "tcp:host=127.0.0.1:port=783"
 DEFAULT_MAX_SIZE = 512000
 ACTIONS = ("tag", "quarantine", "reject")
-OPTIONS = ["address", "max_size", "user", "action", "reject_score"]
 
 CHUNK_SIZE = 64 * 1024
 # A SYMBOLS reply is a status line, two headers and one line of rule names.
@@ -331,37 +328,14 @@ class SpamdFilter(MessageFilter):
 
 def build(options: dict[str, Any], context: BackendContext) -> SpamdFilter:
     """Check the ``[[filter]]`` options and make the filter."""
-    examples = f'e.g. address = "{DEFAULT_ADDRESS}" or "unix:path=/run/spamd.sock"'
-    address, endpoint = client_endpoint(options, context.reactor, DEFAULT_ADDRESS, examples)
-
-    max_size = options.pop("max_size", DEFAULT_MAX_SIZE)
-    if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size <= 0:
-        raise ConfigError(
-            "max_size", f"must be a positive whole number of bytes, not {max_size!r}", f"e.g. max_size = {DEFAULT_MAX_SIZE}",
-        )
-
-    user = options.pop("user", None)
-    if user is not None and (not isinstance(user, str) or not _USER.fullmatch(user)):
-        raise ConfigError(
-            "user", f"must be a user name of printable ASCII without spaces (at most 255), not {user!r}",
-            'e.g. user = "spamd", or leave it out to send none',
-        )
-
-    action = options.pop("action", "quarantine")
-    if action not in ACTIONS:
-        raise ConfigError("action", f'must be "tag", "quarantine" or "reject", not {action!r}', 'e.g. action = "quarantine"')
-
-    reject_score = options.pop("reject_score", None)
-    if reject_score is not None:
-        if (
-            isinstance(reject_score, bool) or not isinstance(reject_score, (int, float))
-            or not math.isfinite(reject_score) or reject_score <= 0
-        ):
-            raise ConfigError(
-                "reject_score", f"must be a score greater than 0, not {reject_score!r}",
-                "e.g. reject_score = 15.0, or leave it out to let action decide alone",
-            )
-        reject_score = float(reject_score)
-
-    refuse_unknown(options, OPTIONS, "spamd")
+    reader = OptionReader(options, "spamd", context=context)
+    address, endpoint = reader.endpoint("address", DEFAULT_ADDRESS, example=f'"{DEFAULT_ADDRESS}" or "unix:path=/run/spamd.sock"')
+    max_size = reader.integer("max_size", DEFAULT_MAX_SIZE, unit="of bytes")
+    user_fix = 'e.g. user = "spamd", or leave it out to send none'
+    user = reader.take("user", str, None, fix=user_fix)
+    if user is not None and not _USER.fullmatch(user):
+        raise reader.error("user", f"must be a user name of printable ASCII without spaces (at most 255), not {toml_value(user)}", user_fix)
+    action = reader.choice("action", ACTIONS, "quarantine")
+    reject_score = reader.number("reject_score", None, fix="e.g. reject_score = 15.0, or leave it out to let action decide alone")
+    reader.finish()
     return SpamdFilter(endpoint, address, max_size, user, action, reject_score)
