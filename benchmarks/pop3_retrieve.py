@@ -436,7 +436,7 @@ pop3s = "tcp:0:interface=127.0.0.1"
 [tls]
 certificate = "tls/cert.pem"
 key = "tls/key.pem"
-[pop3]
+[login]
 auth_failure_delay = 0
 """
 LISTEN_RE = re.compile(r"(\w+) listening on [^\s:]+:(\d+)")

@@ -49,7 +49,7 @@ smarthost = "127.0.0.1:{sink}"
 retry_initial = 1
 [smtp]
 max_connections_per_ip = 1000
-[pop3]
+[login]
 auth_failure_delay = 0
 """
 

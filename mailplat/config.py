@@ -13,6 +13,8 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
+from twisted.logger import Logger
+
 from mailplat.addresses import AddressError, validate_address, validate_domain
 
 # ConfigError lives beside the reader that raises it; plugin authors import it from here.
@@ -22,6 +24,7 @@ __all__ = [
     "BackendSettings",
     "ConfigError",
     "ListenerNames",
+    "LoginSettings",
     "POP3Settings",
     "RelaySettings",
     "SMTPLimits",
@@ -29,6 +32,8 @@ __all__ = [
     "TLSSettings",
     "load",
 ]
+
+log = Logger()
 
 # The listener names of [listen], in the order they are started.
 ListenerNames = ("smtp", "submission", "submissions", "pop3", "pop3s")
@@ -87,12 +92,20 @@ class SMTPLimits:
 
 
 @dataclass(frozen=True)
-class POP3Settings:
-    """[pop3]: login safety, limits and what happens to mail after download."""
+class LoginSettings:
+    """[login]: the guard every listener that takes a password shares."""
 
+    # Seconds before a failed login is answered.
     auth_failure_delay: float = 2.0
+    # Failed logins from one address within login_block_time; then it is refused that long.
     max_login_failures: int = 10
     login_block_time: float = 300.0
+
+
+@dataclass(frozen=True)
+class POP3Settings:
+    """[pop3]: limits and what happens to mail after download."""
+
     idle_timeout: float = 600.0
     max_connections: int = 1000
     max_connections_per_ip: int = 20
@@ -140,6 +153,7 @@ class Settings:
     smtp: SMTPLimits = field(default_factory=SMTPLimits)
     workers: int = 1
     pop3: POP3Settings = field(default_factory=POP3Settings)
+    login: LoginSettings = field(default_factory=LoginSettings)
     relay: RelaySettings = field(default_factory=lambda: RelaySettings())
     dns_servers: tuple[str, ...] = ()
     filters: tuple[FilterSettings, ...] = ()
@@ -180,6 +194,8 @@ class Settings:
         lines += [f"{k} = {_toml(v)}" for k, v in vars(self.smtp).items()]
         lines += ["", "[pop3]"]
         lines += [f"{k} = {_toml(v)}" for k, v in vars(self.pop3).items() if v is not None]
+        lines += ["", "[login]"]
+        lines += [f"{k} = {_toml(v)}" for k, v in vars(self.login).items()]
         return "\n".join(lines) + "\n"
 
 
@@ -273,17 +289,19 @@ def _parse(path: str, data: dict[str, Any]) -> Settings:
     dkim = _dkim(path, top.take("dkim", dict, {}), domains, relative)
     filters = _filters(path, top.take("filter", list, [], example='[{ backend = "spamd" }] (write it as a [[filter]] table)'), listen)
     smtp = _smtp_limits(top.table("smtp"))
-    pop3 = _pop3_settings(top.table("pop3"))
+    pop3_reader = top.table("pop3")
+    login = _login_settings(top.table("login"), pop3_reader)
+    pop3 = _pop3_settings(pop3_reader)
     top.finish(_TOP_LEVEL_KEYS)
     return Settings(
         path=path, hostname=hostname, data_dir=data_dir, domains=tuple(domains), listen=listen, tls=tls,
         auth=auth, mailbox=mailbox, delivery=delivery, aliases=aliases, smarthost=smarthost, smtp=smtp, workers=workers, pop3=pop3,
-        relay=relay, dns_servers=tuple(servers), filters=filters, dkim=dkim,
+        relay=relay, dns_servers=tuple(servers), filters=filters, dkim=dkim, login=login,
     )
 
 
 _TOP_LEVEL_KEYS = [
-    "hostname", "data_dir", "workers", "domains", "listen", "tls", "auth", "mailbox", "delivery", "aliases", "relay", "dns",
+    "hostname", "data_dir", "workers", "domains", "listen", "tls", "login", "auth", "mailbox", "delivery", "aliases", "relay", "dns",
     "smtp", "pop3", "filter", "dkim",
 ]
 
@@ -493,9 +511,6 @@ def _ca_file(table: OptionReader) -> str:
 def _pop3_settings(table: OptionReader) -> POP3Settings:
     d = POP3Settings()
     settings = POP3Settings(
-        auth_failure_delay=table.number("auth_failure_delay", d.auth_failure_delay, at_least=0, unit="of seconds"),
-        max_login_failures=table.integer("max_login_failures", d.max_login_failures),
-        login_block_time=table.number("login_block_time", d.login_block_time, unit="of seconds"),
         idle_timeout=table.number("idle_timeout", d.idle_timeout, unit="of seconds"),
         max_connections=table.integer("max_connections", d.max_connections),
         max_connections_per_ip=table.integer("max_connections_per_ip", d.max_connections_per_ip),
@@ -507,6 +522,40 @@ def _pop3_settings(table: OptionReader) -> POP3Settings:
     )
     table.finish(list(vars(d)))
     return settings
+
+
+# These were [pop3] keys while only POP3 had a login guard.  For one release
+# [pop3] still sets them (where [login] does not); the next reads them only in [login].
+_MOVED_TO_LOGIN = ("auth_failure_delay", "max_login_failures", "login_block_time")
+
+
+def _login_settings(table: OptionReader, pop3: OptionReader) -> LoginSettings:
+    moved = [key for key in _MOVED_TO_LOGIN if key in pop3.options]
+    both = [key for key in moved if key in table.options]
+    # A [pop3] value is checked where it was written, then stands in for the default.
+    fallback = _login_values(pop3, LoginSettings()) if moved else LoginSettings()
+    settings = _login_values(table, fallback)
+    table.finish()
+    if moved:
+        log.warn(
+            "{path}: [pop3] {keys}: deprecated there, move them to [login], which every listener shares; "
+            "the next release reads them only in [login]{conflict}",
+            path=table.file, keys=", ".join(moved),
+            conflict=f"; [login] also sets {', '.join(both)} and wins, so the [pop3] value is not used" if both else "",
+        )
+    return settings
+
+
+def _login_values(table: OptionReader, defaults: LoginSettings) -> LoginSettings:
+    """The three login keys read from ``table``, ``defaults`` where it leaves them out."""
+    d = LoginSettings()
+    return LoginSettings(
+        auth_failure_delay=table.number(
+            "auth_failure_delay", defaults.auth_failure_delay, at_least=0, unit="of seconds", example=f"{d.auth_failure_delay}",
+        ),
+        max_login_failures=table.integer("max_login_failures", defaults.max_login_failures, example=f"{d.max_login_failures}"),
+        login_block_time=table.number("login_block_time", defaults.login_block_time, unit="of seconds", example=f"{d.login_block_time}"),
+    )
 
 
 def _is_host_port(value: str) -> bool:

@@ -134,7 +134,7 @@ def make_service(
     portal = Portal(MailRealm(providers["mailbox"]), [AuthBackendChecker(auth)])
     # One guard for every listener: a guesser may switch ports.
     login_guard = LoginGuard(
-        portal, reactor, settings.pop3.auth_failure_delay, settings.pop3.max_login_failures, settings.pop3.login_block_time,
+        portal, reactor, settings.login.auth_failure_delay, settings.login.max_login_failures, settings.login.login_block_time,
     )
 
     top = _StopInReverse()

@@ -46,7 +46,7 @@ path = "users.passwd"
 backend = "maildir"
 path = "mail"
 
-[pop3]
+[login]
 auth_failure_delay = 0.3
 
 [aliases]

@@ -15,8 +15,11 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
 from conftest import BASE_CONFIG, MAILPLAT, TWISTD, MailplatServer, stop_process, wait_for, write_users
+
+from mailplat.config import ConfigError, LoginSettings, Settings, load
 
 BAD_CONFIGS = Path(__file__).parent / "bad_configs"
 BAD = sorted(BAD_CONFIGS.glob("*.toml"))
@@ -288,3 +291,77 @@ def test_relative_paths_from_another_cwd(tmp_path):
     effective = tomllib.loads(result.stdout)
     assert effective["data_dir"] == str(site / "conf" / "var")
     assert result.stderr.strip() == f"# {site / 'conf' / 'mailplat.toml'}: OK", "the config path is shown absolute"
+
+
+# --- [login], and its keys' old place in [pop3] -------------------------------------
+
+
+def load_with(tmp_path: Path, tables: str) -> tuple[Settings | ConfigError, list[str]]:
+    """SMALL_CONFIG plus ``tables``, loaded in this process: the settings (or the error) and the warnings logged."""
+    path = tmp_path / "mailplat.toml"
+    path.write_text(SMALL_CONFIG + tables)
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        result: Settings | ConfigError = load(str(path))
+    except ConfigError as e:
+        result = e
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    return result, [formatEvent(e) for e in events if e.get("log_level") == LogLevel.warn]
+
+
+def test_login_table_is_read_and_printed(tmp_path):
+    """[login] sets the guard shared by every listener; left out, the defaults apply; check-config prints it."""
+    settings, warnings = load_with(tmp_path, "[login]\nauth_failure_delay = 0\nmax_login_failures = 3\nlogin_block_time = 60\n")
+    assert settings.login == LoginSettings(auth_failure_delay=0.0, max_login_failures=3, login_block_time=60.0)
+    assert warnings == []
+    assert tomllib.loads(settings.describe())["login"] == {"auth_failure_delay": 0.0, "max_login_failures": 3, "login_block_time": 60.0}
+    defaults, _ = load_with(tmp_path, "")
+    assert defaults.login == LoginSettings() == LoginSettings(2.0, 10, 300.0)
+
+
+@pytest.mark.parametrize("table, error", [
+    ("auth_failure_delay = -1", r"\[login\] auth_failure_delay: must be a number of seconds, 0 or more, not -1; fix: e\.g\. auth_failure_delay = 2\.0"),
+    ('auth_failure_delay = "2s"', r'\[login\] auth_failure_delay: must be a number of seconds, 0 or more, not "2s"; fix: e\.g\.'),
+    ("max_login_failures = true", r"\[login\] max_login_failures: must be a positive whole number, not true; fix: e\.g\. max_login_failures = 10"),
+    ("max_login_failures = 2.5", r"\[login\] max_login_failures: must be a positive whole number, not 2\.5; fix: "),
+    ("login_block_time = 0", r"\[login\] login_block_time: must be a number of seconds greater than 0, not 0; fix: e\.g\. login_block_time = 300\.0"),
+    ("max_login_failure = 3", r"\[login\] max_login_failure: unknown key; fix: did you mean 'max_login_failures'\?"),
+])
+def test_bad_login_values_name_the_key_and_a_fix(tmp_path, table, error):
+    """Each bad [login] value is one error naming the file, [login], the key and a fix."""
+    result, _ = load_with(tmp_path, f"[login]\n{table}\n")
+    assert isinstance(result, ConfigError)
+    assert str(result).startswith(f"{tmp_path / 'mailplat.toml'}: [login] ")
+    assert re.search(error, str(result)), str(result)
+
+
+def test_login_keys_in_pop3_still_apply_with_a_warning(tmp_path):
+    """The login keys' old place, [pop3], still sets them (for one release) and logs one line naming the file and [login]."""
+    settings, warnings = load_with(tmp_path, "[pop3]\nauth_failure_delay = 0.5\nmax_login_failures = 4\nidle_timeout = 60\n")
+    assert settings.login == LoginSettings(auth_failure_delay=0.5, max_login_failures=4, login_block_time=300.0)
+    assert settings.pop3.idle_timeout == 60.0
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith(f"{tmp_path / 'mailplat.toml'}: [pop3] auth_failure_delay, max_login_failures: deprecated")
+    assert "move them to [login]" in warnings[0]
+    assert "wins" not in warnings[0]
+
+
+def test_login_table_wins_over_pop3_and_the_warning_says_so(tmp_path):
+    """A key set in both [login] and [pop3] takes [login]'s value; [pop3]'s other keys still apply; the warning names the conflict."""
+    settings, warnings = load_with(
+        tmp_path, "[pop3]\nmax_login_failures = 4\nlogin_block_time = 30\n\n[login]\nmax_login_failures = 7\n",
+    )
+    assert settings.login == LoginSettings(auth_failure_delay=2.0, max_login_failures=7, login_block_time=30.0)
+    assert len(warnings) == 1, warnings
+    assert "[pop3] max_login_failures, login_block_time: deprecated" in warnings[0]
+    assert "move them to [login]" in warnings[0]
+    assert "[login] also sets max_login_failures and wins" in warnings[0]
+
+
+def test_bad_login_value_in_pop3_names_pop3(tmp_path):
+    """A bad value at the old place is reported where it was written, [pop3]."""
+    result, _ = load_with(tmp_path, "[pop3]\nlogin_block_time = -5\n")
+    assert isinstance(result, ConfigError)
+    assert "[pop3] login_block_time: must be a number of seconds greater than 0, not -5; fix: " in str(result)

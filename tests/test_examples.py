@@ -12,7 +12,7 @@ import pytest
 
 from conftest import MAILPLAT, write_users
 
-from mailplat.config import POP3Settings, SMTPLimits
+from mailplat.config import LoginSettings, POP3Settings, SMTPLimits
 from mailplat.tls import make_self_signed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,6 +62,11 @@ def test_example_smtp_limits_are_the_defaults():
     assert limits == dataclasses.asdict(SMTPLimits())
 
 
+def test_example_login_settings_are_the_defaults():
+    """The [login] table of etc/mailplat.toml lists every key, each at its real default."""
+    assert tomllib.loads(EXAMPLE.read_text())["login"] == dataclasses.asdict(LoginSettings())
+
+
 def readme_table(section: str) -> dict[str, str]:
     """key -> default from the README table that follows "`[section]` holds"."""
     text = README.read_text().split(f"`[{section}]` holds", 1)[1]
@@ -69,9 +74,9 @@ def readme_table(section: str) -> dict[str, str]:
     return dict(re.findall(r"^\| `(\w+)` \| `?([^|`]+?)`? \|", table, re.M))
 
 
-@pytest.mark.parametrize("section, defaults", [("smtp", SMTPLimits()), ("pop3", POP3Settings())])
+@pytest.mark.parametrize("section, defaults", [("smtp", SMTPLimits()), ("login", LoginSettings()), ("pop3", POP3Settings())])
 def test_readme_tables_match_the_defaults(section, defaults):
-    """README's [smtp] and [pop3] tables have one row per key, with its real default."""
+    """README's [smtp], [login] and [pop3] tables have one row per key, with its real default."""
     expected = {
         name: "never" if value is None else (f'"{value}"' if isinstance(value, str) else str(value))
         for name, value in dataclasses.asdict(defaults).items()

@@ -163,7 +163,7 @@ def test_wrong_password_is_delayed(server):
 
 def test_failed_logins_block_the_address(make_server):
     """After max_login_failures the client address is refused, even with the right password; others are not."""
-    server = make_server("[pop3]\nmax_login_failures = 3\nlogin_block_time = 60\n")
+    server = make_server("[login]\nmax_login_failures = 3\nlogin_block_time = 60\n")
     for _ in range(3):
         with pytest.raises(poplib.error_proto, match=r"\[AUTH\]"):
             login(server, "alice@example.org", "wrong", implicit=True)

@@ -66,7 +66,7 @@ def test_auth_and_send(server, mechanism, implicit):
 
 def test_wrong_password_delayed_then_blocked(make_server):
     """A wrong password gets 535 5.7.8 after the delay; past the limit the address gets 454 4.7.0."""
-    server = make_server("[pop3]\nmax_login_failures = 2\n")
+    server = make_server("[login]\nmax_login_failures = 2\n")
     for _ in range(2):
         with submit(server, implicit=True) as client:
             started = time.monotonic()
