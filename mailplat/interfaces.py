@@ -12,8 +12,10 @@ import dataclasses
 import io
 import os
 from dataclasses import dataclass, field
-from typing import IO, Any
+from collections.abc import Awaitable
+from typing import IO, Any, TypeVar, Union
 
+from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface, implementer
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
     "IUserManager",
     "MaildropEntry",
     "MaildropInUse",
+    "MaybeAsync",
     "MessageFilter",
     "PartialFailure",
     "PermanentFailure",
@@ -39,6 +42,13 @@ __all__ = [
     "TemporaryFailure",
     "Verdict",
 ]
+
+
+T = TypeVar("T")
+
+# What a backend method may return: the value, a Deferred firing with it,
+# or an awaitable (an ``async def`` method).  mailplat.plugins.call adapts all three.
+MaybeAsync = Union[T, Deferred[T], Awaitable[T]]
 
 
 # --- value types ----------------------------------------------------------
@@ -214,9 +224,10 @@ class BackendContext:
     # A twisted.names resolver using the [dns] servers (None for the admin
     # command): what a backend that looks things up in DNS should use.
     dns: Any = None
-    # The [dns] servers as "ip:port" ("" for the system's), for a backend
-    # whose library does its own DNS (in a thread).
-    dns_servers: tuple[str, ...] = ()
+    # The [dns] servers as (IP, port) pairs, empty for the system's
+    # (/etc/resolv.conf): for a backend whose library does its own DNS in
+    # a thread (mailplat.wire.dns.Resolver asks exactly these).
+    dns_servers: tuple[tuple[str, int], ...] = ()
     # The service's thread pools (mailplat.threads.Threads: ``blocking``,
     # ``passwords``, ``cpu``, and ``pool(name, size)`` for one of the
     # backend's own), started and stopped by the service.  Blocking work
@@ -281,10 +292,10 @@ class IBackendFactory(Interface):
 class IAuthBackend(Interface):
     """Who may log in, and which mailboxes exist."""
 
-    def authenticate(address: str, password: str) -> Account | None:
+    def authenticate(address: str, password: str) -> MaybeAsync[Account | None]:
         """The account when the password is right, else None."""
 
-    def lookup(address: str) -> Account | None:
+    def lookup(address: str) -> MaybeAsync[Account | None]:
         """The account whose mailbox is ``address`` (canonical form), or None."""
 
 
@@ -311,14 +322,14 @@ class IUserManager(Interface):
 class IMailboxBackend(Interface):
     """Where a local account's mail is stored."""
 
-    def deliver(account: Account, message: SpooledMessage, folder: str = "") -> None:
+    def deliver(account: Account, message: SpooledMessage, folder: str = "") -> MaybeAsync[None]:
         """Store the message; durable (fsynced) once this completes.
 
         ``folder`` is "" for the inbox, else a folder name such as
         "Quarantine" (created when missing).
         """
 
-    def open(account: Account) -> IMaildrop:
+    def open(account: Account) -> MaybeAsync[IMaildrop]:
         """One retrieval session's view of the account's mail."""
 
 
@@ -329,10 +340,10 @@ class IAccount(Interface):
 class IMaildrop(Interface):
     """A locked snapshot of one mailbox, with RFC 1939 delete-at-commit."""
 
-    def entries() -> list[MaildropEntry]:
+    def entries() -> MaybeAsync[list[MaildropEntry]]:
         """The messages present when the maildrop was opened, oldest first."""
 
-    def read(uid: str) -> IO[bytes]:
+    def read(uid: str) -> MaybeAsync[IO[bytes]]:
         """Open one message (CRLF lines) for reading; the caller closes it.
 
         A binary file object, or a Deferred firing with one (a backend that
@@ -340,22 +351,22 @@ class IMaildrop(Interface):
         file's ``read`` is then called on the reactor thread: it must not block.
         """
 
-    def commit(deleted: list[str], retrieved: list[str], trash: bool) -> None:
+    def commit(deleted: list[str], retrieved: list[str], trash: bool) -> MaybeAsync[None]:
         """Remove (or, with ``trash``, move to a trash folder) the deleted
         messages and mark the retrieved ones as seen, durably; then release."""
 
-    def expire(retrieved_days: float | None, trash_days: float) -> None:
+    def expire(retrieved_days: float | None, trash_days: float) -> MaybeAsync[None]:
         """Remove messages seen more than ``retrieved_days`` ago (None: never)
         and trashed ones older than ``trash_days``; before entries are read."""
 
-    def close() -> None:
+    def close() -> MaybeAsync[None]:
         """Release the lock without changing anything."""
 
 
 class IDeliveryBackend(Interface):
     """Where accepted mail goes: local mailboxes, a queue, LMTP..."""
 
-    def deliver(envelope: Envelope, message: SpooledMessage) -> None:
+    def deliver(envelope: Envelope, message: SpooledMessage) -> MaybeAsync[None]:
         """Deliver to every recipient; durable once this completes.
 
         Raise TemporaryFailure or PermanentFailure when it cannot be done
@@ -373,19 +384,19 @@ class IMessageFilter(Interface):
     :class:`MessageFilter` to write only the steps you need.
     """
 
-    def check_connect(client: Client) -> Verdict | None:
+    def check_connect(client: Client) -> MaybeAsync[Verdict | None]:
         """A client connected (``client.helo`` is still "")."""
 
-    def check_helo(client: Client) -> Verdict | None:
+    def check_helo(client: Client) -> MaybeAsync[Verdict | None]:
         """The client sent HELO or EHLO (``client.helo``)."""
 
-    def check_mail(client: Client, sender: str) -> Verdict | None:
+    def check_mail(client: Client, sender: str) -> MaybeAsync[Verdict | None]:
         """MAIL FROM; ``sender`` is "" for the null sender."""
 
-    def check_rcpt(client: Client, sender: str, recipient: str) -> Verdict | None:
+    def check_rcpt(client: Client, sender: str, recipient: str) -> MaybeAsync[Verdict | None]:
         """RCPT TO, for one recipient as the client wrote it."""
 
-    def check_data(client: Client, sender: str, recipients: tuple[str, ...], message: SpooledMessage) -> Verdict | None:
+    def check_data(client: Client, sender: str, recipients: tuple[str, ...], message: SpooledMessage) -> MaybeAsync[Verdict | None]:
         """The whole message, spooled; read it as a stream with ``message.open()``."""
 
 
@@ -400,17 +411,17 @@ class MessageFilter:
 
     owned_headers: tuple[str, ...] = ()
 
-    def check_connect(self, client: Client) -> Verdict | None:
+    def check_connect(self, client: Client) -> MaybeAsync[Verdict | None]:
         return None
 
-    def check_helo(self, client: Client) -> Verdict | None:
+    def check_helo(self, client: Client) -> MaybeAsync[Verdict | None]:
         return None
 
-    def check_mail(self, client: Client, sender: str) -> Verdict | None:
+    def check_mail(self, client: Client, sender: str) -> MaybeAsync[Verdict | None]:
         return None
 
-    def check_rcpt(self, client: Client, sender: str, recipient: str) -> Verdict | None:
+    def check_rcpt(self, client: Client, sender: str, recipient: str) -> MaybeAsync[Verdict | None]:
         return None
 
-    def check_data(self, client: Client, sender: str, recipients: tuple[str, ...], message: SpooledMessage) -> Verdict | None:
+    def check_data(self, client: Client, sender: str, recipients: tuple[str, ...], message: SpooledMessage) -> MaybeAsync[Verdict | None]:
         return None

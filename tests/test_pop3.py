@@ -75,7 +75,7 @@ def mailbox(make_server):
 
 
 def test_capa_before_and_after_tls(server):
-    """Before STLS CAPA offers STLS and no login; after it, USER, SASL PLAIN and the RFC 2449 list."""
+    """Before STLS CAPA offers STLS and no login; after it, USER, SASL PLAIN LOGIN and the RFC 2449 list."""
     client = poplib.POP3("127.0.0.1", server.ports["pop3"], timeout=20)
     before = client.capa()
     assert "STLS" in before and "USER" not in before and "SASL" not in before
@@ -83,7 +83,7 @@ def test_capa_before_and_after_tls(server):
     after = client.capa()
     for capability in ("TOP", "UIDL", "USER", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING", "EXPIRE", "IMPLEMENTATION"):
         assert capability in after
-    assert after["SASL"] == ["PLAIN"] and "STLS" not in after
+    assert after["SASL"] == ["PLAIN", "LOGIN"] and "STLS" not in after
     client.quit()
 
 
