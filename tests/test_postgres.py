@@ -314,6 +314,7 @@ import os, sys, time, tempfile, tracemalloc
 from twisted.internet import defer, task
 from mailplat.backends import postgres
 from mailplat.interfaces import Account, BackendContext, MaildropInUse, PermanentFailure, SpooledMessage, TemporaryFailure
+from mailplat.threads import Threads
 import psycopg
 
 DSN, SCHEMA, WORK, ADMIN = sys.argv[1:5]
@@ -332,11 +333,12 @@ async def raises(d, kind):
     raise AssertionError(f"expected {kind.__name__}")
 
 async def main(reactor):
-    ctx = BackendContext("mail.example.org", ("example.org",), WORK, WORK, reactor)
+    threads = Threads(reactor)
+    ctx = BackendContext("mail.example.org", ("example.org",), WORK, WORK, reactor, threads=threads)
     options = {"dsn": DSN, "schema": SCHEMA, "pool_size": 3, "timeout": 5}
     auth = postgres.build_auth(dict(options), ctx)
     mailbox = postgres.build_mailbox(dict(options), ctx)
-    auth.startService(); mailbox.startService()
+    threads.startService(); auth.startService(); mailbox.startService()
     try:
         # -- auth: enabled users, single-target aliases, passwords --
         auth.add_user("alice@example.org", "alice-pw")
@@ -440,6 +442,7 @@ async def main(reactor):
     finally:
         await auth.stopService()
         await mailbox.stopService()
+        await threads.stopService()
     print("OK")
 
 task.react(lambda reactor: defer.Deferred.fromCoroutine(main(reactor)))

@@ -275,9 +275,12 @@ class _Pooled(service.Service):
     """A connection pool that exists while the server runs (IService: mailplat
     starts it before the listeners and stops it after them)."""
 
-    def __init__(self, db: Database, reactor: Any, kind: str) -> None:
+    def __init__(self, db: Database, reactor: Any, threads: Any, kind: str) -> None:
         self.db = db
         self.reactor = reactor
+        # The service's pools: one of our own, a thread per database
+        # connection, and the shared blocking one for POP3 sessions.
+        self.threads = threads
         self.kind = kind
         self._pool: Any = None
         self._threads: ThreadPool | None = None
@@ -285,8 +288,7 @@ class _Pooled(service.Service):
     def startService(self) -> None:
         super().startService()
         _route_pool_log(self.reactor)
-        self._threads = ThreadPool(minthreads=0, maxthreads=self.db.pool_size, name=f"postgres-{self.kind}")
-        self._threads.start()
+        self._threads = self.threads.pool(f"postgres-{self.kind}", self.db.pool_size)
         self._pool = ConnectionPool(
             self.db.conninfo,
             min_size=1,
@@ -309,12 +311,8 @@ class _Pooled(service.Service):
         self._pool = self._threads = None
         if threads is None:
             return None
-        d = deferToThreadPool(self.reactor, threads, pool.close, self.db.timeout)
-
-        def stop_threads(result: Any) -> None:
-            threads.stop()
-
-        return d.addBoth(stop_threads)
+        # The threads themselves are stopped by the service, after us.
+        return deferToThreadPool(self.reactor, threads, pool.close, self.db.timeout)
 
     def _in_thread(self, function: Callable[..., T], *args: Any) -> Deferred[T]:
         """Run ``function(*args)`` in our threads; a database error becomes a TemporaryFailure."""
@@ -351,8 +349,8 @@ class _Pooled(service.Service):
 class PostgresAuth(_Pooled):
     """Users in the ``users`` table; single-target aliases in ``aliases``."""
 
-    def __init__(self, db: Database, reactor: Any) -> None:
-        super().__init__(db, reactor, "auth")
+    def __init__(self, db: Database, reactor: Any, threads: Any) -> None:
+        super().__init__(db, reactor, threads, "auth")
 
     def lookup(self, address: str) -> Deferred[Account | None]:
         """The enabled user ``address``, or the enabled user an alias row names."""
@@ -458,8 +456,8 @@ def _chunks(head: bytes, source: IO[bytes]) -> Iterator[bytes]:
 class PostgresMailbox(_Pooled):
     """Messages in ``messages`` and ``message_chunks``, one folder column."""
 
-    def __init__(self, db: Database, reactor: Any) -> None:
-        super().__init__(db, reactor, "mailbox")
+    def __init__(self, db: Database, reactor: Any, threads: Any) -> None:
+        super().__init__(db, reactor, threads, "mailbox")
 
     def deliver(self, account: Account, message: SpooledMessage, folder: str = "") -> Deferred[str]:
         """Store the message; committed when the Deferred fires.  Returns its uid."""
@@ -492,11 +490,11 @@ class PostgresMailbox(_Pooled):
 
     def open(self, account: Account) -> Deferred[PostgresMaildrop]:
         address = _mailbox_address(account)
-        pool = self.reactor.getThreadPool()
+        pool = self.threads.blocking
 
         def opening() -> PostgresMaildrop:
             try:
-                return PostgresMaildrop.open(self.db, address, self.reactor)
+                return PostgresMaildrop.open(self.db, address, self.reactor, pool)
             except psycopg.Error as e:
                 raise _unavailable(e, self.reactor)
 
@@ -508,15 +506,16 @@ class PostgresMaildrop:
     """One POP3 session's locked snapshot of the inbox, on a connection of its own.
 
     The connection holds the advisory lock; every query of the session runs
-    on it, in the reactor's thread pool, one at a time.  If the connection
+    on it, in the service's blocking pool, one at a time.  If the connection
     dies, the lock is gone with it and so is the session: commit fails
     rather than apply deletions unlocked.
     """
 
-    def __init__(self, conn: Any, db: Database, address: str, reactor: Any) -> None:
+    def __init__(self, conn: Any, db: Database, address: str, reactor: Any, pool: ThreadPool) -> None:
         self.address = address
         self.db = db
         self.reactor = reactor
+        self.pool = pool
         self._conn = conn
         self._using = threading.Lock()
         self._ids: dict[str, int] = {}
@@ -524,14 +523,14 @@ class PostgresMaildrop:
         self._closed = False
 
     @classmethod
-    def open(cls, db: Database, address: str, reactor: Any) -> PostgresMaildrop:
+    def open(cls, db: Database, address: str, reactor: Any, pool: ThreadPool) -> PostgresMaildrop:
         """Connect and lock (blocking: call it in a thread)."""
         conn = db.connect(autocommit=True)
         try:
             row = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s), hashtext(%s))", (db.schema, address)).fetchone()
             if not row or not row[0]:
                 raise MaildropInUse("the maildrop is in use by another session")
-            drop = cls(conn, db, address, reactor)
+            drop = cls(conn, db, address, reactor, pool)
             drop._scan()
             return drop
         except BaseException:
@@ -553,7 +552,7 @@ class PostgresMaildrop:
             except psycopg.Error as e:
                 raise _unavailable(e, self.reactor)
 
-        return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), guarded)
+        return deferToThreadPool(self.reactor, self.pool, guarded)
 
     def entries(self) -> list[MaildropEntry]:
         return list(self._entries)
@@ -674,9 +673,9 @@ def _database(options: dict[str, Any], kind: str) -> Database:
 
 def build_auth(options: dict[str, Any], context: BackendContext) -> PostgresAuth:
     """``[auth] backend = "postgres"``."""
-    return PostgresAuth(_database(options, "auth"), context.reactor)
+    return PostgresAuth(_database(options, "auth"), context.reactor, context.threads)
 
 
 def build_mailbox(options: dict[str, Any], context: BackendContext) -> PostgresMailbox:
     """``[mailbox] backend = "postgres"``."""
-    return PostgresMailbox(_database(options, "mailbox"), context.reactor)
+    return PostgresMailbox(_database(options, "mailbox"), context.reactor, context.threads)
