@@ -42,9 +42,11 @@ SCHEMA = "CREATE TABLE IF NOT EXISTS users (address TEXT PRIMARY KEY NOT NULL, p
 class SQLiteUsers:
     """Users in one SQLite file; a connection per call, so any thread may use it."""
 
-    def __init__(self, path: str, reactor: Any) -> None:
+    def __init__(self, path: str, reactor: Any, threads: Any) -> None:
         self.path = path
         self.reactor = reactor
+        # The service's thread pools (None in the `mailplat user` command).
+        self.threads = threads
 
     def _connect(self) -> sqlite3.Connection:
         # Wait for a writer (say `mailplat user add`) instead of failing at once.
@@ -63,9 +65,9 @@ class SQLiteUsers:
         self._query(SCHEMA)
 
     def _in_thread(self, function: Callable[[], T]) -> Deferred[T]:
-        """Run ``function`` in the reactor's thread pool: argon2 is slow on
+        """Run ``function`` in the service's password pool: argon2 is slow on
         purpose, and SQLite may wait for a lock."""
-        d = deferToThreadPool(self.reactor, self.reactor.getThreadPool(), function)
+        d = deferToThreadPool(self.reactor, self.threads.passwords, function)
         d.addErrback(self._database_error)
         return d
 
@@ -145,7 +147,7 @@ class SQLiteUsers:
 def build(options: dict[str, Any], context: BackendContext) -> SQLiteUsers:
     """Check the options of ``[auth] backend = "sqlite"`` and open the database."""
     reader = OptionReader(options, "sqlite", context=context)
-    backend = SQLiteUsers(reader.path("path", what="the SQLite database file", example='"users.sqlite"'), context.reactor)
+    backend = SQLiteUsers(reader.path("path", what="the SQLite database file", example='"users.sqlite"'), context.reactor, context.threads)
     reader.finish()
     if context.admin:
         # `mailplat user add` may start from nothing.
