@@ -155,7 +155,7 @@ class Settings:
     pop3: POP3Settings = field(default_factory=POP3Settings)
     login: LoginSettings = field(default_factory=LoginSettings)
     relay: RelaySettings = field(default_factory=lambda: RelaySettings())
-    dns_servers: tuple[str, ...] = ()
+    dns_servers: tuple[tuple[str, int], ...] = ()
     filters: tuple[FilterSettings, ...] = ()
     dkim: dict[str, DKIMSettings] = field(default_factory=dict)
 
@@ -190,7 +190,9 @@ class Settings:
         lines += [f"{_toml(k)} = {_toml(list(v))}" for k, v in self.aliases.items()]
         lines += ["", "[relay]", f"smarthost = {_toml(self.smarthost)}"]
         lines += [f"{k} = {_toml(v if k != 'password' or not v else '(set)')}" for k, v in vars(self.relay).items()]
-        lines += ["", "[dns]", f"servers = {_toml(list(self.dns_servers))}", "", "[smtp]"]
+        from mailplat.wire.dns import format_server
+
+        lines += ["", "[dns]", f"servers = {_toml([format_server(s) for s in self.dns_servers])}", "", "[smtp]"]
         lines += [f"{k} = {_toml(v)}" for k, v in vars(self.smtp).items()]
         lines += ["", "[pop3]"]
         lines += [f"{k} = {_toml(v)}" for k, v in vars(self.pop3).items() if v is not None]
@@ -280,10 +282,16 @@ def _parse(path: str, data: dict[str, Any]) -> Settings:
         raise relay_reader.error("smarthost", f"{smarthost!r} is not host:port", 'e.g. smarthost = "smtp.example.net:587"')
     relay = _relay_settings(relay_reader)
     dns = top.table("dns")
-    servers = dns.take("servers", list, [], example='["127.0.0.1:53"]')
-    for server in servers:
-        if not isinstance(server, str) or not _is_host_port(server):
-            raise dns.error("servers", f"{server!r} is not ip:port", 'e.g. servers = ["127.0.0.1:53"], or leave it out for the system resolvers')
+    from mailplat.wire.dns import parse_server
+
+    servers = []
+    for server in dns.take("servers", list, [], example='["127.0.0.1:53"]'):
+        try:
+            servers.append(parse_server(server if isinstance(server, str) else repr(server)))
+        except ValueError as e:
+            raise dns.error(
+                "servers", str(e), 'e.g. servers = ["127.0.0.1:53", "[::1]:53"] (IP addresses), or leave it out for the system resolvers'
+            )
     dns.finish(["servers"])
 
     dkim = _dkim(path, top.take("dkim", dict, {}), domains, relative)

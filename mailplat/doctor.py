@@ -68,11 +68,12 @@ class DNSProblem(Exception):
 
 def dns_server_argument(text: str) -> str:
     """argparse type for ``--dns-server``: ``IP:PORT``, ``[IPv6]:PORT`` or ``IP`` (port 53)."""
+    from mailplat.wire.dns import format_server, parse_server
+
     try:
-        host, port = _host_port(text)
+        return format_server(parse_server(text))
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e))
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -90,13 +91,14 @@ def run(settings: Settings, dns_server: str | None, out: TextIO) -> int:
     """
     from twisted.internet import defer, task
 
+    from mailplat.wire.dns import format_server, parse_server
+
     if dns_server:
-        servers = [_host_port(dns_server)]
+        servers = [parse_server(dns_server)]
         source = f"{dns_server} (--dns-server)"
     elif settings.dns_servers:
-        # As the server reads them (config checked host:port, the port last).
-        servers = [(host.strip("[]"), int(port)) for host, _, port in (s.rpartition(":") for s in settings.dns_servers)]
-        source = f"{', '.join(settings.dns_servers)} ([dns] servers)"
+        servers = list(settings.dns_servers)
+        source = f"{', '.join(map(format_server, servers))} ([dns] servers)"
     else:
         servers = []
         source = "the name servers of /etc/resolv.conf"
@@ -105,7 +107,7 @@ def run(settings: Settings, dns_server: str | None, out: TextIO) -> int:
 
     async def checks(reactor: Any) -> None:
         try:
-            rows.extend(await _Doctor(settings, _resolver(servers), reactor).rows())
+            rows.extend(await _Doctor(settings, servers, reactor).rows())
         except Exception:
             # Each check reports its own errors; this is a bug, worth its traceback.
             broken.append(traceback.format_exc())
@@ -147,34 +149,6 @@ def render(rows: list[Row], source: str) -> str:
 
 
 # --- DNS -------------------------------------------------------------------------
-
-
-def _host_port(text: str) -> tuple[str, int]:
-    """``IP:PORT``, ``[IPv6]:PORT`` or a bare IP (port 53) as (host, port)."""
-    text = text.strip()
-    found = re.fullmatch(r"\[([^\]]+)\](?::(\d+))?", text)
-    if found:
-        host, port = found.group(1), found.group(2) or "53"
-    elif text.count(":") == 1:
-        host, port = text.split(":")
-    else:
-        host, port = text, "53"  # an IPv4 address, or a bare IPv6 one
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(f"{text!r} is not IP:PORT (e.g. 127.0.0.1:53 or [::1]:53)")
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"{text!r}: {port!r} is not a port number")
-    return host, int(port)
-
-
-def _resolver(servers: list[tuple[str, int]]) -> Any:
-    """A twisted.names resolver asking only ``servers``, or resolv.conf's (no hosts file, no cache)."""
-    from twisted.names import client
-
-    if servers:
-        return client.Resolver(servers=servers, timeout=DNS_TIMEOUT)
-    return client.Resolver(resolv="/etc/resolv.conf", timeout=DNS_TIMEOUT)
 
 
 class _DNS:
@@ -252,10 +226,13 @@ class _DNS:
 
 
 class _Doctor:
-    def __init__(self, settings: Settings, resolver: Any, reactor: Any) -> None:
+    def __init__(self, settings: Settings, servers: list[tuple[str, int]], reactor: Any) -> None:
+        from mailplat.wire.dns import reactor_resolver
+
         self.settings = settings
         self.host = settings.hostname
-        self.dns = _DNS(resolver)
+        # Never /etc/hosts, which the rest of the world does not see.
+        self.dns = _DNS(reactor_resolver(servers, hosts_file=False, timeout=DNS_TIMEOUT))
         self.reactor = reactor
 
     async def rows(self) -> list[Row]:

@@ -33,6 +33,7 @@ from mailplat.smtp.server import SMTPFactory
 from mailplat.routing import Router
 from mailplat.threads import Threads
 from mailplat.tls import load_server_context
+from mailplat.wire.dns import reactor_resolver
 from mailplat.workers import WorkerPool, adopt_port
 
 __all__ = ["Listener", "Options", "backend_context", "build_providers", "makeService", "make_service"]
@@ -48,7 +49,7 @@ def backend_context(settings: Settings, reactor: Any, admin: bool = False) -> Ba
         data_dir=settings.data_dir,
         reactor=reactor,
         admin=admin,
-        dns=None if admin else _dns_resolver(settings),
+        dns=None if admin else reactor_resolver(settings.dns_servers),
         dns_servers=settings.dns_servers,
         threads=None if admin else Threads(reactor),
     )
@@ -196,21 +197,6 @@ class _StopInReverse(service.MultiService):
                 await defer.maybeDeferred(child.stopService)
             except Exception:
                 log.failure("stopping {service}", service=child)
-
-
-def _dns_resolver(settings: Settings) -> Any:
-    """twisted.names resolver: [dns] servers, or the system's (resolv.conf, /etc/hosts)."""
-    from twisted.names import client
-
-    if settings.dns_servers:
-        from twisted.names import cache, hosts, resolve
-
-        servers = [(host, int(port)) for host, _, port in (s.rpartition(":") for s in settings.dns_servers)]
-        # createResolver's way (hosts file, cache, servers) but a Resolver
-        # given no resolv.conf: with one, Twisted falls back to its name
-        # servers, or to 127.0.0.1:53, when ours time out.
-        return resolve.ResolverChain([hosts.Resolver(), cache.CacheResolver(), client.Resolver(servers=servers)])
-    return client.createResolver()
 
 
 def _with_backlog(description: str) -> str:

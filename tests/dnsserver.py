@@ -1,12 +1,13 @@
-"""A throwaway authoritative DNS server for tests (twisted.names, UDP and TCP on 127.0.0.1).
+"""A throwaway authoritative DNS server for tests (twisted.names, UDP and TCP on 127.0.0.1, or ::1).
 
     with DNSServer().start({"zones": {"example.net": {"MX": [[10, "mx.example.net"]]},
                                       "mx.example.net": {"A": ["127.0.0.1"]}}}) as dns:
         ... [dns] servers = ["127.0.0.1:%d" % dns.port] ...
 
-Run as ``python tests/dnsserver.py ZONES.json``; it prints ``dns listening on
-127.0.0.1:PORT``.  Unknown names get NXDOMAIN, a known name without the
-asked type NODATA, names under the top-level "servfail" key SERVFAIL.
+Run as ``python tests/dnsserver.py ZONES.json [INTERFACE]``; it prints ``dns
+listening on 127.0.0.1:PORT`` (``[::1]:PORT`` for ``DNSServer("::1")``).
+Unknown names get NXDOMAIN, a known name without the asked type NODATA,
+names under the top-level "servfail" key SERVFAIL.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def _records(zones: dict[str, Any]) -> Any:
     return table
 
 
-def serve(path: str) -> None:
+def serve(path: str, interface: str = "127.0.0.1") -> None:
     from twisted.internet import defer, reactor
     from twisted.names import dns, error, server
     from twisted.names.common import ResolverBase
@@ -68,21 +69,23 @@ def serve(path: str) -> None:
 
     factory = server.DNSServerFactory(authorities=[Authority()])
     for _ in range(20):
-        udp = reactor.listenUDP(0, dns.DNSDatagramProtocol(factory), interface="127.0.0.1")
+        udp = reactor.listenUDP(0, dns.DNSDatagramProtocol(factory), interface=interface)
         port = udp.getHost().port
         try:
-            reactor.listenTCP(port, factory, interface="127.0.0.1")
+            reactor.listenTCP(port, factory, interface=interface)
             break
         except Exception:
             udp.stopListening()
-    print(f"dns listening on 127.0.0.1:{port}", flush=True)
+    host = f"[{interface}]" if ":" in interface else interface
+    print(f"dns listening on {host}:{port}", flush=True)
     reactor.run()
 
 
 class DNSServer:
     """The server above as a subprocess, for a test."""
 
-    def __init__(self) -> None:
+    def __init__(self, interface: str = "127.0.0.1") -> None:
+        self.interface = interface
         self.port = 0
         self.process: subprocess.Popen[str] | None = None
 
@@ -90,12 +93,12 @@ class DNSServer:
         folder = Path(tempfile.mkdtemp(prefix="dnsserver-"))
         (folder / "zones.json").write_text(json.dumps(zones))
         self.process = subprocess.Popen(
-            [sys.executable, __file__, str(folder / "zones.json")], stdout=subprocess.PIPE, text=True
+            [sys.executable, __file__, str(folder / "zones.json"), self.interface], stdout=subprocess.PIPE, text=True
         )
         assert self.process.stdout is not None
         deadline = time.monotonic() + timeout
         line = self.process.stdout.readline()  # blocks until the server prints, or exits
-        found = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
+        found = re.search(r"listening on \S+:(\d+)$", line.strip())
         if not found or time.monotonic() > deadline:
             self.stop()
             raise AssertionError(f"the DNS server did not start: {line!r}")
@@ -122,4 +125,4 @@ class DNSServer:
 
 
 if __name__ == "__main__":
-    serve(sys.argv[1])
+    serve(*sys.argv[1:3])

@@ -15,7 +15,6 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from twisted.internet import defer
-from twisted.names import client as names_client
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
@@ -28,14 +27,12 @@ from mailplat.filters.authentication import (
     DKIMResult,
     DMARCResult,
     MessageReport,
-    Resolver,
     SPFResult,
     authentication_results,
     build,
     check_dmarc,
     check_message,
     check_spf,
-    configured_servers,
     disposition,
     factory,
     from_domains,
@@ -43,6 +40,7 @@ from mailplat.filters.authentication import (
     parse_dmarc_record,
 )
 from mailplat.interfaces import Account, BackendContext, Client, IBackendFactory, IMessageFilter, SpooledMessage, Verdict
+from mailplat.wire.dns import Resolver
 
 AUTHSERV = "mail.example.org"
 
@@ -175,19 +173,15 @@ def test_spf_null_sender_checks_helo(resolver):
     assert check_spf(resolver, "127.0.0.1", "postmaster", "helo.test").result == "none"
 
 
-def test_spf_dns_timeout_is_temperror(monkeypatch):
+def test_spf_dns_timeout_is_temperror():
     """A DNS server that never answers gives temperror within the time limits, not an exception."""
     import socket
-
-    from mailplat.filters import authentication
 
     silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     silent.bind(("127.0.0.1", 0))
     try:
-        monkeypatch.setattr(authentication, "DNS_TIMEOUT", 0.5)
-        monkeypatch.setattr(authentication, "DNS_TRY_TIMEOUT", 0.25)
         started = time.monotonic()
-        result = check_spf(Resolver([silent.getsockname()]), "127.0.0.1", "a@pass.test", "client.test")
+        result = check_spf(Resolver([silent.getsockname()], timeout=0.5, try_timeout=0.25), "127.0.0.1", "a@pass.test", "client.test")
         assert result.result == "temperror"
         assert time.monotonic() - started < 5
     finally:
@@ -407,20 +401,19 @@ def test_authentication_results_stays_one_short_line():
 # --- options -------------------------------------------------------------------------------
 
 
-def context(servers: list[tuple[str, int]] | None = None) -> BackendContext:
-    resolver = names_client.createResolver(servers=servers, resolvconf=os.devnull) if servers else None
-    return BackendContext(AUTHSERV, ("example.org",), "/", "/", None, dns=resolver)
+def context(servers: tuple[tuple[str, int], ...] = ()) -> BackendContext:
+    return BackendContext(AUTHSERV, ("example.org",), "/", "/", None, dns_servers=servers)
 
 
 def test_build_defaults_and_servers():
-    """The filter asks the [dns] servers the server's own resolver was made with."""
+    """The filter asks exactly the context's [dns] servers, IPv6 ones included; none means the system's."""
     verifyObject(IBackendFactory, factory)
     assert (factory.kind, factory.name) == ("filter", "authentication")
-    built = build({}, context([("127.0.0.1", 5399), ("127.0.0.2", 53)]))
+    built = build({}, context((("127.0.0.1", 5399), ("::1", 53))))
     verifyObject(IMessageFilter, built)
     assert (built.authserv_id, built.dmarc_reject, built.spf_fail) == (AUTHSERV, "reject", "tag")
-    assert built.resolver.servers == (("127.0.0.1", 5399), ("127.0.0.2", 53))
-    assert configured_servers(context()) is None
+    assert built.resolver.servers == (("127.0.0.1", 5399), ("::1", 53))
+    assert build({}, context()).resolver.servers == ()
     built = build({"dmarc_reject": "quarantine", "spf_fail": "reject"}, context())
     assert (built.dmarc_reject, built.spf_fail) == ("quarantine", "reject")
 
@@ -495,9 +488,7 @@ def inline_filter(dns_server, monkeypatch):
     monkeypatch.setattr(authentication, "check_spf", counting)
 
     def make(**options):
-        ctx = BackendContext(AUTHSERV, ("example.org",), "/", "/", InlineReactor(), dns=names_client.createResolver(
-            servers=[("127.0.0.1", dns_server.port)], resolvconf=os.devnull
-        ))
+        ctx = BackendContext(AUTHSERV, ("example.org",), "/", "/", InlineReactor(), dns_servers=(("127.0.0.1", dns_server.port),))
         return build(dict(options), ctx), counted
 
     return make

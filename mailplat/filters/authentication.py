@@ -99,10 +99,6 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 import dkim as dkimpy
-import dns.exception
-import dns.name
-import dns.nameserver
-import dns.resolver
 import spf
 from twisted.application import service
 from twisted.internet import defer
@@ -113,22 +109,20 @@ from twisted.python.threadpool import ThreadPool
 from mailplat.interfaces import BackendContext, Client, MessageFilter, SpooledMessage, Verdict
 from mailplat.plugins import BackendFactory
 from mailplat.options import OptionReader
+from mailplat.wire.dns import DNS_TIMEOUT, DNSTemporaryError, Resolver
 
 __all__ = [
     "AuthenticationFilter",
     "DKIMResult",
     "DMARCRecord",
     "DMARCResult",
-    "DNSTemporaryError",
     "MessageReport",
-    "Resolver",
     "SPFResult",
     "authentication_results",
     "build",
     "check_dmarc",
     "check_message",
     "check_spf",
-    "configured_servers",
     "disposition",
     "factory",
     "from_domains",
@@ -143,12 +137,10 @@ HEADER = "Authentication-Results"
 DMARC_REJECT = ("reject", "quarantine", "tag")
 SPF_FAIL = ("reject", "tag")
 
-# Seconds one DNS question may take (every server tried), and the totals
-# for an SPF check (RFC 7208 4.6.4 suggests at least 20 s; ours is shorter
-# so that the check ends before the filter's default 30 s timeout) and for
-# the keys and policies of one message.
-DNS_TIMEOUT = 5.0
-DNS_TRY_TIMEOUT = 2.0
+# Seconds for an SPF check (RFC 7208 4.6.4 suggests at least 20 s; ours is
+# shorter so that the check ends before the filter's default 30 s timeout)
+# and for the keys and policies of one message; one DNS question may take
+# mailplat.wire.dns.DNS_TIMEOUT.
 SPF_TIME = 15.0
 MESSAGE_DNS_TIME = 15.0
 SPF_THREADS = 16
@@ -175,71 +167,23 @@ _DMARC_VERSION = re.compile(r"v\s*=\s*DMARC1\s*(?:;|$)")
 # --- DNS from worker threads ----------------------------------------------------
 
 
-class DNSTemporaryError(Exception):
-    """A DNS question got no usable answer (SERVFAIL, REFUSED, no answer in time)."""
-
-
-class Resolver:
-    """Blocking DNS lookups through dnspython, for the worker threads only.
-
-    ``servers`` are ``(address, port)`` pairs, the only servers asked; None
-    means the system's (/etc/resolv.conf).  /etc/hosts is never read.
-    """
-
-    def __init__(self, servers: Sequence[tuple[str, int]] | None) -> None:
-        if servers:
-            resolver = dns.resolver.Resolver(configure=False)
-            resolver.nameservers = [dns.nameserver.Do53Nameserver(host, port) for host, port in servers]
-        else:
-            resolver = dns.resolver.Resolver()
-        resolver.timeout = DNS_TRY_TIMEOUT
-        resolver.lifetime = DNS_TIMEOUT
-        # Answers are kept as long as their TTL says (the cache is thread-safe).
-        resolver.cache = dns.resolver.LRUCache(2048)
-        self.servers = tuple(servers or ())
-        self._resolver = resolver
-
-    def lookup(self, name: str, rdtype: str, timeout: float = DNS_TIMEOUT) -> list[Any]:
-        """The records of one type at ``name``: [] for NXDOMAIN or none of that type."""
-        timeout = min(timeout, DNS_TIMEOUT)
-        if timeout <= 0:
-            raise DNSTemporaryError(f"{name} {rdtype}: out of time")
-        try:
-            answer = self._resolver.resolve(name, rdtype, lifetime=timeout, search=False, raise_on_no_answer=False)
-        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
-            return []
-        except (dns.name.NameTooLong, dns.name.LabelTooLong, dns.name.EmptyLabel):
-            # Not a name DNS can hold: nothing is published there.
-            return []
-        except dns.exception.Timeout:
-            raise DNSTemporaryError(f"{name} {rdtype}: no answer in time")
-        except dns.resolver.NoNameservers:
-            raise DNSTemporaryError(f"{name} {rdtype}: SERVFAIL or REFUSED from every server")
-        except dns.exception.DNSException as e:
-            raise DNSTemporaryError(f"{name} {rdtype}: {type(e).__name__}: {e}")
-        return list(answer)
-
-    def txt(self, name: str, timeout: float = DNS_TIMEOUT) -> list[bytes]:
-        """Each TXT record at ``name``, its strings joined."""
-        return [b"".join(record.strings) for record in self.lookup(name, "TXT", timeout)]
-
-    def spf_lookup(self, name: str, qtype: str, timeout: float) -> list[tuple[tuple[str, str], Any]]:
-        """A lookup in the form pyspf's ``DNSLookup`` returns, DNS failures as its TempError."""
-        try:
-            records = self.lookup(name, qtype, timeout)
-        except DNSTemporaryError as e:
-            raise spf.TempError(f"DNS {e}")
-        answers: list[tuple[tuple[str, str], Any]] = []
-        for record in records:
-            if qtype in ("A", "AAAA"):
-                answers.append(((name, qtype), record.address))
-            elif qtype == "MX":
-                answers.append(((name, qtype), (record.preference, record.exchange.to_text(omit_final_dot=True))))
-            elif qtype == "PTR":
-                answers.append(((name, qtype), record.target.to_text(omit_final_dot=True)))
-            elif qtype in ("TXT", "SPF"):
-                answers.append(((name, qtype), list(record.strings)))
-        return answers
+def _spf_lookup(resolver: Resolver, name: str, qtype: str, timeout: float) -> list[tuple[tuple[str, str], Any]]:
+    """A lookup in the form pyspf's ``DNSLookup`` returns, DNS failures as its TempError."""
+    try:
+        records = resolver.lookup(name, qtype, timeout)
+    except DNSTemporaryError as e:
+        raise spf.TempError(f"DNS {e}")
+    answers: list[tuple[tuple[str, str], Any]] = []
+    for record in records:
+        if qtype in ("A", "AAAA"):
+            answers.append(((name, qtype), record.address))
+        elif qtype == "MX":
+            answers.append(((name, qtype), (record.preference, record.exchange.to_text(omit_final_dot=True))))
+        elif qtype == "PTR":
+            answers.append(((name, qtype), record.target.to_text(omit_final_dot=True)))
+        elif qtype in ("TXT", "SPF"):
+            answers.append(((name, qtype), list(record.strings)))
+    return answers
 
 
 # pyspf asks DNS through its module-level DNSLookup, which uses dnspython's
@@ -254,7 +198,7 @@ def _spf_dns_lookup(name: str, qtype: str, strict: Any = True, timeout: float = 
     resolver = getattr(_spf_resolver, "current", None)
     if resolver is None:
         return _spf_default_lookup(name, qtype, strict, timeout)
-    return resolver.spf_lookup(name, qtype, timeout)
+    return _spf_lookup(resolver, name, qtype, timeout)
 
 
 if getattr(spf.DNSLookup, "__name__", "") != "_spf_dns_lookup":
@@ -843,23 +787,6 @@ class AuthenticationFilter(MessageFilter, service.Service):
         self._spf_results[key] = (now + SPF_MEMORY_SECONDS, result)
 
 
-def configured_servers(context: BackendContext) -> list[tuple[str, int]] | None:
-    """The ``[dns] servers`` as (address, port) pairs; None for the system's resolvers.
-
-    Read from the context's twisted.names resolver (a chain whose last
-    resolver holds the servers it was made with).
-    """
-    listed = getattr(context, "dns_servers", None)
-    if listed:
-        return [(host, int(port)) for host, _, port in (str(s).rpartition(":") for s in listed)]
-    resolver = context.dns
-    for candidate in [*getattr(resolver, "resolvers", ()), resolver]:
-        servers = getattr(candidate, "servers", None)
-        if servers:
-            return [(str(host), int(port)) for host, port in servers]
-    return None
-
-
 def build(options: dict[str, Any], context: BackendContext) -> AuthenticationFilter:
     """Check the ``[[filter]]`` options and make the filter."""
     reader = OptionReader(options, "authentication")
@@ -870,7 +797,7 @@ def build(options: dict[str, Any], context: BackendContext) -> AuthenticationFil
         "spf_fail", SPF_FAIL, "tag", fix='e.g. spf_fail = "tag" (refuse SPF -all failures at MAIL FROM with "reject")',
     )
     reader.finish()
-    return AuthenticationFilter(context.hostname, dmarc_reject, spf_fail, Resolver(configured_servers(context)), context.reactor)
+    return AuthenticationFilter(context.hostname, dmarc_reject, spf_fail, Resolver(context.dns_servers), context.reactor)
 
 
 # Until the name "authentication" is registered: backend = "mailplat.filters.authentication:factory".
