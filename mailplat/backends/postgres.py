@@ -233,7 +233,7 @@ def migrate(db: Database) -> int:
             raise SchemaTooNew(f"schema {db.schema} is at version {current}; this mailplat knows up to {len(MIGRATIONS)}")
         for version in range(current + 1, len(MIGRATIONS) + 1):
             for statement in MIGRATIONS[version - 1]:
-                conn.execute(sql.SQL(statement).format(schema=schema))  # type: ignore[arg-type]
+                conn.execute(sql.SQL(statement).format(schema=schema))
             conn.execute(sql.SQL("INSERT INTO {}.schema_version (version) VALUES (%s)").format(schema), (version,))
             log.info("postgres schema {schema} migrated to version {version}", schema=db.schema, version=version)
     return len(MIGRATIONS)
@@ -459,8 +459,9 @@ class PostgresMailbox(_Pooled):
     def __init__(self, db: Database, reactor: Any, threads: Any) -> None:
         super().__init__(db, reactor, threads, "mailbox")
 
-    def deliver(self, account: Account, message: SpooledMessage, folder: str = "") -> Deferred[str]:
-        """Store the message; committed when the Deferred fires.  Returns its uid."""
+    def deliver(self, account: Account, message: SpooledMessage, folder: str = "") -> Deferred[str]:  # type: ignore[override]
+        """Store the message; committed when the Deferred fires.  Returns its uid
+        (more than IMailboxBackend asks: the tests read it)."""
         address = _mailbox_address(account)
         if folder and not _FOLDER_NAME.fullmatch(folder):
             raise PermanentFailure(f"invalid folder name {folder!r}")
@@ -578,7 +579,7 @@ class PostgresMaildrop:
             if seq == 0:
                 raise TemporaryFailure("the message is no longer in the mailbox")
             out.seek(0)
-            return out  # type: ignore[return-value]
+            return out
         except BaseException:
             out.close()
             raise

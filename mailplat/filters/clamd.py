@@ -95,6 +95,9 @@ class _Instream(Protocol):
     only once the previous one has left the send buffer.
     """
 
+    # A TCP or UNIX transport (Twisted's stubs say ITransport | None).
+    transport: Any
+
     def __init__(self, stream: IO[bytes]) -> None:
         self._stream: IO[bytes] | None = stream
         self._received = b""

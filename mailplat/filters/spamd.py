@@ -201,6 +201,9 @@ class _SymbolsRequest(Protocol):
     shorter or longer fails the check rather than leave spamd waiting.
     """
 
+    # A TCP or UNIX transport (Twisted's stubs say ITransport | None).
+    transport: Any
+
     def __init__(self, head: bytes, stream: IO[bytes], size: int) -> None:
         self._head = head
         self._stream: IO[bytes] | None = stream
@@ -269,6 +272,7 @@ class _SymbolsRequest(Protocol):
             else:
                 self.result.errback(SpamdError(f"spamd closed the connection without a reply: {reason.getErrorMessage()}"))
             return
+        assert result is not None, "parse_response(complete=True) returns a result or raises"
         self.result.callback(result)
 
     def _fail(self, error: SpamdError) -> None:
