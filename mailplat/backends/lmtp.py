@@ -59,18 +59,15 @@ from __future__ import annotations
 
 import collections
 import re
-from dataclasses import dataclass
 from typing import Any
 
 from twisted.application import service
-from twisted.internet import defer, error
-from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet import defer
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailplat.wire.connections import set_no_delay
-from mailplat.wire.dotstuff import DotStuffedSender
 from mailplat.interfaces import (
     Account,
     BackendContext,
@@ -82,6 +79,20 @@ from mailplat.interfaces import (
     TemporaryFailure,
 )
 from mailplat.options import OptionReader
+from mailplat.wire.smtpclient import (
+    ClientError,
+    ConnectFailed,
+    ConnectionClosed,
+    IncompleteReplies,
+    NoReply,
+    ProtocolError,
+    Reply,
+    SMTPClient,
+    StaleSession,
+    Stalled,
+    Timeouts,
+    connect,
+)
 
 __all__ = ["LMTPDelivery", "Reply", "build"]
 
@@ -93,145 +104,36 @@ FOLDERS = ("inbox", "detail")
 # A kept connection unused for this long is closed: each one holds a
 # process of the LMTP server (Dovecot's lmtp serves one client per process).
 IDLE_TIMEOUT = 30.0
-# RFC 5321 4.5.3.1.5 allows 512 octets per reply line; be lenient, but bounded.
-MAX_REPLY_LINE = 4096
-MAX_REPLY_LINES = 100
+# What an SMTP client is shown when the server fails us (the details go to the log).
+_SHOWN = {
+    ConnectionClosed: "the mailbox server closed the connection; try again later",
+    NoReply: "the mailbox server did not answer; try again later",
+    ProtocolError: "the mailbox server's reply was not understood; try again later",
+    Stalled: "the mailbox server stopped reading the message; try again later",
+}
 # What of a server's reply text an SMTP client is shown.
 MAX_TEXT = 200
 _FOLDER = re.compile(r"[A-Za-z0-9_.-]{1,100}")
 _UNSAFE = re.compile(r"[^\x20-\x7e]")
 
 
-@dataclass(frozen=True)
-class Reply:
-    """One LMTP reply: its code and the text of each of its lines."""
-
-    code: int
-    lines: tuple[str, ...]
-
-    @property
-    def kind(self) -> int:
-        return self.code // 100
-
-    @property
-    def text(self) -> str:
-        return " ".join(line for line in self.lines if line)
-
-    def __str__(self) -> str:
-        return f"{self.code} {self.text}"
-
-
-class _ProtocolError(Exception):
-    """The server said something that is not an LMTP reply."""
-
-
-class _Lost(Exception):
-    """The connection closed while a reply was awaited."""
-
-
-class _Stale(Exception):
-    """A kept connection turned out to be closed before the transaction began."""
-
-
-class _LMTPConnection(Protocol):
-    """One connection to the LMTP server: commands out, replies back in order."""
+class _LMTPConnection(SMTPClient):
+    """One pooled connection: the client plus what the pool keeps on it."""
 
     def __init__(self, clock: Any) -> None:
-        self.clock = clock
-        self.extensions: set[str] = set()
-        self.transactions = 0  # how many it has carried; > 0 means reused
+        super().__init__(clock, lmtp=True)
         self.on_lost: Any = None  # set by the pool while the connection is idle
         self.idle_call: Any = None
-        self._buffer = b""
-        self._lines: list[str] = []
-        self._replies: collections.deque[Reply | Exception] = collections.deque()
-        self._waiting: defer.Deferred[Reply] | None = None
-        self.closed = False
         self.discarded = False
-        # Fires once the connection is gone, whatever closed it.
-        self.lost: defer.Deferred[None] = defer.Deferred()
-
-    def connectionMade(self) -> None:
-        set_no_delay(self.transport)
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.closed:
-            return
-        self._buffer += data
-        try:
-            while b"\n" in self._buffer:
-                raw, self._buffer = self._buffer.split(b"\n", 1)
-                self._line(raw.rstrip(b"\r").decode("utf-8", "replace"))
-            if len(self._buffer) > MAX_REPLY_LINE:
-                raise _ProtocolError(f"a reply line longer than {MAX_REPLY_LINE} octets")
-        except _ProtocolError as e:
-            self._queue(e)
-            self.abort()
-
-    def _line(self, line: str) -> None:
-        if len(line) > MAX_REPLY_LINE:
-            raise _ProtocolError(f"a reply line longer than {MAX_REPLY_LINE} octets")
-        if not (len(line) >= 3 and line[:3].isdigit() and line[0] in "2345" and line[3:4] in ("", " ", "-")):
-            raise _ProtocolError(f"not an LMTP reply: {_safe(line)!r}")
-        self._lines.append(line[4:].strip())
-        if len(self._lines) > MAX_REPLY_LINES:
-            raise _ProtocolError(f"a reply of more than {MAX_REPLY_LINES} lines")
-        if line[3:4] != "-":
-            lines, self._lines = self._lines, []
-            self._queue(Reply(int(line[:3]), tuple(lines)))
-
-    def _queue(self, item: Reply | Exception) -> None:
-        if self._waiting is not None:
-            d, self._waiting = self._waiting, None
-            if isinstance(item, Exception):
-                d.errback(item)
-            else:
-                d.callback(item)
-        else:
-            self._replies.append(item)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.closed = True
         if self.idle_call is not None and self.idle_call.active():
             self.idle_call.cancel()
         self.idle_call = None
-        self._queue(_Lost(reason.getErrorMessage()))
+        super().connectionLost(reason)
         if self.on_lost is not None:
             on_lost, self.on_lost = self.on_lost, None
             on_lost(self)
-        self.lost.callback(None)
-
-    def send(self, *lines: str) -> None:
-        self.transport.write(b"".join(line.encode("ascii") + b"\r\n" for line in lines))
-
-    async def reply(self, timeout: float) -> Reply:
-        """The next reply; _Lost, _ProtocolError, or TimeoutError (the connection is then aborted)."""
-        if self._replies:
-            item = self._replies.popleft()
-        elif self.closed:
-            raise _Lost("the connection was closed")
-        else:
-            self._waiting = defer.Deferred()
-            self._waiting.addTimeout(timeout, self.clock)
-            try:
-                item = await self._waiting
-            except defer.TimeoutError:
-                self._waiting = None
-                self.abort()
-                raise
-        if isinstance(item, Exception):
-            raise item
-        return item
-
-    def quit(self) -> None:
-        """Say goodbye without waiting for the answer."""
-        if not self.closed:
-            self.send("QUIT")
-            self.transport.loseConnection()
-
-    def abort(self) -> None:
-        if not self.closed and self.transport is not None:
-            self.transport.abortConnection()
 
 
 @implementer(IDeliveryBackend)
@@ -255,8 +157,7 @@ class LMTPDelivery(service.Service):
         self._in_progress: set[defer.Deferred[None]] = set()
         self._warned_folder = False
         self._stopping = False
-        self._factory = Factory.forProtocol(lambda: _LMTPConnection(clock))
-        self._factory.noisy = False
+        self._make = lambda: _LMTPConnection(clock)
 
     # -- IService -----------------------------------------------------------------
 
@@ -309,7 +210,7 @@ class LMTPDelivery(service.Service):
             connection = await self._connection()
             try:
                 replies = await self._transaction(connection, envelope, recipients, message)
-            except _Stale as e:
+            except StaleSession as e:
                 self._discard(connection)
                 if attempt == 1:
                     log.info("{queue_id}: kept LMTP connection was closed ({why}); trying a new one", queue_id=envelope.queue_id, why=e)
@@ -329,7 +230,7 @@ class LMTPDelivery(service.Service):
             return f"{account.local_part}+{envelope.folder}@{account.domain}"
         if not self._warned_folder:
             self._warned_folder = True
-            log.warn(
+            log.warn(  # noqa: G010 - twisted.logger's Logger has warn(), no warning()
                 "{queue_id}: the {folder} folder is not passed over LMTP (folders = {setting!r}): delivered to the inbox; "
                 "set folders = \"detail\" for Dovecot with lmtp_save_to_detail_mailbox = yes, or file it with Sieve "
                 "(this is logged once)",
@@ -345,80 +246,25 @@ class LMTPDelivery(service.Service):
         The connection goes back to the pool when it can carry another
         transaction, else it is closed.
         """
-        reused = connection.transactions > 0
-        connection.transactions += 1
-        size = f" SIZE={message.size}" if "SIZE" in connection.extensions else ""
-        commands = [f"MAIL FROM:<{envelope.sender}>{size}", *(f"RCPT TO:<{r}>" for r in recipients)]
-        pipelining = "PIPELINING" in connection.extensions
-        if pipelining:
-            connection.send(*commands)
         try:
-            if not pipelining:
-                connection.send(commands[0])
-            try:
-                mail = await connection.reply(self.timeout)
-            except _Lost as e:
-                if reused:
-                    raise _Stale(str(e))
-                raise
-            if mail.code == 421 and reused:
-                raise _Stale(str(mail))
-            if mail.kind != 2:
-                self._discard(connection, graceful=True)
-                return [mail] * len(recipients)
-            replies = []
-            for command in commands[1:]:
-                if not pipelining:
-                    connection.send(command)
-                replies.append(await connection.reply(self.timeout))
-            accepted = [i for i, reply in enumerate(replies) if reply.kind == 2]
-            if not accepted:
-                self._discard(connection, graceful=True)
-                return replies
-            connection.send("DATA")
-            data = await connection.reply(self.timeout)
-            if data.code != 354:
-                self._discard(connection, graceful=True)
-                return [data if i in accepted else reply for i, reply in enumerate(replies)]
-        except _Lost as e:
-            self._log_problem(envelope, f"connection closed: {e}")
-            raise TemporaryFailure("the mailbox server closed the connection; try again later")
-        except defer.TimeoutError:
-            self._log_problem(envelope, f"no reply within {self.timeout:g} seconds")
-            raise TemporaryFailure("the mailbox server did not answer; try again later")
-        except _ProtocolError as e:
-            self._log_problem(envelope, str(e))
-            raise TemporaryFailure("the mailbox server's reply was not understood; try again later")
-
-        try:
-            await DotStuffedSender(message.open(), connection.transport, self.clock, self.timeout).start()
-        except defer.TimeoutError:
-            self._log_problem(envelope, f"it read nothing of the message for {self.timeout:g} seconds")
-            raise TemporaryFailure("the mailbox server stopped reading the message; try again later")
-        except error.ConnectionLost:
-            self._log_problem(envelope, "connection closed while the message was sent")
-            raise TemporaryFailure("the mailbox server closed the connection; try again later")
-
-        # RFC 2033 4.2: one reply per accepted recipient, in RCPT order.
-        problem = ""
-        for i in accepted:
-            if problem:
-                replies[i] = Reply(451, (f"4.4.2 {problem}",))
-                continue
-            try:
-                replies[i] = await connection.reply(self.timeout)
-            except (_Lost, _ProtocolError, defer.TimeoutError) as e:
-                problem = "no reply after the message: " + (
-                    f"none within {self.timeout:g} seconds" if isinstance(e, defer.TimeoutError) else str(e)
-                )
-                self._log_problem(envelope, problem)
-                replies[i] = Reply(451, (f"4.4.2 {problem}",))
-        if problem:
+            replies = await connection.transaction(
+                envelope.sender, recipients, message.open, Timeouts.every(self.timeout), size=message.size,
+            )
+        except StaleSession:
+            raise  # _deliver starts over on a new connection
+        except IncompleteReplies as e:
+            # RFC 2033 4.2: those answered before have the message; the others are unknown, so retried.
+            problem = f"no reply after the message: {e.cause}"
+            self._log_problem(envelope, problem)
             self._discard(connection)
-        elif any(reply.code == 421 for reply in replies):
-            self._discard(connection, graceful=True)
-        else:
+            return [reply if reply is not None else Reply(451, (f"4.4.2 {problem}",)) for reply in e.replies]
+        except ClientError as e:
+            self._log_problem(envelope, str(e))
+            raise TemporaryFailure(_SHOWN.get(type(e), "the mailbox server failed; try again later")) from None
+        if connection.reusable():
             self._release(connection)
+        else:
+            self._discard(connection, graceful=True)
         return replies
 
     def _judge(self, envelope: Envelope, replies: list[Reply]) -> None:
@@ -427,7 +273,7 @@ class LMTPDelivery(service.Service):
         if not failed:
             return
         for account, reply in failed:
-            log.warn(
+            log.warn(  # noqa: G010 - twisted.logger's Logger has warn(), no warning()
                 "{queue_id}: LMTP server {address} did not take the message for <{rcpt}>: {reply}",
                 queue_id=envelope.queue_id, address=self.address, rcpt=account.address, reply=_safe(str(reply)),
             )
@@ -449,7 +295,7 @@ class LMTPDelivery(service.Service):
         raise TemporaryFailure(text)
 
     def _log_problem(self, envelope: Envelope, what: str) -> None:
-        log.warn("{queue_id}: LMTP server {address}: {what}", queue_id=envelope.queue_id, address=self.address, what=what)
+        log.warn("{queue_id}: LMTP server {address}: {what}", queue_id=envelope.queue_id, address=self.address, what=what)  # noqa: G010 - twisted.logger's Logger has warn(), no warning()
 
     # -- the pool ---------------------------------------------------------------------
 
@@ -476,35 +322,24 @@ class LMTPDelivery(service.Service):
 
     async def _connect(self) -> _LMTPConnection:
         """Connect, read the greeting and say LHLO."""
-        connecting = self.endpoint.connect(self._factory)
-        connecting.addTimeout(self.timeout, self.clock)
         try:
-            connection: _LMTPConnection = await connecting
-        except defer.TimeoutError:
-            log.warn("cannot connect to the LMTP server {address}: no connection within {t:g} seconds", address=self.address, t=self.timeout)
+            connection = await connect(self.endpoint, self._make, self.clock, self.timeout)
+        except ConnectFailed as e:
+            log.warn("cannot connect to the LMTP server {address}: {error}", address=self.address, error=e)  # noqa: G010 - twisted.logger's Logger has warn(), no warning()
             raise TemporaryFailure("mailbox server unavailable; try again later")
-        except Exception as e:
-            log.warn("cannot connect to the LMTP server {address}: {error}", address=self.address, error=e)
-            raise TemporaryFailure("mailbox server unavailable; try again later")
+        assert isinstance(connection, _LMTPConnection)
         try:
-            greeting = await connection.reply(self.timeout)
+            greeting = await connection.greeting(self.timeout)
             if greeting.code != 220:
-                raise _ProtocolError(f"greeted with {_safe(str(greeting))}")
-            connection.send(f"LHLO {self.hostname}")
-            lhlo = await connection.reply(self.timeout)
+                raise ProtocolError(f"greeted with {_safe(str(greeting))}")
+            lhlo = await connection.hello(self.hostname, self.timeout)
             if lhlo.code != 250:
-                raise _ProtocolError(f"LHLO answered with {_safe(str(lhlo))}")
-            # The server's name, then one extension per line (RFC 5321 4.1.1.1).
-            connection.extensions = {line.split(" ", 1)[0].upper() for line in lhlo.lines[1:] if line}
+                raise ProtocolError(f"LHLO answered with {_safe(str(lhlo))}")
         except BaseException as e:
             connection.abort()
-            if isinstance(e, defer.TimeoutError):
-                why = f"no reply within {self.timeout:g} seconds"
-            elif isinstance(e, (_Lost, _ProtocolError)):
-                why = str(e)
-            else:
+            if not isinstance(e, ClientError):
                 raise
-            log.warn("LMTP server {address} cannot be used: {why}", address=self.address, why=why)
+            log.warn("LMTP server {address} cannot be used: {why}", address=self.address, why=str(e))  # noqa: G010 - twisted.logger's Logger has warn(), no warning()
             raise TemporaryFailure("mailbox server unavailable; try again later")
         return connection
 
