@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import textwrap
@@ -202,11 +203,29 @@ def merge_toml(base: str, extra: str) -> str:
 
 
 class Dialog:
-    """A raw SMTP client socket: send exact bytes, read whole replies."""
+    """A raw client socket: send exact bytes, read whole SMTP replies or single lines."""
 
     def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.sock: socket.socket = socket.create_connection((host, port), timeout=timeout)
         self.file = self.sock.makefile("rb")
+        self.tls = False
+
+    def start_tls(self) -> None:
+        """TLS from here on (after STARTTLS or STLS, or at once for implicit TLS); the test's certificate is not checked."""
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        self.file.close()
+        self.sock = context.wrap_socket(self.sock, server_hostname="mail.example.org")
+        self.file = self.sock.makefile("rb")
+        self.tls = True
+
+    def line(self) -> str:
+        """One line without its CRLF (a POP3 reply)."""
+        line = self.file.readline()
+        if not line:
+            raise ConnectionError("connection closed")
+        return line.decode("utf-8", "replace").rstrip("\r\n")
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)

@@ -14,6 +14,7 @@ from typing import Any
 from twisted.cred.portal import Portal
 from twisted.internet import address, task
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailplat.addresses import AliasResolver
@@ -26,12 +27,23 @@ from mailplat.interfaces import (
     IMailboxBackend,
     IMaildrop,
     MaildropEntry,
-    SpooledMessage,
 )
 from mailplat.plugins import call
 from mailplat.pop3.server import POP3Factory
 from mailplat.routing import Router
 from mailplat.smtp.server import SMTPFactory
+
+class SyncThreadPool:
+    """A backend's or the queue's "thread" work, done at once on the calling
+    thread, so a test needs no thread of its own for it."""
+
+    def callInThreadWithCallback(self, on_result: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            result, ok = f(*args, **kwargs), True
+        except BaseException:
+            result, ok = Failure(), False
+        on_result(ok, result)
+
 
 USERS = {"alice@example.org": "alice-password", "bob@example.org": "bob-password"}
 

@@ -21,11 +21,11 @@ from __future__ import annotations
 import base64
 import codecs
 import re
-import socket
-import ssl
 from pathlib import Path
 
 import pytest
+
+from conftest import Dialog
 
 DIALOGS = sorted((Path(__file__).parent / "dialogs").glob("*.dialog"))
 IMPLICIT_TLS = {"submissions", "pop3s"}
@@ -56,52 +56,20 @@ def _expand(text: str) -> bytes:
     return out
 
 
-class Session:
-    """One connection to a listener, in clear or in TLS, reading SMTP or POP3 replies."""
+class Session(Dialog):
+    """A dialog on one listener: SMTP replies as "CODE TEXT" (the last line), POP3 replies as lines."""
 
     def __init__(self, port: int, pop3: bool, tls: bool) -> None:
+        super().__init__(port)
         self.pop3 = pop3
-        self.sock: socket.socket = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.tls = False
         if tls:
             self.start_tls()
-        self.file = self.sock.makefile("rb")
 
-    def start_tls(self) -> None:
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        self.sock = context.wrap_socket(self.sock, server_hostname="mail.example.org")
-        self.tls = True
-        self.file = self.sock.makefile("rb")
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def reply(self) -> str:
+    def answer(self) -> str:
         if self.pop3:
-            line = self.file.readline()
-            if not line:
-                raise ConnectionError("connection closed")
-            return line.decode("utf-8", "replace").rstrip("\r\n")
-        lines = []
-        while True:
-            line = self.file.readline()
-            if not line:
-                raise ConnectionError("connection closed; got so far: " + repr(lines))
-            lines.append(line.decode("utf-8", "replace").rstrip("\r\n"))
-            if len(line) < 4 or line[3:4] != b"-":
-                return lines[-1][:3] + " " + lines[-1][4:]
-
-    def closed(self) -> bool:
-        try:
-            return self.file.read() is not None
-        except (ConnectionError, OSError):
-            return True
-
-    def close(self) -> None:
-        self.file.close()
-        self.sock.close()
+            return self.line()
+        code, text = self.reply()
+        return f"{code} {text.splitlines()[-1] if text else ''}"
 
 
 @pytest.mark.parametrize("path, listener", CASES, ids=[f"{p.stem}@{listener}" for p, listener in CASES])
@@ -120,13 +88,13 @@ def test_dialog(server, path, listener):
             elif kind == "R":
                 session.send(_unescape(arg))
             elif kind == "S":
-                got = session.reply()
+                got = session.answer()
                 assert re.match(arg, got), f"{where}: expected /{arg}/, got {got!r}"
             elif line.strip() == "TLS":
                 if session.tls:
                     continue
                 session.send(b"STLS\r\n" if session.pop3 else b"STARTTLS\r\n")
-                got = session.reply()
+                got = session.answer()
                 assert got.startswith("+OK" if session.pop3 else "220"), f"{where}: TLS refused: {got!r}"
                 session.start_tls()
             elif line.strip() == "CLOSED":

@@ -18,6 +18,7 @@ import pytest
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
+from inprocess import SyncThreadPool
 from mailplat.backends.maildir import Maildir, MaildirDrop
 from mailplat.interfaces import (
     Account,
@@ -31,17 +32,6 @@ from mailplat.interfaces import (
 
 ALICE = Account("alice@example.org")
 BODY = b"Received: from client\r\n\tby mail.example.org\r\nSubject: hi\r\n\r\nHello.\r\n.dot kept\r\n"
-
-
-class SyncThreadPool:
-    """Runs the "thread" work at once, so deliver() and open() need no thread of their own."""
-
-    def callInThreadWithCallback(self, on_result, f, *args, **kwargs):
-        try:
-            result, ok = f(*args, **kwargs), True
-        except BaseException:
-            result, ok = Failure(), False
-        on_result(ok, result)
 
 
 def settle(d):

@@ -13,9 +13,9 @@ import time
 import types
 
 from twisted.internet import task
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from inprocess import SyncThreadPool
 from mailplat.addresses import AliasResolver
 from mailplat.config import RelaySettings
 from mailplat.interfaces import Account, IDeliveryBackend, SpooledMessage, TemporaryFailure
@@ -23,17 +23,6 @@ from mailplat.plugins import call
 from mailplat.queue.runner import QueueRunner
 from mailplat.queue.store import Queue
 from mailplat.routing import Router
-
-
-class SyncThreadPool:
-    """The queue's file work, done at once on the calling thread."""
-
-    def callInThreadWithCallback(self, on_result, f, *args, **kwargs):
-        try:
-            result, ok = f(*args, **kwargs), True
-        except BaseException:
-            result, ok = Failure(), False
-        on_result(ok, result)
 
 
 class ClockReactor(task.Clock):
