@@ -380,20 +380,14 @@ def _dkim(path: str, table: dict[str, Any], domains: list[str], relative: Any) -
         if not re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*", selector):
             raise reader.error("selector", f"{selector!r} is not a DNS label", 'e.g. selector = "mail"')
         key = relative(reader.take("key", str, example=f'"dkim/{name}.key"'))
-        try:
-            from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
-            from cryptography.hazmat.primitives.serialization import load_pem_private_key
+        from mailplat.mailauth.dkim import KeyFileError, load_private_key
 
-            with open(key, "rb") as f:
-                private = load_pem_private_key(f.read(), None)
+        try:
+            load_private_key(key, name)
         except OSError as e:
             raise reader.error("key", f"cannot read {key}: {e.strerror}", f"create it with: mailplat --config FILE dkim keygen {name}")
-        except (ValueError, TypeError) as e:
-            raise reader.error("key", f"{key} is not an unencrypted PEM private key: {e}", f"create one with: mailplat --config FILE dkim keygen {name}")
-        if not isinstance(private, (rsa.RSAPrivateKey, ed25519.Ed25519PrivateKey)):
-            raise reader.error("key", f"{key} is neither an RSA nor an Ed25519 key", "DKIM signs with rsa-sha256 or ed25519-sha256")
-        if isinstance(private, rsa.RSAPrivateKey) and private.key_size < 1024:
-            raise reader.error("key", f"{key} is a {private.key_size}-bit RSA key; verifiers ignore keys under 1024 bits", "use 2048 bits")
+        except KeyFileError as e:
+            raise reader.error("key", e.problem, e.fix)
         reader.finish(["selector", "key"])
         keys[name] = DKIMSettings(name, selector, key)
     return keys

@@ -452,33 +452,36 @@ class _Doctor:
                 "DKIM", domain, WARN, f"no [dkim.\"{domain}\"] table: mail from {domain} is not signed (DMARC then rests on SPF alone)",
                 f"mailplat --config {self.settings.path} dkim keygen {domain}",
             )
-        from mailplat.mailauth.dkim import dns_record
+        from mailplat.mailauth.dkim import dns_record, parse_tags
 
         name = f"{settings.selector}._domainkey.{domain}"
         expected = dns_record(settings.key)
         fix = _txt_record(name, expected)
-        want = _tags(expected)["p"]
-        published = [_tags(t) for t in await self.dns.texts(name)]
+        want = _public_key(parse_tags(expected))
+        published = [parse_tags(t) for t in await self.dns.texts(name)]
         published = [tags for tags in published if "p" in tags]
         if not published:
             return Row("DKIM", name, FAIL, f"no DKIM record at {name}: receivers cannot verify our signatures", fix)
-        if any(tags["p"] == want for tags in published):
-            return Row("DKIM", name, OK, f"matches the {_tags(expected)['k']} key {_short_path(settings.key, self.settings)}")
-        if all(tags["p"] == "" for tags in published):
+        if any(_public_key(tags) == want for tags in published):
+            return Row("DKIM", name, OK, f"matches the {parse_tags(expected)['k']} key {_short_path(settings.key, self.settings)}")
+        if all(_public_key(tags) == "" for tags in published):
             return Row("DKIM", name, FAIL, f"{name} has an empty p=: the key is revoked", fix)
         return Row("DKIM", name, FAIL, f"{name} publishes another key than {_short_path(settings.key, self.settings)}", fix)
 
     async def dmarc(self, domain: str) -> Row:
         name = f"_dmarc.{domain}"
+        from mailplat.mailauth.dkim import parse_tags
+        from mailplat.mailauth.dmarc import POLICIES, is_dmarc_record
+
         fix = _txt_record(name, f"v=DMARC1; p=quarantine; rua=mailto:postmaster@{domain}")
-        records = [_tags(t) for t in await self.dns.texts(name)]
-        records = [tags for tags in records if tags.get("v", "").upper() == "DMARC1"]
+        # The records our own receiver reads, in its syntax (the policy is judged here, to name what is wrong).
+        records = [parse_tags(t) for t in await self.dns.texts(name) if is_dmarc_record(t)]
         if not records:
             return Row("DMARC", name, FAIL, f"no DMARC record at {name}: receivers apply no policy to forgeries of {domain}", fix)
         if len(records) > 1:
             return Row("DMARC", name, FAIL, f"{len(records)} DMARC records: receivers ignore them all (RFC 7489 6.6.3)", f"keep one: {fix}")
         policy = records[0].get("p", "")
-        if policy.lower() not in ("none", "quarantine", "reject"):
+        if policy.lower() not in POLICIES:
             return Row("DMARC", name, FAIL, f"the record has no valid p= policy (p={policy!r})", fix)
         return Row("DMARC", name, OK, f"p={policy}" + (" (reports only; forgeries are still delivered)" if policy.lower() == "none" else ""))
 
@@ -577,15 +580,9 @@ class _Doctor:
 # --- helpers -------------------------------------------------------------------------
 
 
-def _tags(text: str) -> dict[str, str]:
-    """A DKIM or DMARC tag list (``v=DKIM1; k=rsa; p=...``); whitespace inside p= removed."""
-    tags: dict[str, str] = {}
-    for part in text.split(";"):
-        key, sep, value = part.partition("=")
-        if sep:
-            key = key.strip().lower()
-            tags.setdefault(key, re.sub(r"\s+", "", value) if key == "p" else value.strip())
-    return tags
+def _public_key(tags: dict[str, str]) -> str:
+    """The p= of a DKIM key record, without the whitespace its base64 may hold (RFC 6376 3.6.1)."""
+    return re.sub(r"\s+", "", tags.get("p", ""))
 
 
 def _is_spf(text: str) -> bool:

@@ -22,24 +22,13 @@ from conftest import BASE_CONFIG, MailplatServer, merge_toml, wait_for
 from dnsserver import DNSServer
 
 from mailplat.config import ConfigError, DKIMSettings
-from mailplat.mailauth.dkim import Signer, dns_record, generate_key
-from mailplat.filters.authentication import (
-    DKIMResult,
-    DMARCResult,
-    MessageReport,
-    SPFResult,
-    authentication_results,
-    build,
-    check_dmarc,
-    check_message,
-    check_spf,
-    disposition,
-    factory,
-    from_domains,
-    organizational_domain,
-    parse_dmarc_record,
-)
+from mailplat.filters.authentication import build, check_message, disposition, factory
 from mailplat.interfaces import Account, BackendContext, Client, IBackendFactory, IMessageFilter, SpooledMessage, Verdict
+from mailplat.mailauth.dkim import DKIMResult, Signer, dns_record, generate_key
+from mailplat.mailauth.dmarc import DMARCResult, check_dmarc, from_domains, parse_dmarc_record
+from mailplat.mailauth.names import organizational_domain
+from mailplat.mailauth.results import MessageReport, authentication_results
+from mailplat.mailauth.spf import SPFResult, check_spf
 from mailplat.wire.dns import Resolver
 
 AUTHSERV = "mail.example.org"

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from mailplat.config import DKIMSettings
-from mailplat.mailauth.dkim import Signer, SigningError, dns_record, generate_key
+from mailplat.mailauth.dkim import KeyFileError, Signer, SigningError, dns_record, generate_key, load_private_key
 
 MESSAGE = (
     b"Received: from client.test by mail.example.org; Mon, 1 Jan 2024 00:00:00 +0000\r\n"
@@ -155,6 +155,46 @@ def test_dns_record_of_a_pkcs1_key(tmp_path):
     record = dns_record(str(path))
     header = Signer({"example.org": DKIMSettings("example.org", "old", str(path))}).sign("example.org", MESSAGE)
     assert dkim.verify(header + MESSAGE, dnsfunc=lambda name, timeout=5: record.encode())
+
+
+# A key too small to sign with (openssl genrsa 512), made once: cryptography makes none under 1024 bits.
+RSA_512 = (
+    b"-----BEGIN PRIVATE KEY-----\n"
+    b"MIIBVAIBADANBgkqhkiG9w0BAQEFAASCAT4wggE6AgEAAkEAvIj2+ebYfzSYEc02\n"
+    b"vU4CyTxPx5sj2pI6iQjw9TipfQGmabBNZemshERQ5qgG2SMW778cwn1YRVz5P+8m\n"
+    b"U/BGzQIDAQABAkEAkhmJWkrbhmfZWCIwwy4K1qrYIBRHCn+6wKqfH0iTfvxNudtD\n"
+    b"yK5SPpdEyp2ML8/Zh0FjXRCFABpJ8v/gc5GteQIhAOH67bouG+KxR4r8D29fuJoa\n"
+    b"wYLw6IDUwDOeJBEhQEobAiEA1ZScdWrTbeqcYHJNOnH8VxyI1/qiSjwpbdiBrpnm\n"
+    b"wTcCIAvyoWkLkQveRaMSippf3DnBmmOa6yAMn5DbFpsVP/nrAiBt2vOi3WCEv9DR\n"
+    b"NtmMP0bo0497b7n77vfsPRlu4lAzfwIgSgkoJs92SmMidSj3TssFhAHOTJ5sIcpa\n"
+    b"AML8XVIjoks=\n"
+    b"-----END PRIVATE KEY-----\n"
+)
+
+
+@pytest.mark.parametrize("content, problem, fix", [
+    (b"not a key\n", "is not an unencrypted PEM private key", "dkim keygen example.org"),
+    ("ec", "is neither an RSA nor an Ed25519 key", "rsa-sha256 or ed25519-sha256"),
+    ("rsa512", "is a 512-bit RSA key; verifiers ignore keys under 1024 bits", "use 2048 bits"),
+])
+def test_load_private_key_refuses_what_cannot_sign(tmp_path, content, problem, fix):
+    """The one key loader (config check, signer, doctor) says what is wrong with a key file and what to do."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    if content == "ec":
+        content = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    elif content == "rsa512":
+        content = RSA_512  # cryptography refuses to make one
+    path = tmp_path / "bad.key"
+    path.write_bytes(content)
+    with pytest.raises(KeyFileError) as raised:
+        load_private_key(str(path), "example.org")
+    assert raised.value.problem.startswith(f"{path} {problem}")
+    assert fix in raised.value.fix
+    with pytest.raises(OSError):
+        load_private_key(str(tmp_path / "missing.key"))
 
 
 # --- signing ---------------------------------------------------------------------------

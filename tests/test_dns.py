@@ -6,6 +6,7 @@ from __future__ import annotations
 import smtplib
 import socket
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -100,3 +101,17 @@ def test_ipv6_dns_server_is_used(make_server):
         [delivered] = wait_for(lambda: server.messages("alice@example.org"), 10, "the message in alice's inbox")  # type: ignore[misc]
     assert b"\r\nX-DNSBL: bl.test listed 127.0.0.1" in b"\r\n" + delivered, delivered
     assert b"spf=pass smtp.mailfrom=a@pass.test" in delivered, delivered
+
+
+def test_pyspf_is_not_patched(tmp_path: Path):
+    """Importing mailplat's SPF code, the filter and the doctor leaves pyspf's own DNS lookup in place
+    (mailplat's lookups go through its query subclass), for any other user of pyspf in the process."""
+    code = (
+        "import spf; own = spf.DNSLookup\n"
+        "import mailplat.mailauth.spf, mailplat.filters.authentication, mailplat.doctor, mailplat.service\n"
+        "assert spf.DNSLookup is own and own.__module__ == 'spf', spf.DNSLookup\n"
+        "assert spf.query.dns is not mailplat.mailauth.spf.Query.dns\n"
+    )
+    # Not from the repository's root, whose twisted/ folder would shadow Twisted.
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path, check=False)
+    assert result.returncode == 0, result.stderr

@@ -1,50 +1,78 @@
-"""DKIM keys and signing (RFC 6376; Ed25519 keys as RFC 8463 defines them).
+"""DKIM (RFC 6376; Ed25519 keys as RFC 8463 defines them): our keys, signing, and verifying others' signatures.
 
 Keys are PEM private keys, RSA (2048 bits when we make them) or Ed25519, in
-files only their owner may read.  Each key's public half is published as a
-TXT record at ``SELECTOR._domainkey.DOMAIN``: :func:`dns_record` gives its
-value.  An RSA record is longer than the 255 octets one TXT string holds;
-DNS tools split it into several strings, which verifiers join again.
+files only their owner may read; :func:`load_private_key` is the one place
+a key file is read and judged (the config check, the signer, the doctor).
+Each key's public half is published as a TXT record at
+``SELECTOR._domainkey.DOMAIN``: :func:`dns_record` gives its value.  An RSA
+record is longer than the 255 octets one TXT string holds; DNS tools split
+it into several strings, which verifiers join again.
 
-Signing uses the ``dkimpy`` library.  What to know about it:
+Signing and verifying use the ``dkimpy`` library.  What to know about it:
 
 - It needs the whole message in memory, as one bytes object: it splits it
   into lines, joins the body again and canonicalizes that (relaxed
-  canonicalization rewrites every line).  Signing a message of N bytes
-  briefly holds about 3.5 N more on top of the message itself (measured
-  with a 20 MB message: 72 MB more at the peak).  Callers bound that by the
-  message size limit and by how many messages they sign at once.
+  canonicalization rewrites every line).  Signing or verifying a message of
+  N bytes briefly holds about 3.5 N more on top of the message itself
+  (measured with a 20 MB message: 72 MB more at the peak).  Callers bound
+  that by the message size limit and by how many messages they handle at
+  once.
 - It accepts CRLF and LF line ends alike (it splits on ``\\r?\\n`` and hashes
   CRLF), so the signature of a CRLF message is the one of the same message
   with LF lines.  A lone CR inside a line stays part of that line.  Our
   messages are CRLF; the header it returns is folded with CRLF.
 - It is CPU work (an RSA-2048 signature takes about a millisecond, the
-  canonicalization and hash of the body about 35 ms per MB):
-  :meth:`Signer.sign` is a plain blocking function, to be run in a thread
+  canonicalization and hash of the body about 35 ms per MB), and
+  verification asks DNS for the keys: :meth:`Signer.sign` and
+  :func:`verify_dkim` are plain blocking functions, to be run in a thread
   (``deferToThread``), never in the reactor.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import email.parser
 import email.policy
 import email.utils
+import logging
 import os
+import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, Protocol
 
 import dkim as dkimpy
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
-from mailplat.config import DKIMSettings
+from mailplat.mailauth.names import domain_name
+from mailplat.wire.dns import DNS_TIMEOUT, DNSTemporaryError, Resolver
 
-__all__ = ["ALGORITHMS", "SIGNED_HEADERS", "Signer", "SigningError", "dns_record", "generate_key", "load_private_key"]
+__all__ = [
+    "ALGORITHMS",
+    "SIGNED_HEADERS",
+    "DKIMResult",
+    "KeyFileError",
+    "Signer",
+    "SigningError",
+    "dns_record",
+    "generate_key",
+    "load_private_key",
+    "parse_tags",
+    "verify_dkim",
+]
 
 ALGORITHMS = ("rsa", "ed25519")
 RSA_BITS = 2048
+# RFC 8301 3.2: verifiers ignore smaller RSA keys, so we never sign with one.
+MIN_RSA_BITS = 1024
+# Signatures verified per message (RFC 6376 6.1 lets verifiers limit it):
+# each costs a DNS lookup and a pass over the body.
+MAX_SIGNATURES = 8
+
+PrivateKey = rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 
 # RFC 6376 5.4.1's list, less the ones we never want (List-*, Resent-*):
 # signed once per occurrence when present, and From once more so that a
@@ -80,7 +108,7 @@ def generate_key(path: str, algorithm: str = "rsa") -> str:
     """
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown DKIM key algorithm {algorithm!r}; use rsa or ed25519")
-    key: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+    key: PrivateKey
     if algorithm == "rsa":
         key = rsa.generate_private_key(public_exponent=65537, key_size=RSA_BITS)
     else:
@@ -105,12 +133,31 @@ def generate_key(path: str, algorithm: str = "rsa") -> str:
     return _record(key)
 
 
-def load_private_key(path: str) -> rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey:
-    """The RSA or Ed25519 private key in a PEM file (ValueError for anything else)."""
+class KeyFileError(ValueError):
+    """A key file that cannot sign: ``problem`` says why, ``fix`` what to do."""
+
+    def __init__(self, problem: str, fix: str) -> None:
+        super().__init__(problem)
+        self.problem = problem
+        self.fix = fix
+
+
+def load_private_key(path: str, domain: str = "DOMAIN") -> PrivateKey:
+    """The RSA (of MIN_RSA_BITS or more) or Ed25519 private key in a PEM file.
+
+    OSError when the file cannot be read; KeyFileError for one that cannot
+    sign (its fix names ``domain`` in the command that makes a new key).
+    """
     with open(path, "rb") as f:
-        key = serialization.load_pem_private_key(f.read(), None)
+        data = f.read()
+    try:
+        key = serialization.load_pem_private_key(data, None)
+    except (ValueError, TypeError) as e:
+        raise KeyFileError(f"{path} is not an unencrypted PEM private key: {e}", f"create one with: mailplat --config FILE dkim keygen {domain}")
     if not isinstance(key, (rsa.RSAPrivateKey, ed25519.Ed25519PrivateKey)):
-        raise ValueError(f"{path} is neither an RSA nor an Ed25519 key")
+        raise KeyFileError(f"{path} is neither an RSA nor an Ed25519 key", "DKIM signs with rsa-sha256 or ed25519-sha256")
+    if isinstance(key, rsa.RSAPrivateKey) and key.key_size < MIN_RSA_BITS:
+        raise KeyFileError(f"{path} is a {key.key_size}-bit RSA key; verifiers ignore keys under {MIN_RSA_BITS} bits", f"use {RSA_BITS} bits")
     return key
 
 
@@ -119,7 +166,7 @@ def dns_record(key_path: str) -> str:
     return _record(load_private_key(key_path))
 
 
-def _record(key: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey) -> str:
+def _record(key: PrivateKey) -> str:
     public = key.public_key()
     if isinstance(public, ed25519.Ed25519PublicKey):
         # RFC 8463 4.2: the raw 32-octet public key, not a SubjectPublicKeyInfo.
@@ -138,7 +185,7 @@ class _Key:
     private: bytes  # in the form dkimpy wants for that algorithm
 
 
-def _dkimpy_key(key: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey) -> tuple[bytes, bytes]:
+def _dkimpy_key(key: PrivateKey) -> tuple[bytes, bytes]:
     if isinstance(key, ed25519.Ed25519PrivateKey):
         # dkimpy (through PyNaCl) takes the 32-octet seed, base64-encoded.
         seed = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
@@ -148,6 +195,16 @@ def _dkimpy_key(key: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey) -> tuple[byt
     return b"rsa-sha256", pem
 
 
+class KeySettings(Protocol):
+    """What the signer reads of a ``[dkim."domain"]`` table (config's DKIMSettings)."""
+
+    @property
+    def selector(self) -> str: ...
+
+    @property
+    def key(self) -> str: ...
+
+
 class Signer:
     """Signs mail from the domains of ``[dkim."domain"]``, each with its key.
 
@@ -155,10 +212,10 @@ class Signer:
     next start.
     """
 
-    def __init__(self, keys: Mapping[str, DKIMSettings]) -> None:
+    def __init__(self, keys: Mapping[str, KeySettings]) -> None:
         self._keys: dict[str, _Key] = {}
         for domain, settings in keys.items():
-            algorithm, private = _dkimpy_key(load_private_key(settings.key))
+            algorithm, private = _dkimpy_key(load_private_key(settings.key, domain))
             self._keys[domain.strip().rstrip(".").lower()] = _Key(settings.selector.encode("ascii"), algorithm, private)
 
     def domains(self) -> tuple[str, ...]:
@@ -201,3 +258,143 @@ class Signer:
             )
         except dkimpy.DKIMException as e:
             raise SigningError(f"cannot sign for {domain}: {e}") from e
+
+
+def parse_tags(text: str) -> dict[str, str]:
+    """A tag list (RFC 6376 3.2), the syntax of DKIM key records and of DMARC records (RFC 7489 6.4).
+
+    Names are lower-cased and values stripped of the whitespace around
+    them; a tag given twice keeps its first value.  Parts without "=" are
+    skipped.
+    """
+    tags: dict[str, str] = {}
+    for part in text.split(";"):
+        name, equals, value = part.partition("=")
+        if equals:
+            tags.setdefault(name.strip().lower(), value.strip())
+    return tags
+
+
+# --- verifying -------------------------------------------------------------------------
+
+
+_SELECTOR = re.compile(r"(?:(?!-)[a-z0-9_-]{1,63}(?<!-)\.)*(?!-)[a-z0-9_-]{1,63}(?<!-)", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class DKIMResult:
+    """One DKIM-Signature's verification."""
+
+    result: str  # pass fail neutral policy temperror permerror
+    domain: str = ""  # d=, when it is a domain name
+    selector: str = ""  # s=, when it is a selector
+    reason: str = ""
+
+
+class _Quiet(logging.Logger):
+    """dkimpy logs every failure at error level: we report them ourselves."""
+
+    def __init__(self) -> None:
+        super().__init__("mailplat.dkimpy", logging.CRITICAL + 1)
+        self.addHandler(logging.NullHandler())
+        self.propagate = False
+
+
+_QUIET = _Quiet()
+
+
+class _KeyLookup:
+    """dkimpy's ``dnsfunc``: the TXT record at the selector, by our resolver."""
+
+    def __init__(self, resolver: Resolver, deadline: float | None) -> None:
+        self.resolver = resolver
+        self.deadline = deadline
+        self.missing = False
+
+    def __call__(self, name: bytes | str, timeout: float = DNS_TIMEOUT) -> bytes | None:
+        try:
+            text = name.decode("ascii") if isinstance(name, bytes) else name
+        except UnicodeDecodeError:
+            self.missing = True
+            return None
+        if self.deadline is not None:
+            timeout = min(timeout, self.deadline - time.monotonic())
+        try:
+            records = self.resolver.txt(text.rstrip("."), timeout)
+        except DNSTemporaryError as e:
+            raise dkimpy.DnsTimeoutError(str(e))
+        if not records:
+            self.missing = True
+            return None
+        return records[0]
+
+
+def _tag(signature: bytes, tag: bytes) -> bytes:
+    match = re.search(rb"(?:^|;)\s*" + tag + rb"\s*=\s*([^;]*)", signature)
+    return re.sub(rb"\s+", b"", match.group(1)) if match else b""
+
+
+def _names(signature: bytes) -> tuple[str, str]:
+    """d= and s= of a signature, each "" unless it is a clean name we may print."""
+    domain = domain_name(_tag(signature, b"d").decode("ascii", "replace"))
+    selector = _tag(signature, b"s").decode("ascii", "replace")
+    return domain, selector if _SELECTOR.fullmatch(selector) else ""
+
+
+def verify_dkim(resolver: Resolver, message: bytes, deadline: float | None = None) -> tuple[DKIMResult, ...]:
+    """Every DKIM signature of ``message`` (up to MAX_SIGNATURES), verified.
+
+    rsa-sha1 signatures do not count (``policy``, RFC 8301), nor do RSA
+    keys under 1024 bits (``permerror``).  Blocking and CPU-bound: run it
+    in a thread.  ``deadline`` (of ``time.monotonic()``) bounds the DNS
+    lookups of all the signatures; without one, each lookup has the
+    resolver's own time limit.
+    """
+    try:
+        verifier = dkimpy.DKIM(message, logger=_QUIET, minkey=MIN_RSA_BITS)
+    except dkimpy.DKIMException:
+        return (DKIMResult("neutral", reason="header section not parseable"),)
+    signatures = [value for name, value in verifier.headers if name.lower() == b"dkim-signature"]
+    results = []
+    for index, raw in enumerate(signatures[:MAX_SIGNATURES]):
+        domain, selector = _names(raw)
+        try:
+            prepared = verifier.verify_headerprep(index)
+        except dkimpy.DKIMException:
+            results.append(DKIMResult("neutral", domain, selector, "signature not valid"))
+            continue
+        if not prepared:
+            break
+        sig, include_headers, headers = prepared
+        if sig.get(b"a", b"").lower() == b"rsa-sha1":
+            # RFC 8301 3.1: verifiers must not consider rsa-sha1 valid.
+            results.append(DKIMResult("policy", domain, selector, "rsa-sha1"))
+            continue
+        lookup = _KeyLookup(resolver, deadline)
+        try:
+            verifier.pk, verifier.keysize, verifier.ktag, verifier.seqtlsrpt = dkimpy.load_pk_from_dns(
+                sig[b"s"] + b"._domainkey." + sig[b"d"] + b".", lookup, timeout=DNS_TIMEOUT
+            )
+        except dkimpy.DnsTimeoutError:
+            results.append(DKIMResult("temperror", domain, selector, "DNS error"))
+            continue
+        except (dkimpy.DKIMException, binascii.Error, ValueError):
+            results.append(DKIMResult("permerror", domain, selector, "no key" if lookup.missing else "bad key"))
+            continue
+        try:
+            good = verifier.verify_sig_process(sig, include_headers, headers[index], lookup)
+        except dkimpy.KeyFormatError:
+            results.append(DKIMResult("permerror", domain, selector, "key too small"))
+            continue
+        except dkimpy.ValidationError as e:
+            if "body hash" in str(e):
+                results.append(DKIMResult("fail", domain, selector, "body hash mismatch"))
+            else:
+                # A key published for TLS reports only (s=tlsrpt), not for mail.
+                results.append(DKIMResult("permerror", domain, selector, "key not for mail"))
+            continue
+        except (dkimpy.DKIMException, ValueError, TypeError):
+            results.append(DKIMResult("neutral", domain, selector, "signature not valid"))
+            continue
+        results.append(DKIMResult("pass", domain, selector) if good else DKIMResult("fail", domain, selector, "signature mismatch"))
+    return tuple(results)
