@@ -9,7 +9,10 @@ failed, so the command can run from a monitoring job.
 
 Per hosted domain: MX, SPF, DKIM and DMARC.  Once: the hostname's A/AAAA
 records, the ``[tls]`` certificate (dates, name) and whether each ``[listen]``
-endpoint accepts a connection on this machine.
+endpoint accepts a connection on this machine.  SPF is judged as receivers
+judge it, by the evaluator the authentication filter uses
+(:mod:`mailplat.mailauth.spf`), for mail from the domain's postmaster sent
+from each of the hostname's addresses; the row names the term that decided.
 
 DNS is asked through ``--dns-server`` when given, else ``[dns] servers``, else
 the name servers of /etc/resolv.conf (never /etc/hosts, which the rest of the
@@ -108,7 +111,7 @@ def run(settings: Settings, dns_server: str | None, out: TextIO) -> int:
     async def checks(reactor: Any) -> None:
         try:
             rows.extend(await _Doctor(settings, servers, reactor).rows())
-        except Exception:
+        except Exception:  # noqa: BLE001 - a bug: printed with its traceback
             # Each check reports its own errors; this is a bug, worth its traceback.
             broken.append(traceback.format_exc())
 
@@ -193,7 +196,7 @@ class _DNS:
             return DNSProblem(f"REFUSED for {name} {kind}")
         except (error.DNSQueryTimeoutError, defer.TimeoutError):
             return DNSProblem(f"no answer for {name} {kind} within {sum(DNS_TIMEOUT)} s")
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - any other failure is a DNS problem to report
             return DNSProblem(f"{name} {kind}: {e.__class__.__name__}: {e}")
         return [a.payload for a in answers if a.type == rtype]
 
@@ -227,12 +230,14 @@ class _DNS:
 
 class _Doctor:
     def __init__(self, settings: Settings, servers: list[tuple[str, int]], reactor: Any) -> None:
-        from mailplat.wire.dns import reactor_resolver
+        from mailplat.wire.dns import Resolver, reactor_resolver
 
         self.settings = settings
         self.host = settings.hostname
         # Never /etc/hosts, which the rest of the world does not see.
         self.dns = _DNS(reactor_resolver(servers, hosts_file=False, timeout=DNS_TIMEOUT))
+        # The same servers for pyspf, which asks from a thread.
+        self.thread_dns = Resolver(servers, timeout=sum(DNS_TIMEOUT), try_timeout=DNS_TIMEOUT[0])
         self.reactor = reactor
 
     async def rows(self) -> list[Row]:
@@ -264,7 +269,7 @@ class _Doctor:
                 return await step()
             except DNSProblem as e:
                 return Row(check, subject, FAIL, f"cannot check: DNS error: {e}", "make sure the DNS server answers, then run mailplat doctor again")
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - each check's failure is its row
                 return Row(check, subject, FAIL, f"cannot check: {e.__class__.__name__}: {e}")
 
         return list(await defer.gatherResults([defer.ensureDeferred(guarded(*c)) for c in checks]))
@@ -332,118 +337,52 @@ class _Doctor:
         addresses = await self._our_addresses()
         if not addresses:
             return Row("SPF", domain, WARN, f'"{record}": cannot tell whether it allows {self.host}, which has no address (see A/AAAA)')
-        outcomes = {str(a): await self._spf_result(record, domain, a, 0) for a in addresses}
-        refused = [f"{a} ({why})" for a, (result, why) in outcomes.items() if result not in ("pass", "pass-include", "unknown")]
+        outcomes = {str(a): await self._spf_result(record, domain, a) for a in addresses}
+        broken = sorted({why for result, why in outcomes.values() if result == "permerror"})
+        if broken:
+            return Row(
+                "SPF", domain, FAIL, f'"{record}" is an error for receivers (permerror: {"; ".join(broken)}): no mail passes SPF',
+                f"correct the record, e.g. {domain}. IN TXT \"v=spf1 mx -all\"",
+            )
+        refused = [f"{a} ({why})" for a, (result, why) in outcomes.items() if result not in ("pass", "pass-include")]
         if refused:
             return Row("SPF", domain, FAIL, f'"{record}" does not allow {", ".join(refused)}', suggestion)
-        unknown = sorted({why for result, why in outcomes.values() if result == "unknown"})
-        if unknown:
-            return Row(
-                "SPF", domain, WARN, f'"{record}": cannot tell whether it allows {", ".join(outcomes)}: {"; ".join(unknown)}',
-                f"make sure it covers {', '.join(outcomes)}, or allow them directly: {suggestion}",
-            )
         through = sorted({why for result, why in outcomes.values() if result == "pass-include"})
         if through:
             return Row(
-                "SPF", domain, WARN, f"allows {', '.join(outcomes)} only through {', '.join(through)} (checked one level down)",
+                "SPF", domain, WARN, f"allows {', '.join(outcomes)} only through {', '.join(through)}",
                 f"if that record changes, mail from {self.host} fails SPF; to allow it directly: {suggestion}",
             )
         reasons = sorted({why for _, why in outcomes.values()})
         return Row("SPF", domain, OK, f"allows {', '.join(outcomes)} ({', '.join(reasons)})")
 
-    async def _spf_result(self, record: str, domain: str, address: Any, depth: int) -> tuple[str, str]:
-        """How ``record`` judges mail from ``address``, with the term that decided it.
+    async def _spf_result(self, record: str, domain: str, address: Any) -> tuple[str, str]:
+        """How ``record`` judges mail from ``address``, as pyspf evaluates it, with the term that decided.
 
-        The result is pass, fail, softfail, neutral, "pass-include" (passed
-        through include: or redirect=), or "unknown" (a term mailplat does not
-        evaluate came first: macros, exists:, ptr, includes past one level).
+        The result is pyspf's (pass, fail, softfail, neutral, permerror), or
+        "pass-include" for a pass through include: or redirect=, which rests
+        on another domain's record; a DNS failure raises DNSProblem.  The
+        sender is the domain's postmaster, our hostname the HELO name.
         """
-        unknown: list[str] = []
-        redirect = ""
-        for term in record.split()[1:]:
-            modifier = re.fullmatch(r"([A-Za-z][A-Za-z0-9_.-]*)=(.*)", term)
-            if modifier:
-                if modifier.group(1).lower() == "redirect":
-                    redirect = modifier.group(2)
-                continue
-            qualifier = term[0] if term[0] in "+-~?" else "+"
-            body = term[1:] if term[0] in "+-~?" else term
-            found = re.fullmatch(r"([A-Za-z0-9]+)(.*)", body)
-            name, rest = (found.group(1).lower(), found.group(2)) if found else ("", body)
-            if "%" in rest:
-                unknown.append(f"{term} uses macros")
-                continue
-            if name == "include":
-                target = rest[1:] if rest.startswith(":") else ""
-                inner, why = await self._spf_one_level(target, address, depth, f"include:{target}")
-                if inner in ("pass", "pass-include"):
-                    return "pass-include", f"include:{target}"
-                if inner == "unknown":
-                    unknown.append(why)
-                continue  # an include that does not pass does not match
-            matched = await self._spf_matches(name, rest, domain, address)
-            if matched is None:
-                unknown.append(f"{term} is not evaluated")
-                continue
-            if matched:
-                result = {"+": "pass", "-": "fail", "~": "softfail", "?": "neutral"}[qualifier]
-                if result != "pass" and unknown:
-                    return "unknown", "; ".join(unknown)
-                return result, term
-        if unknown:
-            return "unknown", "; ".join(unknown)
-        if redirect:
-            inner, why = await self._spf_one_level(redirect, address, depth, f"redirect={redirect}")
-            if inner in ("pass", "pass-include"):
-                return "pass-include", f"redirect={redirect}"
-            return inner, why
-        return "neutral", "no term matches"
+        from twisted.internet.threads import deferToThreadPool
 
-    async def _spf_one_level(self, target: str, address: Any, depth: int, term: str) -> tuple[str, str]:
-        """The result of another domain's SPF record, followed one level deep only."""
-        if depth >= 1:
-            return "unknown", f"{term} is not followed past one level"
-        try:
-            records = [t for t in await self.dns.texts(target) if _is_spf(t)]
-        except DNSProblem as e:
-            return "unknown", f"{term}: DNS error: {e}"
-        if len(records) != 1:
-            return "unknown", f"{term}: {target} has {len(records)} SPF records (a permanent error for receivers)"
-        result, why = await self._spf_result(records[0], target, address, depth + 1)
-        return result, f"{term}: {why}"
+        from mailplat.mailauth.spf import evaluate
 
-    async def _spf_matches(self, name: str, rest: str, domain: str, address: Any) -> bool | None:
-        """Whether mechanism ``name`` (arguments ``rest``) covers ``address``; None when not evaluated."""
-        if name == "all":
-            return rest == ""
-        if name in ("ip4", "ip6"):
-            try:
-                network = ipaddress.ip_network(rest[1:], strict=False)
-            except ValueError:
-                return None
-            return network.version == address.version and address in network
-        if name not in ("a", "mx"):
-            return None  # exists:, ptr and the like
-        spec = re.fullmatch(r"(?::([^/]+))?(?:/(\d+))?(?://(\d+))?", rest)
-        if not spec:
-            return None
-        target = (spec.group(1) or domain).lower().rstrip(".")
-        prefix = int(spec.group(2) or 32) if address.version == 4 else int(spec.group(3) or 128)
-        if name == "a":
-            if target == self.host:
-                return True
-            hosts = [target]
-        else:
-            hosts = [host for _, host in await self.dns.mx(target) if host]
-            if self.host in hosts:
-                return True
-            hosts = hosts[:10]  # RFC 7208 4.6.4
-        kind = "A" if address.version == 4 else "AAAA"
-        for host in hosts:
-            for found in await self.dns.addresses(host, kind):
-                if address in ipaddress.ip_network(f"{found}/{prefix}", strict=False):
-                    return True
-        return False
+        found = await deferToThreadPool(
+            self.reactor, self.reactor.getThreadPool(), evaluate, self.thread_dns, record, f"postmaster@{domain}", self.host, str(address)
+        )
+        if found.result == "temperror":
+            raise DNSProblem(found.problem)
+        if found.result == "permerror":
+            return "permerror", found.problem
+        term = found.term or "no term matches"
+        if found.redirect:
+            if found.result == "pass":
+                return "pass-include", f"redirect={found.redirect}"
+            return found.result, f"redirect={found.redirect}: {term}"
+        if found.result == "pass" and term.lower().lstrip("+").startswith("include:"):
+            return "pass-include", term
+        return found.result, term
 
     async def dkim(self, domain: str) -> Row:
         settings = self.settings.dkim.get(domain)
@@ -505,10 +444,10 @@ class _Doctor:
         subject = _short_path(self.settings.tls.certificate, self.settings)
         try:
             leaf = self._leaf()
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - whatever stops the file loading is the row's detail
             return Row("TLS dates", subject, FAIL, f"the certificate does not load: {e}", "point [tls] certificate at a PEM certificate chain, leaf first")
         renew = f"renew the certificate for {self.host} (e.g. certbot renew) and restart mailplat"
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         start, end = leaf.not_valid_before_utc, leaf.not_valid_after_utc
         issuer = "self-signed" if leaf.issuer == leaf.subject else f"issued by {leaf.issuer.rfc4514_string()}"
         if now < start:
@@ -530,7 +469,7 @@ class _Doctor:
 
         try:
             leaf = self._leaf()
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - as in tls_dates
             return Row("TLS name", self.host, FAIL, f"the certificate does not load: {e}")
         try:
             names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
@@ -566,7 +505,7 @@ class _Doctor:
             where = f"{target}:{port}"
         try:
             connected = await endpoint.connect(protocol.Factory.forProtocol(protocol.Protocol))
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - any failure to connect is the row's detail
             reason = getattr(e, "osError", None) or e.__class__.__name__
             text = os.strerror(reason) if isinstance(reason, int) else str(e) or str(reason)
             return Row(
