@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 _TYPES = {"A": 1, "MX": 15, "TXT": 16, "AAAA": 28, "CNAME": 5}
 
@@ -74,7 +74,7 @@ def serve(path: str, interface: str = "127.0.0.1") -> None:
         try:
             reactor.listenTCP(port, factory, interface=interface)
             break
-        except Exception:
+        except Exception:  # noqa: BLE001 - the TCP port is taken: try another UDP one
             udp.stopListening()
     host = f"[{interface}]" if ":" in interface else interface
     print(f"dns listening on {host}:{port}", flush=True)
@@ -117,7 +117,7 @@ class DNSServer:
             self.process.stdout.close()
         self.process = None
 
-    def __enter__(self) -> DNSServer:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -12,20 +12,32 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import BASE_CONFIG, MailplatServer, merge_toml, wait_for
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from dnsserver import DNSServer
 from twisted.internet import defer
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
-from conftest import BASE_CONFIG, MailplatServer, merge_toml, wait_for
-from dnsserver import DNSServer
-
 from mailplat.config import ConfigError, DKIMSettings
 from mailplat.filters.authentication import build, check_message, disposition, factory
-from mailplat.interfaces import Account, BackendContext, Client, IBackendFactory, IMessageFilter, SpooledMessage, Verdict
+from mailplat.interfaces import (
+    Account,
+    BackendContext,
+    Client,
+    IBackendFactory,
+    IMessageFilter,
+    SpooledMessage,
+    Verdict,
+)
 from mailplat.mailauth.dkim import DKIMResult, Signer, dns_record, generate_key
-from mailplat.mailauth.dmarc import DMARCResult, check_dmarc, from_domains, parse_dmarc_record
+from mailplat.mailauth.dmarc import (
+    DMARCResult,
+    check_dmarc,
+    from_domains,
+    parse_dmarc_record,
+)
 from mailplat.mailauth.names import organizational_domain
 from mailplat.mailauth.results import MessageReport, authentication_results
 from mailplat.mailauth.spf import SPFResult, check_spf
@@ -432,7 +444,7 @@ class InlinePool:
     def callInThreadWithCallback(self, on_result, f, *args, **kwargs):
         try:
             result = f(*args, **kwargs)
-        except BaseException:
+        except BaseException:  # noqa: BLE001 - a thread pool reports every failure to its caller
             on_result(False, Failure())
         else:
             on_result(True, result)
@@ -574,7 +586,7 @@ def delivered(server: MailplatServer, subject: str, folder: str = "") -> bytes:
 
 
 def results_of(message: bytes) -> list[str]:
-    return [m.decode() for m in re.findall(rb"^Authentication-Results: (.*)\r\n", message, re.M)]
+    return [m.decode() for m in re.findall(rb"^Authentication-Results: (.*)\r\n", message, re.MULTILINE)]
 
 
 def test_spf_results_in_the_header(tagging):
@@ -605,8 +617,10 @@ def test_signed_message_passes_dkim_and_dmarc(tagging, signer):
         client.sendmail("bounce@none.test", ["alice@example.org"], data)
     message = delivered(tagging, "signed news")
     assert results_of(message) == [
-        f"{AUTHSERV}; spf=none smtp.mailfrom=bounce@none.test; dkim=pass header.d=signed.test header.s=sel; "
-        "dkim=pass header.d=ed.test header.s=ed; dmarc=pass (p=reject dis=none) header.from=signed.test",
+        (
+            f"{AUTHSERV}; spf=none smtp.mailfrom=bounce@none.test; dkim=pass header.d=signed.test header.s=sel; "
+            "dkim=pass header.d=ed.test header.s=ed; dmarc=pass (p=reject dis=none) header.from=signed.test"
+        ),
         "elsewhere.test; none",
     ]
 

@@ -16,7 +16,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from mailplat.config import DKIMSettings
-from mailplat.mailauth.dkim import KeyFileError, Signer, SigningError, dns_record, generate_key, load_private_key
+from mailplat.mailauth.dkim import (
+    KeyFileError,
+    Signer,
+    SigningError,
+    dns_record,
+    generate_key,
+    load_private_key,
+)
 
 MESSAGE = (
     b"Received: from client.test by mail.example.org; Mon, 1 Jan 2024 00:00:00 +0000\r\n"
