@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import ipaddress
 import os
 import re
@@ -33,9 +34,12 @@ import sys
 import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from mailplat.config import Settings
+
+if TYPE_CHECKING:
+    from twisted.python.failure import Failure
 
 __all__ = ["Row", "add_arguments", "dns_server_argument", "run"]
 
@@ -170,7 +174,12 @@ class _DNS:
             # Never fails: the outcome (records or a DNSProblem) is shared by every asker.
             self.asked[key] = defer.ensureDeferred(self._ask(*key))
         waiting: defer.Deferred[Any] = defer.Deferred()
-        self.asked[key].addCallback(lambda outcome: (waiting.callback(outcome), outcome)[1])
+
+        def share(outcome: Any) -> Any:
+            waiting.callback(outcome)
+            return outcome
+
+        self.asked[key].addCallback(share)
         outcome = await waiting
         if isinstance(outcome, DNSProblem):
             raise DNSProblem(str(outcome))
@@ -211,9 +220,15 @@ class _DNS:
         """The A and the AAAA addresses, asked at once (a timeout costs its time once)."""
         from twisted.internet import defer
 
+        def first_error(failure: Failure) -> Failure:
+            # The lookup's own DNSProblem, not gatherResults' FirstError around it.
+            error = failure.value
+            assert isinstance(error, defer.FirstError)
+            return error.subFailure
+
         a, aaaa = await defer.gatherResults(
             [defer.ensureDeferred(self.addresses(name, kind)) for kind in ("A", "AAAA")], consumeErrors=True
-        ).addErrback(lambda failure: failure.value.subFailure)
+        ).addErrback(first_error)
         return a, aaaa
 
     async def mx(self, name: str) -> list[tuple[int, str]]:
@@ -248,10 +263,10 @@ class _Doctor:
         for domain in self.settings.domains:
             dkim = self.settings.dkim.get(domain)
             checks += [
-                ("MX", domain, lambda d=domain: self.mx(d)),
-                ("SPF", domain, lambda d=domain: self.spf(d)),
-                ("DKIM", f"{dkim.selector}._domainkey.{domain}" if dkim else domain, lambda d=domain: self.dkim(d)),
-                ("DMARC", f"_dmarc.{domain}", lambda d=domain: self.dmarc(d)),
+                ("MX", domain, functools.partial(self.mx, domain)),
+                ("SPF", domain, functools.partial(self.spf, domain)),
+                ("DKIM", f"{dkim.selector}._domainkey.{domain}" if dkim else domain, functools.partial(self.dkim, domain)),
+                ("DMARC", f"_dmarc.{domain}", functools.partial(self.dmarc, domain)),
             ]
         tls = self.settings.tls
         if tls is None:
@@ -262,7 +277,7 @@ class _Doctor:
                 ("TLS name", self.host, self.tls_name),
             ]
         for name, description in self.settings.listen.items():
-            checks.append(("listener", f"{name} {description}", lambda n=name, e=description: self.listener(n, e)))
+            checks.append(("listener", f"{name} {description}", functools.partial(self.listener, name, description)))
 
         async def guarded(check: str, subject: str, step: Callable[[], Awaitable[Row]]) -> Row:
             try:

@@ -168,6 +168,7 @@ def check_message(resolver: Resolver, message: SpooledMessage, spf_result: SPFRe
     dkim_results = verify_dkim(resolver, whole, deadline) if signed else ()
     del whole
     domains = from_domains(fields)
+    dmarc: tuple[DMARCResult, ...]
     if domains is None:
         dmarc = (DMARCResult("permerror", "", reason="no readable From address"),)
     else:

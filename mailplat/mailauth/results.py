@@ -63,24 +63,24 @@ def authentication_results(authserv_id: str, report: MessageReport, dispositions
     spf_part = text
     # (rank, text): when the line would be too long, lower ranks are kept first.
     pieces: list[tuple[int, str]] = []
-    for result in report.dkim:
-        text = f"dkim={result.result}{_comment(result.reason)}"
-        if result.domain:
-            text += f" header.d={result.domain}"
-        if result.selector:
-            text += f" header.s={result.selector}"
-        pieces.append((0 if result.result == "pass" else 2, text))
+    for dkim in report.dkim:
+        text = f"dkim={dkim.result}{_comment(dkim.reason)}"
+        if dkim.domain:
+            text += f" header.d={dkim.domain}"
+        if dkim.selector:
+            text += f" header.s={dkim.selector}"
+        pieces.append((0 if dkim.result == "pass" else 2, text))
     if not report.dkim:
         pieces.append((0, "dkim=none"))
-    for index, result in enumerate(report.dmarc):
-        comment = result.reason
-        if result.policy:
+    for index, dmarc in enumerate(report.dmarc):
+        comment = dmarc.reason
+        if dmarc.policy:
             done = dispositions[index] if index < len(dispositions) else "none"
-            comment = f"p={result.policy} dis={done}" + (f" {comment}" if comment else "")
-        text = f"dmarc={result.result}{_comment(comment)}"
-        if result.domain:
-            text += f" header.from={result.domain}"
-        pieces.append((0 if result.result == "fail" else 1, text))
+            comment = f"p={dmarc.policy} dis={done}" + (f" {comment}" if comment else "")
+        text = f"dmarc={dmarc.result}{_comment(comment)}"
+        if dmarc.domain:
+            text += f" header.from={dmarc.domain}"
+        pieces.append((0 if dmarc.result == "fail" else 1, text))
     budget = MAX_RESULTS_LENGTH - len(authserv_id) - 2 - len(spf_part)
     kept = set()
     for position in sorted(range(len(pieces)), key=lambda p: (pieces[p][0], p)):
