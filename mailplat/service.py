@@ -171,6 +171,7 @@ def make_service(
             factory = POP3Factory(settings.pop3, login_guard, tls, name == "pop3s", reactor)
         if name in ("submissions", "pop3s"):
             # RFC 8314: implicit TLS, the whole connection inside TLS.
+            assert tls is not None, "config.load requires [tls] for this listener"
             factory = TLSMemoryBIOFactory(tls, False, factory)
         endpoint = endpoints.serverFromString(reactor, _with_backlog(description))
         fd = inherited.get(name) if inherited is not None else None

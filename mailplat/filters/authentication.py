@@ -55,9 +55,10 @@ evaluation.  They run in worker threads, and their lookups go through the
 thread-side resolver of :mod:`mailplat.wire.dns` to exactly the servers of
 ``[dns] servers`` (the system's resolvers, from /etc/resolv.conf, when that
 list is empty), the servers mailplat's own twisted.names resolver uses.
-The threads are the filter's own, in two pools so that slow DNS for SPF
-never holds up DKIM verification: up to ``SPF_THREADS`` SPF checks at
-once, and up to ``MESSAGE_THREADS`` message checks.  Every lookup has a
+The threads are two pools of the service's (``context.threads``, started
+and stopped by mailplat), so that slow DNS for SPF never holds up DKIM
+verification: up to ``SPF_THREADS`` SPF checks at once, and up to
+``MESSAGE_THREADS`` message checks.  Every lookup has a
 time limit (``mailplat.wire.dns.DNS_TIMEOUT``), and each check a total one
 (``mailplat.mailauth.spf.SPF_TIME``, ``MESSAGE_DNS_TIME``), both under the
 filter's default ``timeout`` of 30 s: keep that timeout at 30 s or more, or
@@ -76,9 +77,8 @@ import re
 import time
 from typing import IO, Any
 
-from twisted.application import service
 from twisted.internet import defer
-from twisted.internet.threads import deferToThread, deferToThreadPool
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
@@ -193,44 +193,25 @@ def disposition(result: DMARCResult, dmarc_reject: str) -> str:
 # --- the filter -------------------------------------------------------------------------
 
 
-class AuthenticationFilter(MessageFilter, service.Service):
-    """SPF at MAIL FROM, DKIM and DMARC at the end of DATA, one header with all three.
+class AuthenticationFilter(MessageFilter):
+    """SPF at MAIL FROM, DKIM and DMARC at the end of DATA, one header with all three."""
 
-    A service so that its thread pools start with mailplat and stop with it.
-    """
-
-    def __init__(self, authserv_id: str, dmarc_reject: str, spf_fail: str, resolver: Resolver, reactor: Any) -> None:
+    def __init__(
+        self, authserv_id: str, dmarc_reject: str, spf_fail: str, resolver: Resolver, reactor: Any, threads: Any = None,
+    ) -> None:
         self.authserv_id = authserv_id
         self.dmarc_reject = dmarc_reject
         self.spf_fail = spf_fail
         self.resolver = resolver
         self.reactor = reactor
-        self._spf_pool: ThreadPool | None = None
-        self._message_pool: ThreadPool | None = None
+        # The service's pools; None for a filter built outside the server
+        # (tests, tests/check_filter.py), which then uses the reactor's.
+        self._spf_pool: ThreadPool | None = threads.pool("authentication-spf", SPF_THREADS) if threads else None
+        self._message_pool: ThreadPool | None = threads.pool("authentication-message", MESSAGE_THREADS) if threads else None
         # (client address, HELO, sender) -> (until, result): from MAIL to DATA.
         self._spf_results: dict[tuple[str, str, str], tuple[float, SPFResult]] = {}
 
-    def startService(self) -> None:
-        super().startService()
-        self._spf_pool = ThreadPool(0, SPF_THREADS, "mailplat-authentication-spf")
-        self._message_pool = ThreadPool(0, MESSAGE_THREADS, "mailplat-authentication-message")
-        self._spf_pool.start()
-        self._message_pool.start()
-
-    def stopService(self) -> defer.Deferred[None]:
-        super().stopService()
-        pools = [pool for pool in (self._spf_pool, self._message_pool) if pool is not None]
-        self._spf_pool = self._message_pool = None
-
-        def stop() -> None:
-            # Waits for running checks, each bounded by its DNS time limit.
-            for pool in pools:
-                pool.stop()
-
-        return deferToThread(stop)
-
     def _in_thread(self, pool: ThreadPool | None, f: Any, *args: Any) -> defer.Deferred[Any]:
-        # Before startService (a filter built outside the server): the reactor's pool.
         return deferToThreadPool(self.reactor, pool or self.reactor.getThreadPool(), f, *args)
 
     async def check_mail(self, client: Client, sender: str) -> Verdict | None:
@@ -304,7 +285,7 @@ def build(options: dict[str, Any], context: BackendContext) -> AuthenticationFil
         "spf_fail", SPF_FAIL, "tag", fix='e.g. spf_fail = "tag" (refuse SPF -all failures at MAIL FROM with "reject")',
     )
     reader.finish()
-    return AuthenticationFilter(context.hostname, dmarc_reject, spf_fail, Resolver(context.dns_servers), context.reactor)
+    return AuthenticationFilter(context.hostname, dmarc_reject, spf_fail, Resolver(context.dns_servers), context.reactor, context.threads)
 
 
 # Until the name "authentication" is registered: backend = "mailplat.filters.authentication:factory".

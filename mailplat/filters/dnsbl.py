@@ -57,6 +57,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.names import dns
 from twisted.names.error import DNSNameError
+from twisted.python.failure import Failure
 
 from mailplat.interfaces import BackendContext, Client, MessageFilter, SpooledMessage, Verdict
 from mailplat.options import OptionReader
@@ -202,11 +203,11 @@ class DNSBLFilter(MessageFilter):
         # Every zone is asked at once; cancelling this cancels them all.
         results = await defer.DeferredList(asked, consumeErrors=True)
         listings: list[Listing] = []
-        failures = []
+        failures: list[tuple[str, Failure]] = []
         for zone, (ok, result) in zip(self.zones, results):
-            if not ok:
+            if isinstance(result, Failure):
                 failures.append((zone, result))
-            elif result:
+            elif ok and result:
                 listings.append(Listing(zone, result))
         if listings:
             for zone, failure in failures:
@@ -279,7 +280,7 @@ def _ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return ip
 
 
-def _describe(error: BaseException) -> str:
+def _describe(error: BaseException | None) -> str:
     """A DNS error in a few words: twisted.names' own texts are whole messages."""
     names = {
         "DNSServerError": "SERVFAIL",

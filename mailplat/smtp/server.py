@@ -138,7 +138,8 @@ class SMTPServer(CommandReader, smtp.ESMTP):
         self._helo = None
         self.setTimeout(self.timeout)
         if self.factory.filters:
-            self._wait(defer.Deferred.fromCoroutine(self._greet_after_filters()))
+            # Guarded as a command is: a filter's bug is a reply, not a silent hang.
+            self._wait(self._guarded(lambda: defer.Deferred.fromCoroutine(self._greet_after_filters())))
         else:
             self.sendCode(220, self.greeting())
 
