@@ -87,11 +87,13 @@ class MailPath:
     routed: bool = False
 
 
-def parse_path(argument: bytes) -> MailPath:
+def parse_path(argument: bytes, postmaster_domain: str = "") -> MailPath:
     """Parse ``<path> [params]`` of MAIL FROM / RCPT TO (RFC 5321 4.1.2).
 
     Raises AddressError for syntax errors.  The address keeps its quoting so
-    that policy sees exactly what was asked for.
+    that policy sees exactly what was asked for.  With ``postmaster_domain``
+    (RCPT only), ``<Postmaster>`` without a domain is the postmaster of that
+    domain, which RFC 5321 4.5.1 says a server MUST accept.
     """
     argument = argument.strip()
     if not argument.startswith(b"<"):
@@ -120,6 +122,8 @@ def parse_path(argument: bytes) -> MailPath:
         if not colon:
             raise AddressError("malformed source route")
         routed = True
+    if postmaster_domain and not routed and text.lower() == "postmaster":
+        text = f"{text}@{postmaster_domain}"
     if text and "@" not in text:
         raise AddressError("the address needs a domain (local-part@domain)")
     return MailPath(text, params, routed)
@@ -165,6 +169,8 @@ class AliasResolver:
         lookup: Callable[[str], Awaitable[Account | None]],
     ) -> None:
         self.domains = frozenset(domains)
+        # The first of ``domains``: whose postmaster a bare <Postmaster> is.
+        self.primary_domain = domains[0] if domains else ""
         self.aliases = aliases
         self.lookup = lookup
 

@@ -102,6 +102,20 @@ def test_hosted_recipients_accepted(dialog, recipient):
     assert (code, text[:5]) == (250, "2.1.5")
 
 
+def test_bare_postmaster_is_the_primary_domains(server):
+    """RCPT TO:<Postmaster> without a domain (RFC 5321 4.5.1 MUST) is postmaster@ the first of domains, in any case."""
+    before = len(server.messages("alice@example.org"))
+    with smtplib.SMTP("127.0.0.1", server.port) as client:
+        client.ehlo()
+        client.mail("someone@remote.test")
+        code, text = client.docmd("RCPT", "TO:<POSTmaster>")
+        assert (code, text[:5]) == (250, b"2.1.5"), (code, text)
+        assert client.data(message("to-the-postmaster"))[0] == 250
+    messages = server.messages("alice@example.org")
+    assert len(messages) == before + 1
+    assert b"for <POSTmaster@example.org>" in messages[-1]
+
+
 def test_unknown_user_is_550_511(dialog):
     """An address in a hosted domain that resolves to nobody gets 550 5.1.1."""
     d = dialog()

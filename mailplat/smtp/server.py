@@ -65,9 +65,10 @@ class Transaction:
 
 
 def _printable(text: bytes | str, limit: int = 100) -> str:
-    """Client text made safe to echo in a reply or a header."""
+    """Client text made safe to echo in a reply or a header: printable ASCII, "?" for each other byte."""
     if isinstance(text, bytes):
-        text = text.decode("utf-8", "replace")
+        # One character per byte, so a non-ASCII byte is one "?" whatever its encoding.
+        text = text.decode("latin-1")
     return "".join(c if 0x20 < ord(c) < 0x7F else "?" for c in text[:limit])
 
 
@@ -191,8 +192,12 @@ class SMTPServer(CommandReader, smtp.ESMTP):
         self.transport.loseConnection()
 
     def reply(self, code: int, status: str, text: str) -> None:
-        """Send one reply with its enhanced status code (RFC 3463, 2034)."""
-        self.sendCode(code, (f"{status} {text}" if status else text).encode("utf-8"))
+        """Send one reply with its enhanced status code (RFC 3463, 2034).
+
+        Replies are US-ASCII (RFC 5321 2.4): whatever of the client's text a
+        reply quotes, non-ASCII shows as "?".
+        """
+        self.sendCode(code, (f"{status} {text}" if status else text).encode("ascii", "replace"))
         if code >= 500:
             self._errors += 1
             if self._errors >= self.limits.max_errors:
@@ -413,7 +418,9 @@ class SMTPServer(CommandReader, smtp.ESMTP):
         if argument[: len(prefix)].upper() != prefix:
             raise Reply(501, "5.5.4", f"Syntax: {prefix.decode()}<address>")
         try:
-            return parse_path(argument[len(prefix) :])
+            # RFC 5321 4.5.1: RCPT TO:<Postmaster> is our primary domain's postmaster.
+            postmaster = self.factory.resolver.primary_domain if prefix == b"TO:" else ""
+            return parse_path(argument[len(prefix) :], postmaster_domain=postmaster)
         except AddressError as e:
             status = "5.1.7" if prefix == b"FROM:" else "5.1.3"
             raise Reply(501, status, f"Bad address syntax: {e}")
