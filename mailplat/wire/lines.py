@@ -144,17 +144,25 @@ class CommandReader:
             self.transport.loseConnection()
 
     def _wait(self, result: Any) -> None:
-        """Hold further input until an asynchronous command has replied."""
-        if not isinstance(result, defer.Deferred) or result.called:
+        """Hold further input until an asynchronous command has replied.
+
+        ``result.called`` does not say that: it is already true while the
+        Deferred waits on one its callback returned (RETR: the message is
+        open, and now it is being sent).  Only a callback of our own, run at
+        once or later, says the command is over.
+        """
+        if not isinstance(result, defer.Deferred):
             return
         self._waiting = True
+        later = False
 
         def done(_: Any) -> None:
             self._waiting = False
-            if not self.transport.disconnecting:
+            if later and not self.transport.disconnecting:
                 self._process()
 
         result.addBoth(done)
+        later = True
 
 
 def describe_failure(failure: Failure) -> str:
