@@ -16,6 +16,7 @@ from typing import Any
 from twisted.logger import Logger
 
 from mailplat.addresses import AddressError, validate_address, validate_domain
+from mailplat.numerals import is_digits
 
 # ConfigError lives beside the reader that raises it; plugin authors import it from here.
 from mailplat.options import ConfigError, OptionReader, toml_value
@@ -562,4 +563,4 @@ def _login_values(table: OptionReader, defaults: LoginSettings) -> LoginSettings
 
 def _is_host_port(value: str) -> bool:
     host, sep, port = value.rpartition(":")
-    return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
+    return bool(sep and host and is_digits(port) and 0 < int(port) < 65536)

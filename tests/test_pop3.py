@@ -323,6 +323,20 @@ def test_errors_keep_the_session(mailbox):
     client.quit()
 
 
+@pytest.mark.parametrize("bad", ["RETR ²", "TOP 1 ¹", "TOP ¹ 1", "LIST ³", "DELE ٣", "UIDL 1_0", "LIST +1"])
+def test_non_ascii_digits_are_not_numbers(mailbox, bad):
+    """A message number or line count written with digits other than ASCII 0-9 gets -ERR and the session goes on."""
+    client = login(mailbox)
+    try:
+        with pytest.raises(poplib.error_proto, match="-ERR"):
+            client._shortcmd(bad)
+        assert client.stat()[0] == 3
+        assert client.retr(1)[0].startswith(b"+OK")
+        client.quit()
+    finally:
+        client.close()
+
+
 def test_pipelined_commands_answer_in_order(mailbox):
     """Commands pipelined in one write (RFC 2449 PIPELINING) are answered in order, the login included."""
     raw = socket.create_connection(("127.0.0.1", mailbox.ports["pop3s"]), timeout=20)

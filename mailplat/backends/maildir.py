@@ -35,6 +35,7 @@ from mailplat.interfaces import (
     SpooledMessage,
     TemporaryFailure,
 )
+from mailplat.numerals import is_digits
 from mailplat.options import OptionReader
 
 __all__ = ["Maildir", "build"]
@@ -219,7 +220,7 @@ class MaildirDrop:
                 st = entry.stat()
                 # Our names start with the delivery time: oldest first.
                 head = entry.name.split(".", 1)[0]
-                found.append((int(head) if head.isdigit() else int(st.st_mtime), uid, st.st_size))
+                found.append((int(head) if is_digits(head) else int(st.st_mtime), uid, st.st_size))
         found.sort()
         self._files = files
         self._entries = [MaildropEntry(uid, size) for _, uid, size in found]

@@ -62,6 +62,7 @@ from zope.interface import implementer
 
 from mailplat.filters.daemon import connect, too_big
 from mailplat.interfaces import BackendContext, Client, MessageFilter, SpooledMessage, Verdict
+from mailplat.numerals import is_digits
 from mailplat.options import OptionReader, toml_value
 
 __all__ = ["SpamdError", "SpamdFilter", "SpamdResult", "build", "parse_response", "request_head"]
@@ -78,8 +79,8 @@ MAX_REPLY = 64 * 1024
 # X-Spam-Status stays one line well under RFC 5322's 998 characters.
 MAX_TESTS_LENGTH = 600
 
-_STATUS = re.compile(r"SPAMD/(\d+\.\d+) +(\d+) *(.*)")
-_SPAM = re.compile(r"(True|False|Yes|No) *; *(-?\d+(?:\.\d+)?) */ *(-?\d+(?:\.\d+)?)", re.I)
+_STATUS = re.compile(r"SPAMD/([0-9]+\.[0-9]+) +([0-9]+) *(.*)")
+_SPAM = re.compile(r"(True|False|Yes|No) *; *(-?[0-9]+(?:\.[0-9]+)?) */ *(-?[0-9]+(?:\.[0-9]+)?)", re.I)
 _RULE = re.compile(r"[A-Za-z0-9_.-]{1,100}")
 # spamd refuses control characters in User; a space would be odd in a user name.
 _USER = re.compile(r"[\x21-\x7e]{1,255}")
@@ -163,7 +164,7 @@ def parse_response(data: bytes, complete: bool = True) -> SpamdResult | None:
 
     length_text = headers.get("content-length")
     if length_text is not None:
-        if not length_text.isdigit():
+        if not is_digits(length_text):
             raise SpamdError(f"bad Content-length in spamd's reply: {_printable(length_text)!r}")
         length = int(length_text)
         if len(body) < length:

@@ -22,12 +22,13 @@ from dataclasses import dataclass
 from mailplat.mailauth.dkim import DKIMResult, parse_tags
 from mailplat.mailauth.names import domain_name, organizational_domain
 from mailplat.mailauth.spf import SPFResult
+from mailplat.numerals import is_digits
 from mailplat.wire.dns import DNSTemporaryError, Resolver
 
 __all__ = ["DMARCRecord", "DMARCResult", "aligned", "check_dmarc", "from_domains", "is_dmarc_record", "parse_dmarc_record"]
 
 POLICIES = ("none", "quarantine", "reject")
-_VERSION = re.compile(r"v\s*=\s*DMARC1\s*(?:;|$)")
+_VERSION = re.compile(r"v\s*=\s*DMARC1\s*(?:;|\Z)")
 
 
 @dataclass(frozen=True)
@@ -72,10 +73,9 @@ def parse_dmarc_record(text: str) -> DMARCRecord | None:
         if "mailto:" not in tags.get("rua", "").lower():
             return None
         p = sp = "none"
-    try:
-        pct = max(0, min(100, int(tags.get("pct", "100"))))
-    except ValueError:
-        pct = 100
+    # RFC 7489 6.3: pct is 1*3DIGIT; anything else is ignored.
+    pct_text = tags.get("pct", "100")
+    pct = min(100, int(pct_text)) if is_digits(pct_text) else 100
     return DMARCRecord(
         p, sp,
         "s" if tags.get("adkim", "r").lower() == "s" else "r",

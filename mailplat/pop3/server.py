@@ -25,6 +25,7 @@ from mailplat.config import POP3Settings
 from mailplat.cred import LoginBlocked, LoginGuard
 from mailplat.ids import new_id
 from mailplat.interfaces import IMaildrop, MaildropInUse, TemporaryFailure
+from mailplat.numerals import is_digits
 from mailplat.plugins import call
 from mailplat.wire import sasl
 from mailplat.wire.connections import ConnectionCounter, set_no_delay
@@ -300,7 +301,7 @@ class POP3Server(CommandReader, pop3.POP3):
 
     def _message(self, number: str) -> int:
         """The index for a message number the client gave, or ERR."""
-        if not number.isdigit() or not 1 <= int(number) <= len(self.messages):
+        if not is_digits(number) or not 1 <= int(number) <= len(self.messages):
             raise ERR(f"No such message: {number[:20]}")
         index = int(number) - 1
         if index in self.deleted:
@@ -336,7 +337,7 @@ class POP3Server(CommandReader, pop3.POP3):
 
     def do_TOP(self, number: str, lines: str) -> defer.Deferred[None]:
         i = self._message(number)
-        if not lines.isdigit():
+        if not is_digits(lines):
             raise ERR("Syntax: TOP message lines")
         self.successResponse("Top of message follows")
         return self._send(i, int(lines))

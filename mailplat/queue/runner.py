@@ -30,6 +30,7 @@ from mailplat.interfaces import (
 from mailplat.queue.bounce import FailedRecipient, build_bounce, is_bounce
 from mailplat.queue.store import DONE, FAILED, Queue, QueuedMessage, QueuedRecipient
 from mailplat.ids import new_id
+from mailplat.numerals import is_digits
 from mailplat.queue.relay import Reply, SessionCache, addresses_of, find_hosts
 
 __all__ = ["QueueRunner"]
@@ -324,7 +325,7 @@ class QueueRunner(service.Service):
     async def _hosts(self, domain: str) -> list[tuple[str, str, int]]:
         if self.smarthost:
             host, _, port = self.smarthost.rpartition(":")
-            addresses = [host] if host.replace(".", "").isdigit() else await addresses_of(host, self.dns)
+            addresses = [host] if is_digits(host.replace(".", "")) else await addresses_of(host, self.dns)
             if not addresses:
                 raise TemporaryFailure(f"no address found for the smarthost {host}")
             return [(host, address, int(port)) for address in addresses]

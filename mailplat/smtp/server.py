@@ -28,6 +28,7 @@ from mailplat.config import SMTPLimits
 from mailplat.cred import LoginBlocked, LoginGuard
 from mailplat.ids import new_id
 from mailplat.interfaces import Account, Client, DeliveryFailure, Envelope, IAccount, PermanentFailure, TemporaryFailure
+from mailplat.numerals import is_digits
 from mailplat.routing import Router
 from mailplat.smtp.filtering import FilterChain, Outcome, header_block
 from mailplat.smtp.policy import Destination, RecipientRefused, classify_recipient, may_send_as
@@ -435,7 +436,7 @@ class SMTPServer(CommandReader, smtp.ESMTP):
         path = self._path(argument, b"FROM:")
         for key, value in path.params.items():
             if key == "SIZE" and self._esmtp:
-                if not value.isdigit():
+                if not is_digits(value):
                     raise Reply(501, "5.5.4", "Syntax: SIZE=<number of octets>")
                 if int(value) > self.limits.max_message_size:
                     raise Reply(552, "5.3.4", f"Message size exceeds the limit of {self.limits.max_message_size} octets")

@@ -23,6 +23,8 @@ import dns.name
 import dns.nameserver
 import dns.resolver
 
+from mailplat.numerals import is_digits
+
 __all__ = ["DNSTemporaryError", "Resolver", "format_server", "parse_server", "reactor_resolver"]
 
 # Seconds one question may take from a worker thread (every server tried),
@@ -31,7 +33,7 @@ DNS_TIMEOUT = 5.0
 DNS_TRY_TIMEOUT = 2.0
 CACHE_ENTRIES = 2048
 
-_BRACKETED = re.compile(r"\[([^\]]+)\](?::(\d+))?")
+_BRACKETED = re.compile(r"\[([^\]]+)\](?::([0-9]+))?")
 
 
 def parse_server(text: str) -> tuple[str, int]:
@@ -53,7 +55,7 @@ def parse_server(text: str) -> tuple[str, int]:
         ipaddress.ip_address(host)
     except ValueError:
         raise ValueError(f"{text!r} is not IP:PORT (e.g. 127.0.0.1:53 or [::1]:53)") from None
-    if not port.isdigit() or not 0 < int(port) < 65536:
+    if not is_digits(port) or not 0 < int(port) < 65536:
         raise ValueError(f"{text!r}: {port!r} is not a port number (1 to 65535)")
     return host, int(port)
 
