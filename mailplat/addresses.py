@@ -21,10 +21,10 @@ __all__ = [
     "validate_domain",
 ]
 
-_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
 # RFC 5321 4.1.2 atext, the characters of a Dot-string atom.
-_ATEXT = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+$")
-_PARAM = re.compile(rb"^[A-Za-z0-9][A-Za-z0-9-]*(=[\x21-\x3c\x3e-\x7e]+)?$")
+_ATEXT = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+")
+_PARAM = re.compile(rb"[A-Za-z0-9][A-Za-z0-9-]*(=[\x21-\x3c\x3e-\x7e]+)?")
 
 
 class AddressError(ValueError):
@@ -40,7 +40,7 @@ def validate_domain(domain: str) -> str:
     if len(domain) > 253:
         raise AddressError("the domain is longer than 253 characters")
     labels = domain.split(".")
-    if len(labels) < 2 or not all(_LABEL.match(label) for label in labels):
+    if len(labels) < 2 or not all(_LABEL.fullmatch(label) for label in labels):
         raise AddressError(f"{domain!r} is not a valid domain name (letters, digits, '-' and dots)")
     if labels[-1].isdigit():
         # RFC 3696 2: a top-level domain is never all digits, so this is an
@@ -69,7 +69,7 @@ def validate_address(address: str) -> str:
             raise AddressError(f"the local part may not contain {bad!r}")
     if local.startswith(".") or local.endswith(".") or ".." in local:
         raise AddressError("the local part may not start or end with a dot or contain '..'")
-    if not all(_ATEXT.match(atom) for atom in local.split(".")):
+    if not all(_ATEXT.fullmatch(atom) for atom in local.split(".")):
         raise AddressError("the local part contains a character that is not allowed")
     return address
 
@@ -104,7 +104,7 @@ def parse_path(argument: bytes, postmaster_domain: str = "") -> MailPath:
         raise AddressError("expected a space between the address and its parameters")
     params: dict[str, str] = {}
     for word in rest.split():
-        if not _PARAM.match(word):
+        if not _PARAM.fullmatch(word):
             raise AddressError(f"malformed parameter {word.decode('ascii', 'replace')!r}")
         key, _, value = word.decode("ascii").partition("=")
         params[key.upper()] = value

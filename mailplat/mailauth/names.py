@@ -9,7 +9,7 @@ from typing import Any
 __all__ = ["domain_name", "organizational_domain"]
 
 # A domain name we are willing to look up and to write into a header.
-_DOMAIN = re.compile(r"(?=.{1,253}$)(?:(?!-)[a-z0-9_-]{1,63}(?<!-)\.)+(?!-)[a-z0-9-]{1,63}(?<!-)")
+_DOMAIN = re.compile(r"(?=.{1,253}\Z)(?:(?!-)[a-z0-9_-]{1,63}(?<!-)\.)+(?!-)[a-z0-9-]{1,63}(?<!-)")
 
 _psl: Any = None
 _psl_lock = threading.Lock()

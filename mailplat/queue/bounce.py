@@ -36,9 +36,9 @@ _OUTPUT_POLICY = _POLICY.clone(max_line_length=_MAX_LINE)
 # str.splitlines honours: none of them may reach a header.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]+")
 _CONTROL_BUT_TAB = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")
-_STATUS = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
+_STATUS = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}")
 # A reply from an SMTP server starts with its three-digit code.
-_SMTP_REPLY = re.compile(r"^[245]\d\d(?:[ -]|$)")
+_SMTP_REPLY = re.compile(r"[245][0-9][0-9](?:[ -]|\Z)")
 
 
 @dataclass(frozen=True)
@@ -197,7 +197,7 @@ def _address_field(address: str) -> str:
 def _status(status: str) -> str:
     """The enhanced status code if it is one (RFC 3463), else the generic code of its class."""
     status = _clean(status)
-    if _STATUS.match(status):
+    if _STATUS.fullmatch(status):
         return status
     return "4.0.0" if status.startswith("4") else "5.0.0"
 

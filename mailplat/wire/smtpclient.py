@@ -78,8 +78,8 @@ MAX_REPLY_LINES = 100
 # size allowed, not for a peer that talks without end.
 MAX_UNASKED = 512 * 1024
 
-_REPLY_LINE = re.compile(r"[2-5][0-9][0-9](?:[ -]|$)")
-_STATUS = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\b")
+_REPLY_LINE = re.compile(r"[2-5][0-9][0-9](?:[ -]|\Z)")
+_STATUS = re.compile(r"^([245]\.[0-9]{1,3}\.[0-9]{1,3})\b")
 _UNSAFE = re.compile(r"[^\x20-\x7e]")
 
 
