@@ -141,6 +141,11 @@ class POP3Server(CommandReader, pop3.POP3):
     def bare_newline(self) -> None:
         self.failResponse("Command lines must end with CRLF, not a bare LF")
 
+    def cross_protocol_request(self, verb: str) -> None:
+        log.info("{session} pop3 cross-protocol request from {peer}: {verb} as a command, closing", session=self.session, peer=self.peer, verb=verb)
+        self.failResponse("This is a POP3 server, not an HTTP one; closing the connection")
+        self.transport.loseConnection()
+
     def command_received(self, line: bytes) -> Any:
         if self._sasl is not None:
             return self._sasl_step(line)

@@ -214,6 +214,11 @@ class SMTPServer(CommandReader, smtp.ESMTP):
     def bare_newline(self) -> None:
         self.reply(500, "5.5.2", "Syntax error: command lines must end with CRLF, not a bare LF")
 
+    def cross_protocol_request(self, verb: str) -> None:
+        log.info("{session} cross-protocol request from {peer}: {verb} as a command, closing", session=self.session, peer=self.peer, verb=verb)
+        self.reply(421, "4.7.0", f"{self.factory.hostname} this is an SMTP server, not an HTTP one; closing the connection")
+        self.transport.loseConnection()
+
     def reading_raw(self) -> bool:
         return self.mode == DATA
 

@@ -12,19 +12,39 @@ It is also the one place where a command's failure is caught: whatever a
 hook raises, or a Deferred it returns fails with, goes to
 :meth:`CommandReader.command_failed`, which answers with the protocol's
 error reply; nothing escapes ``dataReceived`` to tear the connection down.
+
+And the one place that recognises an HTTP request sent to a mail port (see
+:func:`cross_protocol_verb`): every protocol ends the session there.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-__all__ = ["CommandReader", "describe_failure"]
+__all__ = ["FORBIDDEN_VERBS", "CommandReader", "cross_protocol_verb", "describe_failure"]
 
 # While a command waits, stop reading from a client that keeps sending.
 _PAUSE_ABOVE = 64 * 1024
+
+# Cross-protocol requests (ALPACA and older): a browser or proxy made to talk
+# HTTP to a mail port, whose request body then runs as mail commands.  No mail
+# protocol has these verbs, so a session that sends one as a command is not a
+# mail client: it ends there, as with Postfix's smtpd_forbidden_commands.
+FORBIDDEN_VERBS = frozenset({b"GET", b"POST", b"CONNECT", b"HEAD", b"PUT"})
+# Any other HTTP request line ("OPTIONS / HTTP/1.1", "DELETE * HTTP/1.0").
+_HTTP_REQUEST_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ \S+ HTTP/\d\.\d")
+
+
+def cross_protocol_verb(line: bytes) -> str:
+    """The HTTP verb that ``line`` (a command line without its line end) opens with, or ""."""
+    verb = line.split(b" ", 1)[0].upper()
+    if verb in FORBIDDEN_VERBS or _HTTP_REQUEST_LINE.fullmatch(line):
+        return verb.decode("ascii", "replace")[:20]
+    return ""
 
 
 class CommandReader:
@@ -67,6 +87,10 @@ class CommandReader:
         """A hook raised, or its Deferred failed: answer with the protocol's error."""
         raise NotImplementedError
 
+    def cross_protocol_request(self, verb: str) -> None:
+        """An HTTP request line came as a command: reply once, log one line, close."""
+        raise NotImplementedError
+
     # -- machinery --------------------------------------------------------------
 
     def discard_pending_input(self) -> None:
@@ -74,6 +98,10 @@ class CommandReader:
         self._discard_input = True
 
     def dataReceived(self, data: bytes) -> None:
+        if self.transport.disconnecting:
+            # Closing (after QUIT, a cross-protocol request, too many errors):
+            # what the client still sends is never read.
+            return
         self.resetTimeout()  # type: ignore[attr-defined]
         self._input += data
         if not self._waiting:
@@ -112,6 +140,12 @@ class CommandReader:
                 self._skipping_long_line = False
             elif len(line) + 1 > self.max_command_line:
                 self.line_too_long()
+            elif verb := cross_protocol_verb(line.rstrip(b"\r")):
+                # What follows is the request's headers and body: none of it is read.
+                buffer, pos = b"", 0
+                self.cross_protocol_request(verb)
+                if not self.transport.disconnecting:
+                    self.transport.loseConnection()
             elif not line.endswith(b"\r"):
                 self.bare_newline()
             else:
