@@ -130,6 +130,18 @@ def test_routing_tricks_refused_even_when_authenticated(server, recipient):
         assert code == 550 and text.startswith(b"5.7.1")
 
 
+@pytest.mark.parametrize("local", ['a""b', "a\\b", ".a..b.", "a..b", ".a", "a.", "a(b)", "a[b]"])
+def test_remote_local_part_must_be_a_dot_string(server, local):
+    """A remote recipient whose local part is no RFC 5321 Dot-string is never queued: 501 5.1.3 at RCPT."""
+    with submit(server) as client:
+        client.login(*ALICE)
+        client.mail("alice@example.org")
+        code, text = client.docmd("RCPT", f"TO:<{local}@elsewhere.test>")
+        assert code == 501 and text.startswith(b"5.1.3") and b"dot-string" in text, (code, text)
+        code, text = client.docmd("RCPT", "TO:<a.b+c@elsewhere.test>")
+        assert code == 250, (code, text)
+
+
 FLAKY_AUTH = '''
 from zope.interface import implementer
 from twisted.plugin import IPlugin

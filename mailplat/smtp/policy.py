@@ -7,11 +7,15 @@ or a trick?" and "may this user send as this address?", for every listener.
 from __future__ import annotations
 
 import enum
+import re
 
 from mailplat.addresses import AddressError, AliasResolver, MailPath, validate_address, validate_domain
 from mailplat.interfaces import Account
 
-__all__ = ["Destination", "RecipientRefused", "classify_recipient", "may_send_as"]
+__all__ = ["Destination", "RecipientRefused", "RecipientSyntax", "classify_recipient", "may_send_as"]
+
+# RFC 5321 4.1.2 Dot-string: atoms of atext joined by single dots.
+_DOT_STRING = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
 
 
 class Destination(enum.Enum):
@@ -25,6 +29,10 @@ class RecipientRefused(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class RecipientSyntax(RecipientRefused):
+    """The address is not RFC 5321 syntax: a syntax error in RCPT's argument, not a relay attempt."""
 
 
 def _trick(path: MailPath) -> str:
@@ -65,6 +73,12 @@ def classify_recipient(path: MailPath, resolver: AliasResolver) -> Destination:
         raise RecipientRefused("we do not serve this domain")
     if not all(0x21 <= ord(c) < 0x7F for c in local):
         raise RecipientRefused("we do not serve this domain")
+    # RFC 5321 4.1.2: a local part is a Dot-string or a Quoted-string, and
+    # quoted ones are refused above as a trick.  Anything else (a""b, a\b,
+    # .a..b.) would leave our queue as written, for the next hop to read
+    # its own way.
+    if not _DOT_STRING.fullmatch(local):
+        raise RecipientSyntax("the local part is not an RFC 5321 dot-string")
     return Destination.REMOTE
 
 

@@ -31,7 +31,7 @@ from mailplat.interfaces import Account, Client, DeliveryFailure, Envelope, IAcc
 from mailplat.numerals import is_digits
 from mailplat.routing import Router
 from mailplat.smtp.filtering import FilterChain, Outcome, header_block
-from mailplat.smtp.policy import Destination, RecipientRefused, classify_recipient, may_send_as
+from mailplat.smtp.policy import Destination, RecipientRefused, RecipientSyntax, classify_recipient, may_send_as
 from mailplat.smtp.receiving import DataDecoder, Spool, SpoolFile
 from mailplat.wire import sasl
 from mailplat.wire.connections import ConnectionCounter, set_no_delay
@@ -491,6 +491,10 @@ class SMTPServer(CommandReader, smtp.ESMTP):
 
         try:
             destination = classify_recipient(path, self.factory.resolver)
+        except RecipientSyntax as refused:
+            # 501, not 553: the argument fails RFC 5321's Mailbox syntax
+            # (4.1.2), a syntax error (4.2.2); 553 is a well-formed name refused.
+            raise reject(501, "5.1.3", f"Bad recipient address syntax: {refused.reason}")
         except RecipientRefused as refused:
             raise reject(550, "5.7.1", f"Relay access denied ({refused.reason})")
         if destination is Destination.REMOTE:
