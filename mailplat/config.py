@@ -228,6 +228,14 @@ def load(path: str) -> Settings:
     except UnicodeDecodeError as e:
         # tomllib decodes the bytes itself and lets this one through.
         raise ConfigError("", f"not UTF-8 text (byte {e.start} is {e.object[e.start:e.start + 1]!r})", "save the file as UTF-8", path)
+    except RecursionError:
+        # tomllib reads nested arrays and inline tables by recursion.
+        raise ConfigError("", "arrays or inline tables are nested too deeply to read", "nest them only a few levels deep", path)
+    except Exception as e:
+        # Whatever else tomllib lets through, e.g. the ValueError of an
+        # integer longer than the 4300 digits int() converts.
+        problem = str(e).split("; use sys.set_int_max_str_digits")[0]
+        raise ConfigError("", f"cannot be read as TOML: {problem}", "see https://toml.io for the syntax; TOML integers are 64-bit", path)
     return _parse(path, data)
 
 

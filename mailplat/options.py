@@ -83,12 +83,30 @@ _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "tru
 
 
 def _given(value: Any) -> str:
-    """What an error says was found: the value as it was written, or its kind."""
+    """What an error says was found: the value as it was written (its start, when long), or its kind."""
     if isinstance(value, dict):
         return "a table"
     if isinstance(value, list):
         return "a list"
-    return toml_value(value)
+    if isinstance(value, int) and not isinstance(value, bool) and not _INT_MIN <= value <= _INT_MAX:
+        return f"a {len(str(abs(value)))}-digit number"
+    text = toml_value(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# TOML integers are 64-bit (toml.io "Integer"); tomllib reads any length.
+_INT_MAX = 2**63 - 1
+_INT_MIN = -(2**63)
+
+
+def _finite(value: Any) -> bool:
+    """Whether ``value`` is an int or float (never a bool) that is a finite float: not nan, inf or an int too large for one."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond the largest float
+        return False
 
 
 class OptionReader:
@@ -167,7 +185,8 @@ class OptionReader:
         if self._absent(key, default, fix):
             return default
         value = self.options.pop(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < at_least or (at_most is not None and value > at_most):
+        highest = _INT_MAX if at_most is None else at_most
+        if isinstance(value, bool) or not isinstance(value, int) or value < at_least or value > highest:
             noun = " ".join(part for part in ("whole number", unit) if part)
             if at_most is not None:
                 wanted = f"a {noun} from {at_least} to {at_most}"
@@ -187,7 +206,7 @@ class OptionReader:
         if self._absent(key, default, fix):
             return default
         value = self.options.pop(key)
-        ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+        ok = _finite(value)
         if ok:
             low_ok = value >= at_least if at_least is not None else above is None or value > above
             ok = low_ok and (at_most is None or value <= at_most)

@@ -38,6 +38,8 @@ TWISTD_CASES = [
     "unknown_backend",
     "missing_users_file",
     "plain_password",
+    "float_nan_idle_timeout",
+    "nested_too_deep",
 ]
 
 # A config without listeners or TLS: enough for check-config and `user`.

@@ -37,6 +37,23 @@ def test_numbers_in_range_and_their_texts():
     assert error(lambda: reader.number("f", 2.0, at_least=0, unit="of seconds")).problem == "must be a number of seconds, 0 or more, not -1"
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf"), 10**400, -(10**400)], ids=["nan", "inf", "-inf", "huge", "-huge"])
+def test_number_is_always_finite(value):
+    """number refuses nan, inf, -inf and an integer too large for a float, whatever its bounds, with a ConfigError."""
+    for bounds in ({}, {"above": None}, {"at_least": 0}, {"above": None, "at_most": 100}):
+        e = error(lambda bounds=bounds: OptionReader({"n": value}).number("n", 1.0, **bounds))
+        assert e.key == "n" and e.problem.startswith("must be a number")
+
+
+def test_integers_are_64_bit_and_long_values_are_cut():
+    """integer takes TOML's 64-bit range at most, and an error quotes a huge or long value by its size or its start."""
+    assert OptionReader({"n": 2**63 - 1}).integer("n", 1) == 2**63 - 1
+    e = error(lambda: OptionReader({"n": 2**63}).integer("n", 1))
+    assert e.problem == "must be a positive whole number, not a 19-digit number"
+    e = error(lambda: OptionReader({"s": "x" * 500}).integer("s", 1))
+    assert len(e.problem) < 120 and e.problem.endswith("...")
+
+
 def test_required_choice_and_strings():
     """A required key names what it is for; choice lists the choices; strings refuses a non-string item."""
     reader = OptionReader({"action": "drop", "zones": ["a.test", 3]})
