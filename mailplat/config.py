@@ -90,6 +90,7 @@ class SMTPLimits:
     max_connections_per_ip: int = 50
     max_errors: int = 20
     max_received_headers: int = 30
+    max_header_fields: int = 1000
 
 
 @dataclass(frozen=True)
@@ -478,6 +479,7 @@ def _smtp_limits(table: OptionReader) -> SMTPLimits:
         max_connections_per_ip=table.integer("max_connections_per_ip", d.max_connections_per_ip),
         max_errors=table.integer("max_errors", d.max_errors),
         max_received_headers=table.integer("max_received_headers", d.max_received_headers),
+        max_header_fields=table.integer("max_header_fields", d.max_header_fields),
     )
     table.finish(list(vars(d)))
     return limits

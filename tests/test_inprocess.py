@@ -158,3 +158,26 @@ def test_garbage_is_answered_and_the_session_goes_on():
     assert pop.output().count("-ERR") == 3
     pop.send("QUIT")
     assert pop.output().startswith("+OK")
+
+
+def transaction(wire, sender: str = "someone@remote.test", rcpt: str = "alice@example.org") -> None:
+    """MAIL and RCPT, both accepted, then DATA up to its 354."""
+    wire.send(f"MAIL FROM:<{sender}>")
+    wire.send(f"RCPT TO:<{rcpt}>")
+    wire.send("DATA")
+    replies = wire.lines()
+    assert [r[:3] for r in replies] == ["250", "250", "354"], replies
+
+
+def test_header_field_limit_exactly_and_one_more(tmp_path):
+    """max_header_fields header fields are accepted at end of DATA; one more is 552 5.3.4 and nothing is delivered."""
+    from mailplat.smtp.receiving import Spool
+
+    platform = Platform(smtp=SMTPLimits(max_header_fields=50))
+    wire = greeted(platform.smtp(listener="smtp", spool=Spool(str(tmp_path))))
+    for count, expected in ((50, "250 2.0.0"), (51, "552 5.3.4 Message refused: more than 50 header fields")):
+        transaction(wire)
+        fields = b"".join(b"X-Field-%d: v\r\n" % i for i in range(count))
+        wire.protocol.dataReceived(fields + b"\r\nbody\r\n.\r\n")
+        assert wire.output().startswith(expected)
+    assert len(platform.mailboxes.stored["alice@example.org"]) == 1

@@ -15,8 +15,13 @@ MAX_SIZE = 1 << 20
 MAX_RECEIVED = 3
 
 
-def decoder(sink=None, max_size: int = MAX_SIZE, max_line: int = MAX_LINE, max_received: int = MAX_RECEIVED) -> DataDecoder:
-    return DataDecoder(sink if sink is not None else io.BytesIO(), max_size=max_size, max_line=max_line, max_received=max_received)
+def decoder(
+    sink=None, max_size: int = MAX_SIZE, max_line: int = MAX_LINE, max_received: int = MAX_RECEIVED, max_header_fields: int = 1000,
+) -> DataDecoder:
+    return DataDecoder(
+        sink if sink is not None else io.BytesIO(), max_size=max_size, max_line=max_line, max_received=max_received,
+        max_header_fields=max_header_fields,
+    )
 
 
 def feed(stream: bytes, sizes=None, **limits) -> tuple[bytes, bytes | None, DataDecoder]:
@@ -357,6 +362,56 @@ def test_only_header_names_count_as_received():
     assert d.received_headers == 0 and d.problem is None
 
 
+# --- header fields: counted, and only watched ones kept ------------------------
+
+
+@pytest.mark.parametrize("sizes", [None, "bytes", 5, 17])
+def test_header_field_limit_exactly_and_one_more(sizes):
+    """max_header_fields fields (folded lines not counted) pass; one more is 552 5.3.4, however chunked; body lines never count."""
+    fields = b"".join(b"X-F%d: v\r\n\tfolded\r\n" % i for i in range(10))
+    for extra, refused in ((b"", False), (b"One-More: x\r\n", True)):
+        stream = fields + extra + b"\r\nBody: not a field\r\n" * 5 + b".\r\n"
+        chunks = byte_by_byte(stream) if sizes == "bytes" else random_sizes(stream, sizes) if sizes else None
+        _, rest, d = feed(stream, chunks, max_header_fields=10)
+        assert rest == b""
+        if refused:
+            assert d.problem is not None and d.problem[:2] == (552, "5.3.4") and "more than 10 header fields" in d.problem[2]
+        else:
+            assert d.problem is None and d.header_fields == 10
+
+
+@pytest.mark.parametrize("sizes", [None, "bytes", 3, 11])
+def test_watched_fields_keep_the_first_value_unfolded_and_a_count(sizes):
+    """A watched field's first value is kept unfolded whatever the chunking, later ones only counted; others are not kept."""
+    stream = (
+        b"Subject: s\r\nFROM: Alice\r\n <alice@example.org>,\r\n\tbob@example.org\r\n"
+        b"To: t\r\nfrom: second@example.org\r\n\r\nFrom: in the body\r\n.\r\n"
+    )
+    chunks = byte_by_byte(stream) if sizes == "bytes" else random_sizes(stream, sizes) if sizes else None
+    sink = io.BytesIO()
+    d = decoder(sink)
+    d.watch = frozenset({b"from", b"date"})
+    pos = 0
+    for size in list(chunks or []) + [len(stream)]:
+        if d.feed(stream[pos : pos + size]) is not None:
+            break
+        pos += size
+    assert set(d.watched) == {b"from"}
+    assert d.watched[b"from"].count == 2
+    assert d.watched[b"from"].value == b" Alice <alice@example.org>,\tbob@example.org"
+    assert sink.getvalue() == stream[:-3]
+
+
+def test_watched_field_value_is_bounded():
+    """A watched field folded past the bound keeps nothing of its value and says it was too long."""
+    stream = b"From: a@example.org\r\n" + b" x" * 10 + b"\r\n" + b" " + b"y" * 900 + b"\r\n" * 1 + (b" " + b"z" * 900 + b"\r\n") * 3 + b"\r\nbody\r\n.\r\n"
+    d = decoder()
+    d.watch = frozenset({b"from"})
+    assert d.feed(stream) == b""
+    field = d.watched[b"from"]
+    assert field.too_long and field.value == b"" and field.count == 1 and d.problem is None
+
+
 # --- memory ------------------------------------------------------------------
 
 
@@ -393,6 +448,31 @@ def test_memory_stays_bounded_for_100mb(line):
         assert d.problem is None and d.size >= 100 * 1024 * 1024
     else:
         assert d.problem is not None and d.problem[0] == 500
+
+
+@pytest.mark.parametrize("max_header_fields", [1000, 10**7], ids=["limited", "unlimited"])
+def test_memory_stays_bounded_for_many_header_fields(max_header_fields):
+    """300,000 distinct header fields keep the decoder under 2 MB, refused at the limit or not: no field name is kept."""
+    d = decoder(Discard(), max_size=200 * 1024 * 1024, max_header_fields=max_header_fields)
+    d.watch = frozenset({b"from", b"date", b"message-id"})
+    fields = (b"X-Field-%07d: value\r\n" % i for i in range(300_000))
+    tracemalloc.start()
+    try:
+        batch: list[bytes] = []
+        for field in fields:
+            batch.append(field)
+            if len(batch) == 2000:
+                assert d.feed(b"".join(batch)) is None
+                batch.clear()
+        assert d.feed(b"\r\nbody\r\n.\r\n") == b""
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * 1024 * 1024, f"peak {peak} bytes"
+    if max_header_fields == 1000:
+        assert d.problem is not None and d.problem[:2] == (552, "5.3.4")
+    else:
+        assert d.problem is None and d.header_fields == 300_000 and d.watched == {}
 
 
 # --- forged Authentication-Results --------------------------------------------

@@ -193,3 +193,33 @@ def test_kill_9_loses_no_acknowledged_message(make_server):
     stored = {m.split(b"Subject: ")[1].split(b"\r\n")[0].decode() for m in server.messages("alice@example.org")}
     assert set(acknowledged) <= stored
     assert not [p for p in (server.maildir("alice@example.org") / "new").iterdir() if p.stat().st_size == 0]
+
+
+def resident(pid: int) -> int:
+    """The process's resident memory in octets (VmRSS in /proc/<pid>/status)."""
+    with open(f"/proc/{pid}/status") as status:
+        kb = next(line.split()[1] for line in status if line.startswith("VmRSS:"))
+    return int(kb) * 1024
+
+
+def test_a_million_header_fields_are_refused_in_small_memory(make_server):
+    """A message of 1,000,000 distinct header fields (20 MB, under the size limit) gets 552 5.3.4, and the server grows by under 30 MB."""
+    server = make_server()
+    assert server.process is not None
+    pid = server.process.pid
+    with connect(server) as d:
+        d.command("EHLO client.remote.test")
+        assert d.command("MAIL FROM:<a@remote.test>")[0] == 250
+        assert d.command("RCPT TO:<alice@example.org>")[0] == 250
+        assert d.command("DATA")[0] == 354
+        before = peak = resident(pid)
+        for start in range(0, 1_000_000, 10_000):
+            d.send(b"".join(b"X-Field-%07d: v\r\n" % i for i in range(start, start + 10_000)))
+            peak = max(peak, resident(pid))
+        d.send(b"\r\nbody\r\n.\r\n")
+        code, text = d.reply()
+        peak = max(peak, resident(pid))
+        assert code == 552 and text.startswith("5.3.4 Message refused: more than 1000 header fields"), (code, text)
+        assert d.command("NOOP")[0] == 250
+    assert peak - before < 30 * 1024 * 1024, f"grew by {(peak - before) >> 20} MB"
+    assert server.messages("alice@example.org") == []

@@ -5,7 +5,8 @@ falls back to reading the rest of the body as commands.  Here the stream is
 scanned in chunks with bytes methods, only CRLF.CRLF ends it (RFC 5321
 4.1.1.4; bare LF and bare CR are flagged, never taken as line ends, which
 closes the SMTP smuggling hole), and memory stays bounded by one line plus
-one chunk whatever the message size.
+one chunk whatever the message size.  Of the header only counts and a few
+watched fields are kept, each bounded, whatever the header's size.
 """
 
 from __future__ import annotations
@@ -14,22 +15,41 @@ import io
 import os
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import IO, Any
 
 from mailplat.fsutil import makedirs_durable
 from mailplat.interfaces import SpooledMessage
 
-__all__ = ["DataDecoder", "Spool", "SpoolFile"]
+__all__ = ["DataDecoder", "HeaderField", "Spool", "SpoolFile"]
 
 _TERMINATOR = b"\r\n.\r\n"
 _AUTHENTICATION_RESULTS = b"authentication-results:"
 _COMMENT = re.compile(rb"\([^()]*\)")
 # An Authentication-Results field longer than this is junk: dropped whatever it says.
 _MAX_RESULTS_FIELD = 8192
-_HEADER_NAME = re.compile(rb"^([!-9;-~]+):", re.M)
+# Octets of a watched field's value that are kept; a longer one is marked too long.
+_MAX_WATCHED_FIELD = 2048
 _WRITE_BUFFER = 256 * 1024
 # Messages up to this size are received in memory, larger ones in a file.
 _MEMORY_LIMIT = 128 * 1024
+
+
+@dataclass
+class HeaderField:
+    """What the header scan keeps of one watched field: how often it appeared,
+    and the first one's value, unfolded (RFC 5322 2.2.3), up to _MAX_WATCHED_FIELD octets."""
+
+    count: int = 0
+    value: bytes = b""
+    too_long: bool = False
+
+    def add(self, text: bytes) -> None:
+        if self.too_long or len(self.value) + len(text) > _MAX_WATCHED_FIELD:
+            self.too_long = True
+            self.value = b""
+            return
+        self.value += text
 
 
 class DataDecoder:
@@ -39,23 +59,30 @@ class DataDecoder:
     refuses it: (code, enhanced status, text).
     """
 
-    def __init__(self, sink: Any, max_size: int, max_line: int, max_received: int) -> None:
+    def __init__(self, sink: Any, max_size: int, max_line: int, max_received: int, max_header_fields: int = 1000) -> None:
         self.sink = sink
         self.max_size = max_size
         # Longest line allowed, without its LF (the CR counts, as in RFC 5321).
         self.max_line = max_line - 1
         self.max_received = max_received
+        self.max_header_fields = max_header_fields
         self.size = 0
         self.received_headers = 0
+        self.header_fields = 0
         self.too_big = self.line_too_long = self.bare_newline = False
         self._carry = b""
         self._at_line_start = True  # does _carry begin a line?
         self._after_crlf = True  # ... and was the previous line ended by CRLF?
         self._in_headers = True
-        # Lower-cased names of the message's header fields, and a hook that
-        # returns header lines to add at the end of the header (submission
-        # adds Date: and Message-ID: when missing, RFC 6409 8).
-        self.header_names: set[bytes] = set()
+        # The header fields to watch (lower-case names, no colon), and what
+        # was seen of them: only these are kept, never every name, so a
+        # header of a million fields costs no more than one of ten.  The
+        # hook returns header lines to add at the end of the header, given
+        # the watched names present (submission adds Date: and Message-ID:
+        # when missing, RFC 6409 8, so it watches them).
+        self.watch: frozenset[bytes] = frozenset()
+        self.watched: dict[bytes, HeaderField] = {}
+        self._watching: HeaderField | None = None  # the field whose folded lines may follow
         self.add_headers: Callable[[set[bytes]], bytes] | None = None
         # Our authserv-id (lower case): Authentication-Results fields claiming
         # to come from us are forgeries and are removed (RFC 8601 5).  So are
@@ -93,6 +120,8 @@ class DataDecoder:
     def problem(self) -> tuple[int, str, str] | None:
         if self.too_big:
             return 552, "5.3.4", f"Message size exceeds the limit of {self.max_size} octets"
+        if self.header_fields > self.max_header_fields:
+            return 552, "5.3.4", f"Message refused: more than {self.max_header_fields} header fields"
         if self.line_too_long:
             return 500, "5.5.2", f"Message refused: a line is longer than {self.max_line + 1} octets (RFC 5321 4.5.3.1.6)"
         if self.bare_newline:
@@ -126,7 +155,7 @@ class DataDecoder:
                 content = kept + content[len(head):]
                 end = end if end < 0 else len(kept)
             if end >= 0 and self.add_headers is not None:
-                content = content[:end] + self.add_headers(self.header_names) + content[end:]
+                content = content[:end] + self.add_headers(set(self.watched)) + content[end:]
         self.size += len(content)
         if self.size > self.max_size:
             self.too_big = True
@@ -134,7 +163,7 @@ class DataDecoder:
             self.sink.write(content)
 
     def _scan_headers(self, content: bytes, at_line_start: bool) -> int:
-        """Count Received: headers and note header names; where the header ends in ``content``, or -1."""
+        """Count header fields and Received: fields, note watched ones; where the header ends in ``content``, or -1."""
         if at_line_start and content.startswith(b"\r\n"):
             self._in_headers = False
             return 0
@@ -142,9 +171,30 @@ class DataDecoder:
         if end >= 0:
             self._in_headers = False
             content = content[: end + 2]
-        lowered = content.lower()
-        self.header_names.update(_HEADER_NAME.findall(lowered))
-        self.received_headers += lowered.count(b"\nreceived:") + (at_line_start and lowered.startswith(b"received:"))
+        # ``content`` ends with LF, so the last piece is empty; without a
+        # line start, the first piece ends a line begun in an earlier chunk.
+        for line in content.split(b"\n")[0 if at_line_start else 1 : -1]:
+            line = line[:-1] if line.endswith(b"\r") else line
+            if line[:1] in (b" ", b"\t"):
+                if self._watching is not None:
+                    self._watching.add(line)
+                continue
+            self._watching = None
+            self.header_fields += 1
+            if self.header_fields > self.max_header_fields:
+                # Refused (see problem): the rest of the header is not worth reading.
+                self._in_headers = False
+                return -1
+            colon = line.find(b":")
+            name = line[:colon].lower() if colon > 0 else b""
+            if name == b"received":
+                self.received_headers += 1
+            elif name in self.watch:
+                field = self.watched.setdefault(name, HeaderField())
+                field.count += 1
+                if field.count == 1:
+                    field.add(line[colon + 1 :])
+                    self._watching = field
         return end + 2 if end >= 0 else -1
 
     def _without_forged_results(self, head: bytes, ended: bool) -> bytes:
@@ -194,7 +244,7 @@ class DataDecoder:
             self.sink.write(last)
         if self._in_headers and self.add_headers is not None and self.problem is None:
             self._in_headers = False
-            extra = self.add_headers(self.header_names)
+            extra = self.add_headers(set(self.watched))
             self.size += len(extra)
             self.sink.write(extra)
 

@@ -561,8 +561,11 @@ class SMTPServer(CommandReader, smtp.ESMTP):
             max_size=self.limits.max_message_size,
             max_line=self.limits.max_text_line,
             max_received=self.limits.max_received_headers,
+            max_header_fields=self.limits.max_header_fields,
         )
         if self.factory.submission:
+            # The fields _missing_headers asks about.
+            self._decoder.watch = frozenset({b"date", b"message-id"})
             self._decoder.add_headers = self._missing_headers
         self._decoder.authserv_id = self.factory.hostname.lower().encode()
         self._decoder.owned_fields = self.factory.filters.owned_fields
