@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
 from mailplat.interfaces import Account
 
 __all__ = [
     "AddressError",
     "AliasResolver",
+    "BadSRSAddress",
+    "Expansion",
     "MailPath",
     "parse_path",
     "validate_address",
@@ -29,6 +32,10 @@ _PARAM = re.compile(rb"[A-Za-z0-9][A-Za-z0-9-]*(=[\x21-\x3c\x3e-\x7e]+)?")
 
 class AddressError(ValueError):
     """Text that is not an address we accept; the message says why, for humans."""
+
+
+class BadSRSAddress(AddressError):
+    """An address in SRS form at our SRS domain that we did not make, or that expired."""
 
 
 def validate_domain(domain: str) -> str:
@@ -153,11 +160,35 @@ def canonical(address: str, separator: str = "+") -> str:
     return f"{local}@{domain}"
 
 
+class Reverser(Protocol):
+    """What the resolver needs of SRS (mailplat.forwarding.Forwarder)."""
+
+    domain: str
+
+    def is_srs(self, address: str) -> bool: ...
+
+    def reverse(self, address: str) -> str: ...
+
+
+@dataclass
+class Expansion:
+    """Who gets a recipient's mail: our accounts, and addresses elsewhere it is forwarded to."""
+
+    accounts: list[Account] = field(default_factory=list)
+    remote: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.accounts or self.remote)
+
+
 class AliasResolver:
-    """Resolves a recipient to the accounts that get its mail.
+    """Resolves a recipient to the accounts that get its mail, and the
+    addresses in other domains an alias forwards it to.
 
     Order, as in Postfix's virtual(5): the exact address, then without its
-    +tag, then a mailbox that exists, then the domain's catch-all.
+    +tag, then a mailbox that exists, then the domain's catch-all.  An
+    address SRS made (a bounce to a forwarded copy's sender) resolves to
+    the original sender, when its hash says we made it.
     """
 
     MAX_DEPTH = 10
@@ -167,30 +198,60 @@ class AliasResolver:
         domains: tuple[str, ...],
         aliases: dict[str, tuple[str, ...]],
         lookup: Callable[[str], Awaitable[Account | None]],
+        forwarding: Reverser | None = None,
     ) -> None:
         self.domains = frozenset(domains)
         # The first of ``domains``: whose postmaster a bare <Postmaster> is.
         self.primary_domain = domains[0] if domains else ""
         self.aliases = aliases
         self.lookup = lookup
+        self.forwarding = forwarding
 
     def is_hosted(self, domain: str) -> bool:
         return domain.lower() in self.domains
 
+    def is_srs(self, address: str) -> bool:
+        """An address SRS made at our SRS domain (which need not be one of the domains)."""
+        return self.forwarding is not None and self.forwarding.is_srs(address)
+
     async def resolve(self, address: str) -> list[Account]:
         """The accounts for ``address`` (validated, hosted); empty when none."""
-        found: dict[str, Account] = {}
-        await self._resolve(address.lower(), found, depth=0)
-        return list(found.values())
+        return (await self.expand(address)).accounts
 
-    async def _resolve(self, address: str, found: dict[str, Account], depth: int) -> None:
-        if depth > self.MAX_DEPTH:
-            raise AddressError(f"alias loop at {address}")
+    async def expand(self, address: str) -> Expansion:
+        """Our accounts for ``address`` and the addresses elsewhere it goes to.
+
+        AddressError for an alias loop, BadSRSAddress for an SRS address we
+        did not make or that expired.
+        """
+        accounts: dict[str, Account] = {}
+        remote: dict[str, None] = {}
+        await self._resolve(address, accounts, remote, ())
+        return Expansion(list(accounts.values()), list(remote))
+
+    async def _resolve(self, address: str, found: dict[str, Account], remote: dict[str, None], chain: tuple[str, ...]) -> None:
+        if self.forwarding is not None and self.forwarding.is_srs(address):
+            # Before any lower-casing: the original sender keeps its spelling.
+            original = self.forwarding.reverse(address)
+            if not self.is_hosted(original.rpartition("@")[2]):
+                remote[original] = None
+                return
+            address = original
+        address = address.lower()
+        if address in chain:
+            raise AddressError(f"alias loop: {' -> '.join((*chain, address))}")
+        if len(chain) > self.MAX_DEPTH:
+            raise AddressError(f"alias chain longer than {self.MAX_DEPTH} at {address}")
+        if not self.is_hosted(address.rpartition("@")[2]):
+            # An alias's target in another domain: the queue forwards it.
+            remote[address] = None
+            return
+        chain = (*chain, address)
         base = canonical(address)
         for key in dict.fromkeys((address, base)):
             if key in self.aliases:
                 for target in self.aliases[key]:
-                    await self._resolve(target, found, depth + 1)
+                    await self._resolve(target, found, remote, chain)
                 return
         account = await self.lookup(base)
         if account is not None:
@@ -199,4 +260,21 @@ class AliasResolver:
         catch_all = "@" + base.rpartition("@")[2]
         if catch_all in self.aliases:
             for target in self.aliases[catch_all]:
-                await self._resolve(target, found, depth + 1)
+                await self._resolve(target, found, remote, chain)
+
+    async def unknown_targets(self) -> list[tuple[str, str]]:
+        """(alias, target) for each target in our domains that is neither an alias nor a mailbox.
+
+        A catch-all does not count: a target only it would take is a typo.
+        """
+        unknown = []
+        for source, targets in self.aliases.items():
+            for target in targets:
+                if not self.is_hosted(target.rpartition("@")[2]):
+                    continue
+                base = canonical(target)
+                if target in self.aliases or base in self.aliases:
+                    continue
+                if await self.lookup(base) is None:
+                    unknown.append((source, target))
+        return unknown

@@ -113,10 +113,31 @@ def check_config(settings: Settings) -> int:
 
     from mailplat.service import build_providers
 
-    build_providers(settings, reactor)
+    context, _ = build_providers(settings, reactor)
+    _check_aliases(settings, context.providers["auth"])
     sys.stdout.write(settings.describe())
     print(f"# {settings.path}: OK", file=sys.stderr)
     return 0
+
+
+def _check_aliases(settings: Settings, auth: Any) -> None:
+    """Every alias target in our domains is a user or an alias (ConfigError otherwise), as at server start."""
+    from twisted.internet import defer
+
+    from mailplat.addresses import AliasResolver
+    from mailplat.interfaces import Account
+    from mailplat.plugins import call
+    from mailplat.service import check_alias_targets
+
+    if check_alias_targets(settings, AliasResolver(settings.domains, settings.aliases, lambda address: call(auth.lookup, address))):
+        return
+    if not IUserManager.providedBy(auth):
+        print(f"# [aliases] targets not checked: the {settings.auth.name} auth backend answers only once running", file=sys.stderr)
+        return
+    # A database backend answers only once the server runs; its user list is for this command.
+    users = set(auth.list_users())
+    listed = AliasResolver(settings.domains, settings.aliases, lambda address: defer.succeed(Account(address) if address in users else None))
+    check_alias_targets(settings, listed)
 
 
 def _user_manager(settings: Settings) -> Any:

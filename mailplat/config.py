@@ -15,7 +15,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from mailplat.addresses import AddressError, validate_address, validate_domain
+from mailplat.addresses import AddressError, canonical, validate_address, validate_domain
 from mailplat.numerals import is_digits
 
 # ConfigError lives beside the reader that raises it; plugin authors import it from here.
@@ -140,6 +140,18 @@ class RelaySettings:
 
 
 @dataclass(frozen=True)
+class ForwardingSettings:
+    """[forwarding]: how mail an alias sends to another domain is signed (SRS)."""
+
+    # Bounces to forwarded mail come back to SRS0=...@srs_domain: its MX (or A) must be us.
+    srs_domain: str = ""
+    # One secret a line, the first signs; "" until loaded: data_dir/srs.secret, made at first start.
+    srs_secret_file: str = ""
+    # False: the default file, which the server makes when it is missing.
+    secret_given: bool = False
+
+
+@dataclass(frozen=True)
 class Settings:
     path: str
     hostname: str
@@ -160,6 +172,7 @@ class Settings:
     dns_servers: tuple[tuple[str, int], ...] = ()
     filters: tuple[FilterSettings, ...] = ()
     dkim: dict[str, DKIMSettings] = field(default_factory=dict)
+    forwarding: ForwardingSettings = field(default_factory=lambda: ForwardingSettings())
 
     @property
     def config_dir(self) -> str:
@@ -190,6 +203,10 @@ class Settings:
             lines += [f"{_key(k)} = {_toml(v)}" for k, v in f.backend.options.items()]
         lines += ["", "[aliases]"]
         lines += [f"{_toml(k)} = {_toml(list(v))}" for k, v in self.aliases.items()]
+        lines += ["", "[forwarding]", f"srs_domain = {_toml(self.forwarding.srs_domain)}"]
+        secret = f"srs_secret_file = {_toml(self.forwarding.srs_secret_file)}"
+        # The default file may not exist yet (the server makes it): written out, it would have to.
+        lines += [secret if self.forwarding.secret_given else f"# {secret} (the default, made at the first start)"]
         lines += ["", "[relay]", f"smarthost = {_toml(self.smarthost)}"]
         lines += [f"{k} = {_toml(v if k != 'password' or not v else '(set)')}" for k, v in vars(self.relay).items()]
         from mailplat.wire.dns import format_server
@@ -284,7 +301,8 @@ def _parse(path: str, data: dict[str, Any]) -> Settings:
     auth = _backend(path, "auth", top.take("auth", dict, example='{ backend = "passwd-file" }'))
     mailbox = _backend(path, "mailbox", top.take("mailbox", dict, example='{ backend = "maildir" }'))
     delivery = _backend(path, "delivery", top.take("delivery", dict, {"backend": "local"}))
-    aliases = _aliases(top.table("aliases"), domains)
+    forwarding = _forwarding(top.table("forwarding"), hostname, data_dir)
+    aliases = _aliases(top.table("aliases"), domains, {hostname, forwarding.srs_domain})
 
     relay_reader = top.table("relay")
     smarthost = relay_reader.take("smarthost", str, "", example='"smtp.example.net:587"')
@@ -314,13 +332,13 @@ def _parse(path: str, data: dict[str, Any]) -> Settings:
     return Settings(
         path=path, hostname=hostname, data_dir=data_dir, domains=tuple(domains), listen=listen, tls=tls,
         auth=auth, mailbox=mailbox, delivery=delivery, aliases=aliases, smarthost=smarthost, smtp=smtp, workers=workers, pop3=pop3,
-        relay=relay, dns_servers=tuple(servers), filters=filters, dkim=dkim, login=login,
+        relay=relay, dns_servers=tuple(servers), filters=filters, dkim=dkim, login=login, forwarding=forwarding,
     )
 
 
 _TOP_LEVEL_KEYS = [
-    "hostname", "data_dir", "workers", "domains", "listen", "tls", "login", "auth", "mailbox", "delivery", "aliases", "relay", "dns",
-    "smtp", "pop3", "filter", "dkim",
+    "hostname", "data_dir", "workers", "domains", "listen", "tls", "login", "auth", "mailbox", "delivery", "aliases", "forwarding",
+    "relay", "dns", "smtp", "pop3", "filter", "dkim",
 ]
 
 
@@ -425,7 +443,7 @@ def _filters(path: str, tables: list[Any], listen: dict[str, str]) -> tuple[Filt
 _DEFAULT_BACKENDS = {"auth": "passwd-file", "mailbox": "maildir", "delivery": "local"}
 
 
-def _aliases(table: OptionReader, domains: list[str]) -> dict[str, tuple[str, ...]]:
+def _aliases(table: OptionReader, domains: list[str], own_names: set[str]) -> dict[str, tuple[str, ...]]:
     aliases: dict[str, tuple[str, ...]] = {}
     for source in list(table.options):
         targets = table.take(source, (str, list), example='"alice@example.org"')
@@ -451,14 +469,66 @@ def _aliases(table: OptionReader, domains: list[str]) -> dict[str, tuple[str, ..
                 address = validate_address(str(target).strip().lower())
             except AddressError as e:
                 raise table.error(_quote(source), f"target {target!r}: {e}", 'e.g. "alice@example.org"')
-            if address.split("@")[1] not in domains:
+            target_domain = address.split("@")[1]
+            if target_domain not in domains and target_domain in own_names:
+                # Not one of the domains, yet its mail would come back here: a loop.
                 raise table.error(
-                    _quote(source), f"target {address} is not in one of the domains; forwarding to other domains is not supported",
-                    "point the alias at a local mailbox",
+                    _quote(source), f"target {address} is at this server's own name but {target_domain} is not one of the domains",
+                    f"point the alias at a mailbox in {domains[0]}, or add {target_domain!r} to domains",
                 )
             checked.append(address)
         aliases[key] = tuple(checked)
+    _refuse_alias_loops(table, aliases)
     return aliases
+
+
+def _refuse_alias_loops(table: OptionReader, aliases: dict[str, tuple[str, ...]]) -> None:
+    """An alias chain that comes back to where it started would take no mail at all."""
+
+    def alias_of(address: str) -> str | None:
+        return next((key for key in (address, canonical(address)) if key in aliases), None)
+
+    done: set[str] = set()
+
+    def visit(key: str, chain: list[str]) -> None:
+        if key in chain:
+            loop = " -> ".join([*chain[chain.index(key):], key])
+            raise table.error(_quote(key), f"alias loop: {loop}", "point one alias of the loop at a mailbox")
+        if key in done:
+            return
+        for target in aliases[key]:
+            following = alias_of(target)
+            if following is not None:
+                visit(following, [*chain, key])
+        done.add(key)
+
+    for key in aliases:
+        visit(key, [])
+
+
+def _forwarding(table: OptionReader, hostname: str, data_dir: str) -> ForwardingSettings:
+    srs_domain = table.take("srs_domain", str, hostname, example=f'"{hostname}"').strip().lower()
+    try:
+        validate_domain(srs_domain)
+    except AddressError as e:
+        raise table.error("srs_domain", str(e), f'a name whose MX or A record points at this server, e.g. srs_domain = "{hostname}"')
+    given = "srs_secret_file" in table.options
+    path = table.path("srs_secret_file", os.path.join(data_dir, "srs.secret"), what="a file of SRS secrets", example='"srs.secret"')
+    if given:
+        from mailplat.forwarding import load_secrets
+
+        try:
+            load_secrets(path, create=False)
+        except OSError as e:
+            raise table.error(
+                "srs_secret_file", f"cannot read {path}: {e.strerror}",
+                "create it with a long random line, e.g. `openssl rand -base64 32 > FILE; chmod 600 FILE`, or leave the key out "
+                "to have mailplat make one under data_dir",
+            )
+        except (ValueError, UnicodeDecodeError):
+            raise table.error("srs_secret_file", f"{path} holds no secret", "write a long random line into it, e.g. `openssl rand -base64 32`")
+    table.finish(["srs_domain", "srs_secret_file"])
+    return ForwardingSettings(srs_domain, path, given)
 
 
 def _quote(key: str) -> str:

@@ -1,5 +1,7 @@
 """The one hand-off of an accepted message: our recipients to the delivery
 backend, everyone else (and what local delivery could not take) to the queue.
+What an alias forwards to another domain is queued on its own, with the
+sender SRS gives it (mailplat.forwarding).
 
 The SMTP server and the queue runner both deliver through here, so a
 delivery backend's answer (done, PartialFailure, Temporary/PermanentFailure,
@@ -13,12 +15,19 @@ from typing import Any, Protocol
 
 from twisted.logger import Logger
 
+from mailplat.ids import new_id
 from mailplat.interfaces import DeliveryFailure, Envelope, PartialFailure, SpooledMessage, TemporaryFailure
 from mailplat.plugins import call
 
 __all__ = ["Outbound", "Router"]
 
 log = Logger()
+
+
+class SenderRewriter(Protocol):
+    """The envelope sender of forwarded copies (mailplat.forwarding.Forwarder)."""
+
+    def sender_for(self, sender: str) -> str: ...
 
 
 class Outbound(Protocol):
@@ -35,9 +44,10 @@ class Router:
     command, tests); the service sets it once the queue runner exists.
     """
 
-    def __init__(self, delivery: Any, queue: Outbound | None = None) -> None:
+    def __init__(self, delivery: Any, queue: Outbound | None = None, forwarding: SenderRewriter | None = None) -> None:
         self.delivery = delivery
         self.queue = queue
+        self.forwarding = forwarding
 
     @property
     def can_relay(self) -> bool:
@@ -57,18 +67,36 @@ class Router:
             raise TemporaryFailure("Local error in processing; try again later")
         return {}
 
-    async def hand_off(self, envelope: Envelope, message: SpooledMessage, remote: Sequence[str] = ()) -> list[str]:
+    async def hand_off(
+        self, envelope: Envelope, message: SpooledMessage, remote: Sequence[str] = (), forwarded: Sequence[str] = (),
+    ) -> list[str]:
         """Deliver to our accounts, queue ``remote`` and whatever local delivery
-        left over; the queued addresses.  Raises DeliveryFailure when the
-        message was taken for nobody (the client then hears 4xx or 5xx)."""
+        left over, and queue ``forwarded`` (addresses elsewhere that aliases
+        send the message on to); the queued addresses.  Raises DeliveryFailure
+        when the message was taken for nobody (the client then hears 4xx or 5xx)."""
         queued = list(remote)
         if envelope.recipients:
             failed = await self.deliver_local(envelope, message)
             for address, failure in failed.items():
                 log.info("{queue_id} <{rcpt}> queued after: {text}", queue_id=envelope.queue_id, rcpt=address, text=failure.text)
             queued += failed
+        forward_sender = self.forwarding.sender_for(envelope.sender) if self.forwarding is not None else envelope.sender
+        forwards = [address for address in forwarded if address not in queued]
+        if forward_sender == envelope.sender:
+            queued, forwards = queued + forwards, []
+        if not (queued or forwards):
+            return []
+        queue = self.queue
+        if queue is None:
+            raise TemporaryFailure("cannot queue mail in this process; try again later")
         if queued:
-            if self.queue is None:
-                raise TemporaryFailure("cannot queue mail in this process; try again later")
-            await self.queue.enqueue(envelope.queue_id, envelope.sender, queued, message, envelope.folder)
-        return queued
+            await queue.enqueue(envelope.queue_id, envelope.sender, queued, message, envelope.folder)
+        if forwards:
+            # Another sender, so another queue entry (one sender per entry); it bounces to that sender, which SRS reverses.
+            forward_id = new_id() if queued else envelope.queue_id
+            log.info(
+                "{queue_id} forwarded as {forward_id} from=<{sender}> to={rcpts}",
+                queue_id=envelope.queue_id, forward_id=forward_id, sender=forward_sender, rcpts=",".join(forwards),
+            )
+            await queue.enqueue(forward_id, forward_sender, forwards, message)
+        return queued + forwards

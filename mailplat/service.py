@@ -17,12 +17,14 @@ from twisted.internet import defer, endpoints
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 from mailplat.addresses import AliasResolver
 from mailplat.config import ConfigError, Settings, load
 from mailplat.cred import AuthBackendChecker, LoginGuard, MailRealm
+from mailplat.forwarding import Forwarder, load_secrets
 from mailplat.fsutil import makedirs_durable
-from mailplat.interfaces import BackendContext
+from mailplat.interfaces import BackendContext, TemporaryFailure
 from mailplat.plugins import build_backend, call
 from mailplat.pop3.server import POP3Factory
 from mailplat.smtp.filtering import ConfiguredFilter, FilterChain
@@ -36,7 +38,9 @@ from mailplat.tls import load_server_context
 from mailplat.wire.dns import reactor_resolver
 from mailplat.workers import WorkerPool, adopt_port
 
-__all__ = ["Listener", "Options", "backend_context", "build_providers", "makeService", "make_service"]
+__all__ = [
+    "Listener", "Options", "backend_context", "build_providers", "check_alias_targets", "forwarder", "makeService", "make_service",
+]
 
 log = Logger()
 
@@ -62,6 +66,48 @@ def build_providers(settings: Settings, reactor: Any) -> tuple[BackendContext, l
         context.providers[section.section] = build_backend(section, context, settings.path)
     filters = [ConfiguredFilter(f, build_backend(f.backend, context, settings.path)) for f in settings.filters]
     return context, filters
+
+
+def check_alias_targets(settings: Settings, resolver: AliasResolver) -> bool:
+    """Refuse (ConfigError) an alias whose target in our domains is neither a user nor an alias.
+
+    False when it cannot be told yet: the auth backend answers only once the
+    reactor runs (a database, a thread pool).
+    """
+    results: list[Any] = []
+    defer.Deferred.fromCoroutine(resolver.unknown_targets()).addBoth(results.append)
+    if not results:
+        return False
+    result = results[0]
+    if isinstance(result, Failure):
+        if result.check(TemporaryFailure):
+            return False
+        result.raiseException()
+    for source, target in result:
+        raise ConfigError(
+            f'[aliases] "{source}"', f"target {target} is not a user or an alias",
+            f"add the user (mailplat --config {settings.path} user add {target}) or point the alias at an existing one",
+            settings.path,
+        )
+    return True
+
+
+def forwarder(settings: Settings) -> Forwarder:
+    """SRS for what aliases forward; the default secret file is made at the first start."""
+    forwarding = settings.forwarding
+    try:
+        secrets = load_secrets(forwarding.srs_secret_file, create=not forwarding.secret_given)
+    except OSError as e:
+        raise ConfigError(
+            "[forwarding] srs_secret_file", f"cannot use {forwarding.srs_secret_file}: {e.strerror}",
+            "let mailplat read it (and write data_dir), or name another file", settings.path,
+        )
+    except (ValueError, UnicodeDecodeError):
+        raise ConfigError(
+            "[forwarding] srs_secret_file", f"{forwarding.srs_secret_file} holds no secret",
+            "write a long random line into it, e.g. `openssl rand -base64 32`", settings.path,
+        )
+    return Forwarder(forwarding.srs_domain, secrets, settings.domains)
 
 
 class Listener(service.Service):
@@ -124,7 +170,13 @@ def make_service(
     context, filters = build_providers(settings, reactor)
     providers = context.providers
     auth = providers["auth"]
-    resolver = AliasResolver(settings.domains, settings.aliases, lambda address: call(auth.lookup, address))
+    forwarding = forwarder(settings)
+    resolver = AliasResolver(settings.domains, settings.aliases, lambda address: call(auth.lookup, address), forwarding)
+    if not check_alias_targets(settings, resolver):
+        log.warn(
+            "[aliases] targets not checked at start: the {backend} auth backend answers only once running; "
+            "`mailplat check-config` checks them", backend=settings.auth.name,
+        )
     tls = load_server_context(settings.tls.certificate, settings.tls.key) if settings.tls else None
 
     signer = None
@@ -149,7 +201,7 @@ def make_service(
         if service.IService.providedBy(provider) and provider.parent is None:
             provider.setServiceParent(top)
     # The outbound queue: every process may add to it; the main one runs it.
-    router = Router(providers["delivery"])
+    router = Router(providers["delivery"], forwarding=forwarding)
     outbound = QueueRunner(
         Queue(os.path.join(settings.data_dir, "queue")), settings.relay, settings.smarthost, settings.hostname,
         context.dns if worker == 0 else None, resolver, router, reactor, threads,

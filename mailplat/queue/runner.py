@@ -17,6 +17,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailplat.addresses import BadSRSAddress
 from mailplat.config import RelaySettings
 from mailplat.fsutil import GroupCommit
 from mailplat.interfaces import (
@@ -341,12 +342,21 @@ class QueueRunner(service.Service):
         log.info("{queue_id}: removed from the queue", queue_id=message.id)
 
     async def _bounce(self, message: QueuedMessage, failed: list[QueuedRecipient]) -> None:
+        sender = message.sender
+        if self.resolver.is_srs(sender):
+            # Mail an alias forwarded: the bounce goes to whom SRS says sent it, not back to us.
+            try:
+                sender = self.resolver.forwarding.reverse(sender)
+            except BadSRSAddress as e:
+                log.info("{queue_id}: bounce dropped: <{sender}>: {why}", queue_id=message.id, sender=sender, why=str(e))
+                return
+
         def build() -> bytes:
             with self.queue.open_message(message) as original:
                 return build_bounce(
                     reporting_mta=self.hostname,
                     original=original,
-                    envelope_sender=message.sender,
+                    envelope_sender=sender,
                     recipients=[FailedRecipient(r.address, r.status or "5.0.0", r.last_error, r.remote_mta) for r in failed],
                     queue_id=message.id,
                     arrival=datetime.datetime.fromtimestamp(message.created, datetime.timezone.utc),
@@ -355,12 +365,12 @@ class QueueRunner(service.Service):
         dsn = await self._thread(build)
         bounce_id = new_id()
         spooled = SpooledMessage("", len(dsn), "", dsn)
-        domain = message.sender.rpartition("@")[2].lower()
+        domain = sender.rpartition("@")[2].lower()
         if self.resolver.is_hosted(domain):
-            accounts = await self.resolver.resolve(message.sender)
+            accounts = await self.resolver.resolve(sender)
             if not accounts:
                 log.info("{queue_id}: bounce {bounce_id} dropped: <{sender}> is no longer ours", queue_id=message.id,
-                         bounce_id=bounce_id, sender=message.sender)
+                         bounce_id=bounce_id, sender=sender)
                 return
             try:
                 undelivered = await self.router.deliver_local(Envelope(bounce_id, "", tuple(accounts)), spooled)
@@ -372,7 +382,7 @@ class QueueRunner(service.Service):
                 for address, failure in undelivered.items():
                     log.info("{queue_id}: bounce {bounce_id} not delivered to <{rcpt}>: {text}", queue_id=message.id,
                              bounce_id=bounce_id, rcpt=address, text=failure.text)
-                log.info("{queue_id}: bounce {bounce_id} delivered to <{sender}>", queue_id=message.id, bounce_id=bounce_id, sender=message.sender)
+                log.info("{queue_id}: bounce {bounce_id} delivered to <{sender}>", queue_id=message.id, bounce_id=bounce_id, sender=sender)
                 return
-        await self.enqueue(bounce_id, "", [message.sender], spooled)
-        log.info("{queue_id}: bounce {bounce_id} queued for <{sender}>", queue_id=message.id, bounce_id=bounce_id, sender=message.sender)
+        await self.enqueue(bounce_id, "", [sender], spooled)
+        log.info("{queue_id}: bounce {bounce_id} queued for <{sender}>", queue_id=message.id, bounce_id=bounce_id, sender=sender)

@@ -65,7 +65,9 @@ def classify_recipient(path: MailPath, resolver: AliasResolver) -> Destination:
     if trick:
         raise RecipientRefused(trick)
     local, _, domain = path.address.rpartition("@")
-    if resolver.is_hosted(domain):
+    if resolver.is_hosted(domain) or resolver.is_srs(path.address):
+        # An SRS address of ours is a bounce to mail we forwarded: its hash,
+        # checked when it is resolved, decides whether it goes back out.
         return Destination.LOCAL
     try:
         validate_domain(domain.lower())
@@ -88,6 +90,6 @@ async def may_send_as(account: Account, sender: str, resolver: AliasResolver) ->
         return False
     try:
         validate_address(sender.lower())
+        return account in await resolver.resolve(sender)
     except AddressError:
         return False
-    return account in await resolver.resolve(sender)

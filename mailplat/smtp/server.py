@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.python.failure import Failure
 
-from mailplat.addresses import AddressError, AliasResolver, MailPath, parse_path, validate_address
+from mailplat.addresses import AddressError, AliasResolver, BadSRSAddress, MailPath, parse_path, validate_address
 from mailplat.config import SMTPLimits
 from mailplat.cred import LoginBlocked, LoginGuard
 from mailplat.ids import new_id
@@ -61,6 +61,8 @@ class Transaction:
     accounts: dict[str, Account] = field(default_factory=dict)
     # Recipients in other domains (submission only), for the outbound queue.
     remote: list[str] = field(default_factory=list)
+    # Addresses in other domains that our recipients' aliases forward to (queued with an SRS sender).
+    forwarded: list[str] = field(default_factory=list)
     # What the filters said at MAIL and RCPT.
     filtered: Outcome = field(default_factory=Outcome)
 
@@ -505,27 +507,41 @@ class SMTPServer(CommandReader, smtp.ESMTP):
                 return defer.Deferred.fromCoroutine(self._accept_remote_after_filters(transaction, address))
             return self._accept_remote(transaction, address)
         try:
-            validate_address(address.lower())
+            if not self.factory.resolver.is_srs(address):  # never a mailbox name: resolved by its hash
+                validate_address(address.lower())
         except AddressError as e:
             raise reject(550, "5.1.1", f"invalid mailbox name: {e}")
 
         async def resolve() -> None:
             try:
-                accounts = await self.factory.resolver.resolve(address)
+                expansion = await self.factory.resolver.expand(address)
+            except BadSRSAddress as e:
+                raise reject(550, "5.1.1", f"User unknown ({e})")
             except AddressError as e:
                 raise reject(550, "5.4.6", str(e))
             except TemporaryFailure as e:
                 raise reject(451, "4.3.0", e.text)
-            if not accounts:
+            if not expansion:
                 raise reject(550, "5.1.1", "User unknown")
+            # Forwarded to other domains: the recipient is ours, so this is
+            # no relaying for the client, but it needs the queue.
+            if expansion.remote and not self.factory.router.can_relay:
+                raise reject(451, "4.3.0", "cannot forward mail now; try again later")
             if self.factory.filters:
                 await self._filter_recipient(transaction, address)
             if self._transaction is not transaction:
                 return
             transaction.recipients.append(address)
-            for account in accounts:
+            for account in expansion.accounts:
                 transaction.accounts[account.address] = account
-            log.info("{session} accept from=<{sender}> rcpt=<{rcpt}>", session=self.session, sender=transaction.sender, rcpt=address)
+            for target in expansion.remote:
+                if target not in transaction.forwarded:
+                    transaction.forwarded.append(target)
+            forwards = f" (forwarded to {','.join(expansion.remote)})" if expansion.remote else ""
+            log.info(
+                "{session} accept from=<{sender}> rcpt=<{rcpt}>{forwards}",
+                session=self.session, sender=transaction.sender, rcpt=address, forwards=forwards,
+            )
             self.reply(250, "2.1.5", "Recipient OK")
 
         return defer.Deferred.fromCoroutine(resolve())
@@ -635,7 +651,7 @@ class SMTPServer(CommandReader, smtp.ESMTP):
                 folder=folder,
             )
             try:
-                queued = await self.factory.router.hand_off(envelope, message, transaction.remote)
+                queued = await self.factory.router.hand_off(envelope, message, transaction.remote, transaction.forwarded)
             except DeliveryFailure as e:
                 # The one mapping of a delivery failure to a reply (RFC 5321 4.2.5).
                 code, status = (554, "5.0.0") if isinstance(e, PermanentFailure) else (451, "4.3.0")
@@ -670,9 +686,9 @@ class SMTPServer(CommandReader, smtp.ESMTP):
         """The end-of-DATA filters, with what earlier steps decided."""
         filtered = await self._filter("data", transaction.sender, tuple(transaction.recipients), message)
         filtered = self._connect_filtered.merge(self._helo_filtered).merge(transaction.filtered).merge(filtered)
-        if filtered.quarantine and transaction.remote and not filtered.discard:
+        if filtered.quarantine and (transaction.remote or transaction.forwarded) and not filtered.discard:
             # A quarantine lives in a local mailbox: mail for other domains
-            # cannot be held there, so it is refused rather than relayed.
+            # (forwarded ones too) cannot be held there, so it is refused rather than relayed.
             raise Reply(550, "5.7.1", "Message held by a content filter; it cannot be relayed")
         return filtered
 
