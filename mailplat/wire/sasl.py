@@ -61,9 +61,15 @@ def _decode(line: bytes) -> bytes:
     if line == b"=":
         return b""
     try:
-        return base64.b64decode(line, validate=True)
+        decoded = base64.b64decode(line, validate=True)
     except (binascii.Error, ValueError):
         raise SASLError(Why.NOT_BASE64)
+    # b64decode ignores the unused bits before "=" padding, so several
+    # spellings give the same bytes; only the canonical one is base64 here
+    # (RFC 4648 3.5), for every listener alike.
+    if base64.b64encode(decoded) != line:
+        raise SASLError(Why.NOT_BASE64)
+    return decoded
 
 
 def _text(raw: bytes) -> str:
