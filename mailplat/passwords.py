@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import functools
 import hmac
+import re
 from typing import Any
 
 import argon2
 import bcrypt
+from twisted.logger import Logger
 
-__all__ = ["UnsupportedScheme", "hash_password", "scheme_of", "verify_password", "verify_in_thread", "SCHEMES"]
+__all__ = ["MalformedHash", "UnsupportedScheme", "hash_password", "scheme_of", "verify_password", "verify_in_thread", "SCHEMES"]
+
+log = Logger()
 
 SCHEMES = ("ARGON2ID", "BLF-CRYPT", "PLAIN")
 
@@ -31,35 +35,83 @@ class UnsupportedScheme(ValueError):
     """A stored hash whose scheme we do not know or may not use."""
 
 
+class MalformedHash(UnsupportedScheme):
+    """A stored hash its scheme could not have made: cut short, or holding a character no hash holds."""
+
+
+# bcrypt's modular crypt form: $2b$, two digits of cost, 22 characters of salt and 31 of hash.
+_BCRYPT = re.compile(r"\$2[aby]\$[0-9]{2}\$[./A-Za-z0-9]{53}")
+
+
 def hash_password(password: str) -> str:
     """A new argon2id hash, with its scheme prefix."""
     return "{ARGON2ID}" + _hasher.hash(password)
 
 
 def scheme_of(stored: str) -> str:
-    """The scheme name of a stored hash, or UnsupportedScheme."""
+    """The scheme name of a well-formed stored hash; UnsupportedScheme (MalformedHash for a damaged one) says what is wrong."""
+    return _split(stored)[0]
+
+
+def _split(stored: str) -> tuple[str, str]:
+    """(scheme, digest) of a stored hash, checked as scheme_of says."""
     if stored.startswith("{"):
-        scheme, _, _ = stored[1:].partition("}")
-        if scheme.upper() in SCHEMES:
-            return scheme.upper()
-        raise UnsupportedScheme(f"unknown password scheme {{{scheme}}}; known: {', '.join(SCHEMES)}")
-    if stored.startswith("$argon2id$"):
-        return "ARGON2ID"
-    if stored.startswith(("$2a$", "$2b$", "$2y$")):
-        return "BLF-CRYPT"
-    raise UnsupportedScheme("the hash has no {SCHEME} prefix and is not argon2id or bcrypt")
+        scheme, brace, digest = stored[1:].partition("}")
+        if not brace:
+            raise MalformedHash("the {SCHEME} prefix has no closing '}'")
+        if scheme.upper() not in SCHEMES:
+            raise UnsupportedScheme(f"unknown password scheme {{{_printable(scheme)}}}; known: {', '.join(SCHEMES)}")
+        scheme = scheme.upper()
+    elif stored.startswith("$argon2id$"):
+        scheme, digest = "ARGON2ID", stored
+    elif stored.startswith(("$2a$", "$2b$", "$2y$")):
+        scheme, digest = "BLF-CRYPT", stored
+    else:
+        raise UnsupportedScheme("the hash has no {SCHEME} prefix and is not argon2id or bcrypt")
+    if scheme == "PLAIN":
+        return scheme, digest
+    if not (digest.isascii() and digest.isprintable()):
+        raise MalformedHash(f"the {scheme} hash holds a non-ASCII or control character, which no {scheme} hash has")
+    if scheme == "ARGON2ID":
+        try:
+            argon2.extract_parameters(digest)
+        except argon2.exceptions.InvalidHashError:
+            raise MalformedHash("the ARGON2ID hash is not of the form $argon2id$v=19$m=...,t=...,p=...$salt$hash") from None
+    elif not _BCRYPT.fullmatch(digest):
+        raise MalformedHash("the BLF-CRYPT hash is not of the form $2y$NN$ followed by 53 characters")
+    return scheme, digest
 
 
-def verify_password(stored: str | None, password: str, allow_plain: bool = False) -> bool:
+def _printable(text: str) -> str:
+    """``text`` for a log line or an error: control and non-ASCII characters escaped, at most 40 of them."""
+    return ascii(text[:40])[1:-1]
+
+
+def verify_password(stored: str | None, password: str, allow_plain: bool = False, *, account: str = "") -> bool:
     """Whether ``password`` matches ``stored``; slow on purpose: call it off the reactor.
 
     ``stored`` None means "no such user": a dummy hash is checked anyway.
+    Never raises, whatever ``stored`` holds: a hash that cannot be used (an
+    unknown scheme, a damaged hash) is logged, naming ``account`` when
+    given, and matches no password.
     """
     if stored is None:
         _verify_argon2(_dummy(), password)
         return False
-    scheme = scheme_of(stored)
-    digest = stored.split("}", 1)[1] if stored.startswith("{") else stored
+    of = f" of {account}" if account else ""
+    try:
+        scheme, digest = _split(stored)
+        return _verify(scheme, digest, password, allow_plain)
+    except UnsupportedScheme as e:
+        log.error("the stored password hash{of} is unusable, so the login fails: {problem}", of=of, problem=str(e))
+    except Exception:  # argon2 or bcrypt refusing what _split let through: a failed login, never an error on the wire
+        log.failure("verifying the stored password hash{of} failed, so the login fails", of=of)
+    # As long as a real check, so that timing does not tell a broken hash from a wrong password.
+    _verify_argon2(_dummy(), password)
+    return False
+
+
+def _verify(scheme: str, digest: str, password: str, allow_plain: bool) -> bool:
     if scheme == "ARGON2ID":
         return _verify_argon2(digest, password)
     if scheme == "BLF-CRYPT":
@@ -82,7 +134,7 @@ def _verify_argon2(digest: str, password: str) -> bool:
         return False
 
 
-def verify_in_thread(reactor: Any, pool: Any, stored: str | None, password: str, allow_plain: bool = False) -> Any:
+def verify_in_thread(reactor: Any, pool: Any, stored: str | None, password: str, allow_plain: bool = False, *, account: str = "") -> Any:
     """``verify_password`` in ``pool`` (the service's ``passwords`` pool), as a Deferred.
 
     argon2id takes tens of milliseconds of CPU by design: in the reactor's
@@ -91,4 +143,4 @@ def verify_in_thread(reactor: Any, pool: Any, stored: str | None, password: str,
     """
     from twisted.internet.threads import deferToThreadPool
 
-    return deferToThreadPool(reactor, pool, verify_password, stored, password, allow_plain)
+    return deferToThreadPool(reactor, pool, verify_password, stored, password, allow_plain, account=account)

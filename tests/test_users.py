@@ -11,9 +11,11 @@ from pathlib import Path
 import bcrypt
 import pytest
 
-from conftest import MAILPLAT, MailplatServer, wait_for
+from twisted.logger import LogLevel, globalLogPublisher
+
+from conftest import BASE_CONFIG, MAILPLAT, MailplatServer, wait_for
 from mailplat.backends.passwdfile import PasswdFileError, parse
-from mailplat.passwords import UnsupportedScheme, hash_password, scheme_of, verify_password
+from mailplat.passwords import MalformedHash, UnsupportedScheme, hash_password, scheme_of, verify_password
 
 CONFIG = """\
 hostname = "mail.example.org"
@@ -277,10 +279,86 @@ def test_unknown_scheme_refused(stored):
     """A hash in a scheme we do not support is refused (listing the known ones), never compared as text."""
     with pytest.raises(UnsupportedScheme, match="(?i)argon2id"):
         scheme_of(stored)
-    with pytest.raises(UnsupportedScheme):
-        verify_password(stored, stored)
+    assert verify_password(stored, stored) is False
     with pytest.raises(PasswdFileError, match="users:2: "):
         parse(f"# comment\nalice@example.org:{stored}\n", "users", allow_plain=True)
+
+
+GOOD_HASH = hash_password("alice-password")
+
+# Stored values that name a scheme we know, but that scheme cannot have made.
+DAMAGED = {
+    "no closing brace": "{ARGON2ID",
+    "no closing brace, digest": "{ARGON2ID$argon2id$v=19$m=65536,t=3,p=4$c2FsdHNhbHQ$aGFzaA",
+    "non-ASCII at the end": GOOD_HASH + "é",
+    "non-ASCII inside": GOOD_HASH[:30] + "ä" + GOOD_HASH[31:],
+    "line separator inside": GOOD_HASH[:30] + "\u2028" + GOOD_HASH[31:],
+    "control character": GOOD_HASH[:30] + "\x01" + GOOD_HASH[31:],
+    "empty argon2id": "{ARGON2ID}",
+    "not argon2 form": "{ARGON2ID}$argon2id$fine",
+    "bare argon2 cut": "$argon2id$v=19",
+    "bcrypt cut short": "{BLF-CRYPT}$2y$10$abc",
+    "bcrypt non-ASCII": "{BLF-CRYPT}$2y$10$" + "é" * 53,
+}
+
+
+@pytest.mark.parametrize("stored", DAMAGED.values(), ids=DAMAGED.keys())
+def test_damaged_hash_never_raises_and_is_logged(stored):
+    """verify_password on a damaged stored hash returns False (the right password or not) and logs why, naming the account."""
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        assert verify_password(stored, "alice-password", allow_plain=True, account="alice@example.org") is False
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    errors = [e for e in events if e.get("log_level") == LogLevel.error]
+    assert len(errors) == 1 and errors[0]["of"] == " of alice@example.org", events
+    with pytest.raises(MalformedHash):
+        scheme_of(stored)
+
+
+@pytest.mark.parametrize("stored", DAMAGED.values(), ids=DAMAGED.keys())
+def test_users_file_refuses_a_damaged_hash_with_its_line(stored):
+    """The users file refuses a line whose hash is damaged at load, with the file, the line number and a fix naming the user."""
+    text = f"# users\nbob@example.org:{GOOD_HASH}\nalice@example.org:{stored}\n"
+    with pytest.raises(PasswdFileError, match=r"^users:3: the password hash of alice@example\.org is damaged: ") as raised:
+        parse(text, "users", allow_plain=False)
+    assert "line 3" in raised.value.fix and "mailplat user add alice@example.org" in raised.value.fix
+
+
+@pytest.mark.parametrize("stored", [DAMAGED["no closing brace"], DAMAGED["non-ASCII inside"]], ids=["brace", "non-ASCII"])
+def test_user_commands_name_the_damaged_line(site, stored):
+    """`mailplat user list` (and every user command) on a users file with a damaged hash exits 1 naming the file, the line and the fix."""
+    site.users_file.write_text(f"bob@example.org:{GOOD_HASH}\nalice@example.org:{stored}\n")
+    for args in (("list",), ("del", "bob@example.org")):
+        line = refused(user(site, *args))
+        assert line.startswith(f"mailplat: {site.config_path}: [auth] path: {site.users_file}:2: the password hash of alice@example.org is damaged")
+        assert "; fix: restore line 2 from a backup, or delete it and set a new password with `mailplat user add alice@example.org`" in line
+    assert "bob@example.org" in site.users_file.read_text(), "nothing was rewritten"
+
+
+def test_users_file_not_utf8_names_the_line(site):
+    """A byte that is not UTF-8 in the users file is refused with the line it is on."""
+    site.users_file.write_bytes(f"bob@example.org:{GOOD_HASH}\n".encode() + b"alice@example.org:{ARGON2ID}\xff\n")
+    line = refused(user(site, "list"))
+    assert f"{site.users_file}:2: not UTF-8 text" in line and "fix: " in line
+
+
+def test_server_refuses_to_start_with_a_damaged_hash(tmp_path):
+    """twistd with a users file holding a damaged hash exits before listening, with one line naming the file, the line and the fix."""
+    server = MailplatServer(tmp_path / "site", BASE_CONFIG)
+    users_file = server.root / "users.passwd"
+    users_file.write_text(users_file.read_text() + "carol@example.org:{ARGON2ID\n")
+    number = len(users_file.read_text().splitlines())
+    try:
+        with pytest.raises(AssertionError, match="mailplat exited") as raised:
+            server.start()
+    finally:
+        server.stop()
+    output = str(raised.value)
+    assert f"{users_file}:{number}: the password hash of carol@example.org is damaged: the {{SCHEME}} prefix has no closing '}}'" in output
+    assert f"fix: restore line {number} from a backup" in output
+    assert "listening on" not in output and "Traceback" not in output
 
 
 def test_missing_user_still_costs_a_hash():

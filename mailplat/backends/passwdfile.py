@@ -20,7 +20,7 @@ from mailplat.config import ConfigError
 from mailplat.fsutil import fsync_directory
 from mailplat.interfaces import Account, BackendContext, IAuthBackend, IUserManager
 from mailplat.options import OptionReader
-from mailplat.passwords import UnsupportedScheme, hash_password, scheme_of, verify_in_thread
+from mailplat.passwords import MalformedHash, UnsupportedScheme, hash_password, scheme_of, verify_in_thread
 
 __all__ = ["PasswdFile", "build"]
 
@@ -28,13 +28,19 @@ log = Logger()
 
 
 class PasswdFileError(ValueError):
-    """A line of the users file that cannot be used."""
+    """A line of the users file that cannot be used; ``fix`` says how to mend it."""
+
+    def __init__(self, problem: str, fix: str = "correct or delete that line") -> None:
+        super().__init__(problem)
+        self.fix = fix
 
 
 def parse(text: str, path: str, allow_plain: bool) -> dict[str, str]:
     """address -> stored hash; PasswdFileError names the line of any mistake."""
     users: dict[str, str] = {}
-    for number, line in enumerate(text.splitlines(), 1):
+    # Lines end at "\n" only: splitlines() would also cut at U+2028 and
+    # friends inside a damaged hash, and miscount the lines after it.
+    for number, line in enumerate(text.split("\n"), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -46,15 +52,36 @@ def parse(text: str, path: str, allow_plain: bool) -> dict[str, str]:
         address = address.strip().lower()
         try:
             validate_address(address)
-            scheme = scheme_of(stored)
-        except (AddressError, UnsupportedScheme) as e:
+        except AddressError as e:
             raise PasswdFileError(f"{where}: {e}")
+        try:
+            scheme = scheme_of(stored)
+        except MalformedHash as e:
+            # Refused here, not at every login of the user as a traceback.
+            raise PasswdFileError(
+                f"{where}: the password hash of {address} is damaged: {e}",
+                f"restore line {number} from a backup, or delete it and set a new password with `mailplat user add {address}`",
+            )
+        except UnsupportedScheme as e:
+            raise PasswdFileError(f"{where}: {e}", f"delete line {number} and set a new password with `mailplat user add {address}`")
         if scheme == "PLAIN" and not allow_plain:
             raise PasswdFileError(f"{where}: {{PLAIN}} passwords are refused; hash it with `mailplat user passwd {address}`, or set allow_plain = true")
         if address in users:
             raise PasswdFileError(f"{where}: {address} is listed twice")
         users[address] = stored
     return users
+
+
+def _text(data: bytes, path: str) -> str:
+    """The file's bytes as UTF-8 text; PasswdFileError names the line of a byte that is not."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        number = data.count(b"\n", 0, e.start) + 1
+        raise PasswdFileError(
+            f"{path}:{number}: not UTF-8 text (byte {data[e.start:e.start + 1]!r})",
+            f"correct line {number}, or delete it and set a new password with `mailplat user add`",
+        ) from None
 
 
 @implementer(IAuthBackend, IUserManager)
@@ -81,9 +108,9 @@ class PasswdFile:
         stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
         if stamp != self._stamp:
             try:
-                with open(self.path, encoding="utf-8") as f:
-                    self._users = parse(f.read(), self.path, self.allow_plain)
-            except (PasswdFileError, UnicodeDecodeError, OSError) as e:
+                with open(self.path, "rb") as f:
+                    self._users = parse(_text(f.read(), self.path), self.path, self.allow_plain)
+            except (PasswdFileError, OSError) as e:
                 if self._stamp is None:
                     raise
                 log.error("users file not reloaded, keeping the previous one: {error}", error=str(e))
@@ -102,7 +129,7 @@ class PasswdFile:
             return Account(address) if ok and stored is not None else None
 
         # argon2 is slow on purpose: never on the reactor thread.
-        return verify_in_thread(self.reactor, self.threads.passwords, stored, password, self.allow_plain).addCallback(checked)
+        return verify_in_thread(self.reactor, self.threads.passwords, stored, password, self.allow_plain, account=address).addCallback(checked)
 
     # -- editing (IUserManager) ---------------------------------------------
 
@@ -179,6 +206,8 @@ def build(options: dict[str, Any], context: BackendContext) -> PasswdFile:
         raise ConfigError("path", f"no such file: {backend.path}", "create it by adding a user: mailplat --config FILE user add ADDRESS")
     try:
         backend.users()
-    except (PasswdFileError, UnicodeDecodeError, OSError) as e:
-        raise ConfigError("path", str(e), "fix that line, or rewrite it with `mailplat user passwd`")
+    except PasswdFileError as e:
+        raise ConfigError("path", str(e), e.fix)
+    except OSError as e:
+        raise ConfigError("path", f"cannot read {backend.path}: {e.strerror}", "let the user mailplat runs as read it")
     return backend

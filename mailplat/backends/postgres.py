@@ -85,7 +85,7 @@ from mailplat.interfaces import (
     TemporaryFailure,
 )
 from mailplat.options import OptionReader, toml_value
-from mailplat.passwords import UnsupportedScheme, hash_password, verify_password
+from mailplat.passwords import hash_password, verify_password
 
 try:
     import psycopg
@@ -379,14 +379,10 @@ class PostgresAuth(_Pooled):
                 row = conn.execute("SELECT password_hash FROM users WHERE address = %s AND enabled", (address,)).fetchone()
             # The connection is back in the pool before the slow part.
             stored = row[0] if row else None
-            try:
-                # stored None (unknown or disabled): a dummy hash is checked,
-                # so that the answer takes as long as for a wrong password.
-                ok = verify_password(stored, password)
-            except UnsupportedScheme as e:
-                log.error("postgres: the password hash of {address} is unusable: {error}", address=address, error=str(e))
-                verify_password(None, password)
-                ok = False
+            # stored None (unknown or disabled): a dummy hash is checked, so
+            # that the answer takes as long as for a wrong password.  An
+            # unusable hash is logged there and matches nothing.
+            ok = verify_password(stored, password, account=address)
             return Account(address) if ok and stored is not None else None
 
         return self._in_thread(check)
