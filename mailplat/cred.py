@@ -24,6 +24,11 @@ from mailplat.plugins import call
 
 __all__ = ["AuthBackendChecker", "LoginBlocked", "LoginGuard", "MailRealm"]
 
+# Addresses whose failures have all expired, forgotten at each new failure:
+# more than the one a failure adds, so the table shrinks to the addresses
+# that failed within block_time, and each failure costs the same.
+_FORGET_PER_FAILURE = 2
+
 
 @implementer(ICredentialsChecker)
 class AuthBackendChecker:
@@ -82,7 +87,10 @@ class LoginGuard:
 
     Failures are counted per client address over ``block_time`` seconds;
     at ``max_failures`` the address is refused until the oldest counted
-    failure is ``block_time`` old.  Time comes from ``clock``.
+    failure is ``block_time`` old.  Time comes from ``clock``.  An address
+    whose failures have all expired is forgotten, so what the guard holds
+    is bounded by the addresses that failed within ``block_time``, not by
+    every address that ever failed.
     """
 
     def __init__(self, portal: Portal, clock: IReactorTime, failure_delay: float, max_failures: int, block_time: float) -> None:
@@ -91,6 +99,8 @@ class LoginGuard:
         self.failure_delay = failure_delay
         self.max_failures = max_failures
         self.block_time = block_time
+        # Ordered by each address's last failure, the stalest first; at most
+        # max_failures times each (blocked_for reads no more).
         self._failures: dict[str, list[float]] = {}
 
     def _recent(self, peer: str) -> list[float]:
@@ -120,7 +130,20 @@ class LoginGuard:
         try:
             _, avatar, logout = await self.portal.login(creds, None, interface)
         except error.UnauthorizedLogin:
-            self._failures.setdefault(peer, []).append(self.clock.seconds())
+            self._failed(peer)
             await task.deferLater(self.clock, self.failure_delay, lambda: None)
             raise
         return avatar, logout
+
+    def _failed(self, peer: str) -> None:
+        """Count a failure of ``peer``; forget a few addresses whose failures have all expired."""
+        now = self.clock.seconds()
+        times = self._failures.pop(peer, [])
+        times.append(now)
+        # Inserted again: the dict's order stays that of the last failures.
+        self._failures[peer] = times[-self.max_failures :]
+        for _ in range(_FORGET_PER_FAILURE):
+            stalest = next(iter(self._failures))
+            if self._failures[stalest][-1] > now - self.block_time:
+                break
+            del self._failures[stalest]

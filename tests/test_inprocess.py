@@ -60,6 +60,33 @@ def test_block_is_shared_by_smtp_and_pop3_and_ends():
     assert smtp.output().startswith("235")
 
 
+def test_failure_records_of_many_addresses_are_forgotten():
+    """The guard forgets an address once its failures are login_block_time old, so one failure a second from ever new
+    addresses keeps about block_time of them, not all; an address blocked meanwhile stays blocked until its time is up."""
+    platform = Platform(failure_delay=1.0, max_failures=3, block_time=300.0)
+
+    def fail(peer: str) -> str:
+        wire = greeted(platform.pop3(peer=peer), ehlo=False)
+        wire.send(f"AUTH PLAIN {PLAIN_WRONG}")
+        platform.clock.advance(1.0)
+        return wire.output()
+
+    for _ in range(3):
+        assert fail("192.0.2.9").startswith("-ERR")
+    sizes = []
+    for i in range(2000):
+        assert fail(f"10.0.{i // 250}.{i % 250}").startswith("-ERR")
+        sizes.append(len(platform.guard._failures))
+        if i == 200:
+            assert "Too many failed logins" in fail("192.0.2.9"), "pruning others keeps a blocked address"
+    # 300 s of failures, one a second, and the one that just came.
+    assert max(sizes) <= 302 and sizes[-1] >= 290, (max(sizes), sizes[-1])
+    assert "192.0.2.9" not in platform.guard._failures
+    wire = greeted(platform.pop3(peer="192.0.2.9"), ehlo=False)
+    wire.send(f"AUTH PLAIN {PLAIN_ALICE}")
+    assert "+OK Logged in" in wire.output()
+
+
 def test_smtp_idle_timeout():
     """A silent SMTP client hears 421 4.4.2 after idle_timeout and is disconnected; input resets the timer."""
     platform = Platform(smtp=SMTPLimits(idle_timeout=10.0))
