@@ -86,6 +86,8 @@ class SMTPLimits:
     max_command_line: int = 512
     max_text_line: int = 1000
     idle_timeout: float = 300.0
+    # Seconds for a client to finish its TLS handshake (on 465, or after STARTTLS).
+    tls_handshake_timeout: float = 30.0
     max_connections: int = 1000
     max_connections_per_ip: int = 50
     max_errors: int = 20
@@ -109,6 +111,8 @@ class POP3Settings:
     """[pop3]: limits and what happens to mail after download."""
 
     idle_timeout: float = 600.0
+    # Seconds for a client to finish its TLS handshake (on 995, or after STLS).
+    tls_handshake_timeout: float = 30.0
     max_connections: int = 1000
     max_connections_per_ip: int = 20
     # None: never; otherwise retrieved messages are removed after this many days.
@@ -545,6 +549,7 @@ def _smtp_limits(table: OptionReader) -> SMTPLimits:
         ),
         max_text_line=table.integer("max_text_line", d.max_text_line, at_least=1000, unit="of octets", fix="max_text_line = 1000 (RFC 5321 4.5.3.1.6)"),
         idle_timeout=table.number("idle_timeout", d.idle_timeout, unit="of seconds"),
+        tls_handshake_timeout=table.number("tls_handshake_timeout", d.tls_handshake_timeout, unit="of seconds"),
         max_connections=table.integer("max_connections", d.max_connections),
         max_connections_per_ip=table.integer("max_connections_per_ip", d.max_connections_per_ip),
         max_errors=table.integer("max_errors", d.max_errors),
@@ -595,6 +600,7 @@ def _pop3_settings(table: OptionReader) -> POP3Settings:
     d = POP3Settings()
     settings = POP3Settings(
         idle_timeout=table.number("idle_timeout", d.idle_timeout, unit="of seconds"),
+        tls_handshake_timeout=table.number("tls_handshake_timeout", d.tls_handshake_timeout, unit="of seconds"),
         max_connections=table.integer("max_connections", d.max_connections),
         max_connections_per_ip=table.integer("max_connections_per_ip", d.max_connections_per_ip),
         expire_days=table.number(

@@ -7,14 +7,17 @@ for what crosses a socket.
 
 from __future__ import annotations
 
+import poplib
 import smtplib
 import socket
+import ssl
 
 import pytest
 from twisted.logger import globalLogPublisher
 
-from conftest import message
+from conftest import message, wait_for
 from inprocess import Platform
+from mailplat.config import POP3Settings
 from mailplat.wire.lines import FORBIDDEN_VERBS, cross_protocol_verb
 
 
@@ -107,17 +110,137 @@ def test_http_verb_after_a_good_start_still_ends_the_session():
     assert wire.closed
 
 
+# --- TLS handshakes that never finish ---------------------------------------------------
+
+
+# Twisted's CertificateOptions still hands pyOpenSSL its own X509 objects.
+twisted_tls_warning = pytest.mark.filterwarnings("ignore:Passing pyOpenSSL (X509|PKey) objects is deprecated:DeprecationWarning")
+
+
+@pytest.fixture(scope="module")
+def tls_options(tmp_path_factory):
+    from mailplat.tls import load_server_context, make_self_signed
+
+    folder = tmp_path_factory.mktemp("tls")
+    make_self_signed("mail.example.org", str(folder / "cert.pem"), str(folder / "key.pem"))
+    return load_server_context(str(folder / "cert.pem"), str(folder / "key.pem"))
+
+
+def implicit_tls_session(platform: Platform, listener: str, tls_options):
+    """A connection to an implicit-TLS listener, through Twisted's TLS layer, from a client that sends nothing."""
+    from twisted.internet import address
+    from twisted.internet.testing import StringTransport
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+
+    from mailplat.pop3.server import POP3Factory
+    from mailplat.smtp.server import SMTPFactory
+
+    if listener == "pop3s":
+        factory = POP3Factory(platform.pop3_settings, platform.guard, tls_options, True, platform.clock)
+    else:
+        factory = SMTPFactory(
+            "mail.example.org", platform.smtp_limits, platform._smtp_args[0], platform.router, None, platform.clock,
+            tls=tls_options, submission=True, implicit_tls=True, login_guard=platform.guard, listener=listener,
+        )
+    peer = address.IPv4Address("TCP", "192.0.2.7", 40000)
+    protocol = TLSMemoryBIOFactory(tls_options, False, factory).buildProtocol(peer)
+    transport = StringTransport(peerAddress=peer)
+    protocol.makeConnection(transport)
+    return factory, protocol, transport
+
+
+@twisted_tls_warning
+@pytest.mark.parametrize("listener", ["submissions", "pop3s"])
+def test_silent_tls_client_is_aborted_at_the_handshake_timeout(listener, tls_options):
+    """A client that never finishes its TLS handshake counts against the limits from the start and is aborted at tls_handshake_timeout (not before), with a log line."""
+    from mailplat.config import SMTPLimits
+
+    platform = Platform(smtp=SMTPLimits(tls_handshake_timeout=30.0, idle_timeout=10.0), pop3=POP3Settings(tls_handshake_timeout=30.0, idle_timeout=10.0))
+    factory, _, transport = implicit_tls_session(platform, listener, tls_options)
+    assert factory.connections.per_ip["192.0.2.7"] == 1
+    platform.clock.advance(29.0)  # the idle timeout has fired: its close waits for the handshake
+    assert not transport.disconnected
+    events, stop = capture_log()
+    try:
+        platform.clock.advance(1.5)
+    finally:
+        stop()
+    assert transport.disconnected
+    assert len(logged(events, "TLS handshake from 192.0.2.7 not finished within 30 s")) == 1
+
+
+@twisted_tls_warning
+@pytest.mark.parametrize("listener", ["submissions", "pop3s"])
+def test_finished_handshake_cancels_the_deadline(listener, tls_options):
+    """Once Twisted's TLS layer reports the handshake done, the deadline is gone: only the idle timeout applies."""
+    from mailplat.config import SMTPLimits
+
+    platform = Platform(smtp=SMTPLimits(tls_handshake_timeout=5.0), pop3=POP3Settings(tls_handshake_timeout=5.0))
+    _, protocol, transport = implicit_tls_session(platform, listener, tls_options)
+    protocol.wrappedProtocol.handshakeCompleted()
+    platform.clock.advance(60.0)
+    assert not transport.disconnected
+
+
 # --- over the wire --------------------------------------------------------------------
+
+
+HANDSHAKE_TIMEOUT = 0.5
+WIRE_CONFIG = f"""
+[smtp]
+tls_handshake_timeout = {HANDSHAKE_TIMEOUT}
+[pop3]
+tls_handshake_timeout = {HANDSHAKE_TIMEOUT}
+"""
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """One server for this module's wire tests."""
-    from conftest import BASE_CONFIG, MailplatServer
+    """One server for this module's wire tests, with a short TLS handshake timeout."""
+    from conftest import BASE_CONFIG, MailplatServer, merge_toml
 
-    s = MailplatServer(tmp_path_factory.mktemp("hostile"), BASE_CONFIG).start()
+    s = MailplatServer(tmp_path_factory.mktemp("hostile"), merge_toml(BASE_CONFIG, WIRE_CONFIG)).start()
     yield s
     s.stop()
+
+
+def tls_client_context() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def half_a_client_hello() -> bytes:
+    """The first half of a real TLS ClientHello."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = tls_client_context().wrap_bio(incoming, outgoing, server_hostname="mail.example.org")
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    hello = outgoing.read()
+    assert len(hello) > 100
+    return hello[: len(hello) // 2]
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    """Reads until the server closes (EOF or reset); a socket timeout (10 s) means it never did."""
+    sock.settimeout(10)
+    try:
+        while sock.recv(65536):
+            pass
+    except ConnectionResetError:
+        pass
+    return True
+
+
+def read_line(sock: socket.socket) -> bytes:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(1)
+        if not chunk:
+            raise ConnectionError(f"closed after {data!r}")
+        data += chunk
+    return data
 
 
 def read_until_closed(sock: socket.socket) -> bytes:
@@ -145,3 +268,52 @@ def test_http_post_over_the_wire_delivers_nothing(server, listener):
     probe(server)
     assert not [m for m in server.messages("alice@example.org") if b"alpaca" in m]
     assert "cross-protocol request" in server.log()
+
+
+@pytest.mark.parametrize("listener", ["submissions", "pop3s"])
+@pytest.mark.parametrize("sends", ["nothing", "half a ClientHello"])
+def test_unfinished_implicit_tls_handshake_is_closed(server, listener, sends):
+    """On 465 and 995 a client that sends nothing, or stops inside its ClientHello, is disconnected at tls_handshake_timeout; the server goes on serving."""
+    sock = socket.create_connection(("127.0.0.1", server.ports[listener]), timeout=10)
+    if sends != "nothing":
+        sock.sendall(half_a_client_hello())
+    assert closed_by_server(sock)
+    sock.close()
+    probe(server)
+    client = poplib.POP3_SSL("127.0.0.1", server.ports["pop3s"], context=tls_client_context(), timeout=20)
+    client.user("alice@example.org")
+    client.pass_("alice-password")
+    client.quit()
+
+
+@pytest.mark.parametrize("listener, command", [("submission", b"EHLO x\r\nSTARTTLS\r\n"), ("smtp", b"EHLO x\r\nSTARTTLS\r\n"), ("pop3", b"STLS\r\n")])
+def test_unfinished_handshake_after_starttls_is_closed(server, listener, command):
+    """After STARTTLS or STLS, a client that never starts its handshake is disconnected at tls_handshake_timeout."""
+    sock = socket.create_connection(("127.0.0.1", server.ports[listener]), timeout=10)
+    read_line(sock)
+    sock.sendall(command)
+    replies = []
+    while not replies or not replies[-1].startswith((b"220 ", b"+OK")):
+        replies.append(read_line(sock))
+    assert closed_by_server(sock)
+    sock.close()
+    assert f"not finished within {HANDSHAKE_TIMEOUT:g} s" in server.log()
+    probe(server)
+
+
+def test_unfinished_handshakes_count_against_the_per_address_limit(make_server):
+    """Connections still in their TLS handshake hold a slot of max_connections_per_ip until the handshake timeout frees it."""
+    server = make_server("[pop3]\nmax_connections_per_ip = 2\ntls_handshake_timeout = 3.0\n")
+    silent = [socket.create_connection(("127.0.0.1", server.ports["pop3s"]), timeout=10) for _ in range(2)]
+    context = tls_client_context()
+    with context.wrap_socket(socket.create_connection(("127.0.0.1", server.ports["pop3s"]), timeout=10), server_hostname="mail.example.org") as third:
+        assert read_line(third).startswith(b"-ERR [SYS/TEMP] too many connections")
+    for sock in silent:
+        assert closed_by_server(sock)
+        sock.close()
+
+    def greeted() -> bool:
+        with context.wrap_socket(socket.create_connection(("127.0.0.1", server.ports["pop3s"]), timeout=10), server_hostname="mail.example.org") as again:
+            return read_line(again).startswith(b"+OK")
+
+    wait_for(greeted, what="a free slot after the handshake timeout")

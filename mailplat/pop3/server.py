@@ -28,7 +28,7 @@ from mailplat.interfaces import IMaildrop, MaildropInUse, TemporaryFailure
 from mailplat.numerals import is_digits
 from mailplat.plugins import call
 from mailplat.wire import sasl
-from mailplat.wire.connections import ConnectionCounter, set_no_delay
+from mailplat.wire.connections import ConnectionCounter, TLSHandshakeDeadline, set_no_delay
 from mailplat.wire.dotstuff import DotStuffedSender
 from mailplat.wire.lines import CommandReader, describe_failure
 
@@ -73,7 +73,7 @@ class TopReader:
         self.source.close()
 
 
-class POP3Server(CommandReader, pop3.POP3):
+class POP3Server(CommandReader, TLSHandshakeDeadline, pop3.POP3):
     """One POP3 session (RFC 1939) with STLS, CAPA and SASL PLAIN and LOGIN (RFC 2595, 2449, 5034)."""
 
     factory: POP3Factory  # type: ignore[assignment]  # Twisted's POP3 declares it None
@@ -101,6 +101,9 @@ class POP3Server(CommandReader, pop3.POP3):
 
     def connectionMade(self) -> None:
         self.peer = getattr(self.transport.getPeer(), "host", "unknown")
+        if self.factory.implicit_tls:
+            # Before the limits: even the refusal goes out only after the handshake.
+            self.expect_tls_handshake(self.factory.clock, self.settings.tls_handshake_timeout)
         refusal = self.factory.connections.admit(self.peer)
         if refusal:
             self.transport.write(f"-ERR [SYS/TEMP] {refusal}, try again later\r\n".encode())
@@ -114,6 +117,7 @@ class POP3Server(CommandReader, pop3.POP3):
 
     def connectionLost(self, reason: Any = None) -> None:
         self.setTimeout(None)
+        self.forget_tls_handshake()
         if self.maildrop is not None:
             # RFC 1939 6: without QUIT nothing is deleted.
             maildrop, self.maildrop = self.maildrop, None
@@ -128,6 +132,10 @@ class POP3Server(CommandReader, pop3.POP3):
         call(maildrop.close).addErrback(
             lambda f: log.error("{session} pop3 maildrop close failed: {error}", session=self.session, error=describe_failure(f))
         )
+
+    def tls_handshake_timed_out(self) -> None:
+        log.info("{session} pop3 TLS handshake from {peer} not finished within {seconds:g} s, closing",
+                 session=self.session, peer=self.peer, seconds=self.settings.tls_handshake_timeout)
 
     def timeoutConnection(self) -> None:
         self.failResponse("[SYS/TEMP] idle for too long, closing the connection")
@@ -210,6 +218,7 @@ class POP3Server(CommandReader, pop3.POP3):
         # pipelined in clear text inside TLS (CVE-2011-0411's POP3 twin).
         self.discard_pending_input()
         self.transport.startTLS(self.factory.tls)
+        self.expect_tls_handshake(self.factory.clock, self.settings.tls_handshake_timeout)
         self.tls = True
         self.user = None
 

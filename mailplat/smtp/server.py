@@ -34,7 +34,7 @@ from mailplat.smtp.filtering import FilterChain, Outcome, header_block
 from mailplat.smtp.policy import Destination, RecipientRefused, RecipientSyntax, classify_recipient, may_send_as
 from mailplat.smtp.receiving import DataDecoder, Spool, SpoolFile
 from mailplat.wire import sasl
-from mailplat.wire.connections import ConnectionCounter, set_no_delay
+from mailplat.wire.connections import ConnectionCounter, TLSHandshakeDeadline, set_no_delay
 from mailplat.wire.lines import CommandReader, describe_failure
 
 __all__ = ["SMTPFactory", "SMTPServer"]
@@ -92,7 +92,7 @@ _SASL_REPLIES = {
 }
 
 
-class SMTPServer(CommandReader, smtp.ESMTP):
+class SMTPServer(CommandReader, TLSHandshakeDeadline, smtp.ESMTP):
     """One SMTP session on the MX port: mail for our domains only."""
 
     def __init__(self, factory: SMTPFactory) -> None:
@@ -126,6 +126,9 @@ class SMTPServer(CommandReader, smtp.ESMTP):
 
     def connectionMade(self) -> None:
         self.peer = getattr(self.transport.getPeer(), "host", "unknown")
+        if self.factory.implicit_tls:
+            # Before the limits: even the refusal goes out only after the handshake.
+            self.expect_tls_handshake(self.factory.clock, self.limits.tls_handshake_timeout)
         refusal = self.factory.connections.admit(self.peer)
         if refusal:
             log.info("{session} refused {peer}: {why}", session=self.session, peer=self.peer, why=refusal)
@@ -180,6 +183,7 @@ class SMTPServer(CommandReader, smtp.ESMTP):
 
     def connectionLost(self, reason: Any = None) -> None:
         self.setTimeout(None)
+        self.forget_tls_handshake()
         self._abort_data()
         if self._counted:
             self._counted = False
@@ -188,6 +192,10 @@ class SMTPServer(CommandReader, smtp.ESMTP):
 
     def greeting(self) -> bytes:
         return self.host + b" ESMTP mailplat"
+
+    def tls_handshake_timed_out(self) -> None:
+        log.info("{session} TLS handshake from {peer} not finished within {seconds:g} s, closing",
+                 session=self.session, peer=self.peer, seconds=self.limits.tls_handshake_timeout)
 
     def timeoutConnection(self) -> None:
         self.reply(421, "4.4.2", f"{self.factory.hostname} idle for too long, closing the connection")
@@ -415,6 +423,7 @@ class SMTPServer(CommandReader, smtp.ESMTP):
         # text and must not be executed inside the TLS session.
         self.discard_pending_input()
         self.transport.startTLS(self.ctx)
+        self.expect_tls_handshake(self.factory.clock, self.limits.tls_handshake_timeout)
         self.startedTLS = True
         # RFC 3207 4.2: forget everything learnt before TLS.
         self._helo = None
