@@ -18,7 +18,7 @@ from zope.interface import implementer
 from inprocess import SyncThreadPool
 from mailplat.addresses import AliasResolver
 from mailplat.config import RelaySettings
-from mailplat.interfaces import Account, IDeliveryBackend, SpooledMessage, TemporaryFailure
+from mailplat.interfaces import Account, IDeliveryBackend, PartialFailure, PermanentFailure, SpooledMessage, TemporaryFailure
 from mailplat.plugins import call
 from mailplat.queue.runner import QueueRunner
 from mailplat.queue.store import Queue
@@ -141,5 +141,82 @@ def test_gives_up_after_max_age_and_bounces(tmp_path):
         assert delivery.delivered == [("bob@example.org",)]
         assert delivery.attempts == [0.0, 600.0, 1800.0, 4200.0, 4200.0, 4200.0, 4800.0]
         reactor.pump(lambda: runner.queue.ids() == [] and not runner.in_flight)
+    finally:
+        stop(runner, reactor)
+
+
+@implementer(IDeliveryBackend)
+class PerRecipient:
+    """Local delivery whose answer depends on the recipient: ``permanent`` ones never take mail,
+    ``temporary`` ones not yet; the others (the sender's bounces among them) get it, noted with the time."""
+
+    def __init__(self, clock: task.Clock, permanent: set[str], temporary: set[str]) -> None:
+        self.clock = clock
+        self.permanent = permanent
+        self.temporary = temporary
+        self.delivered: list[tuple[float, str, str, bytes]] = []
+
+    def deliver(self, envelope, message) -> None:
+        failed = {}
+        for account in envelope.recipients:
+            if account.address in self.permanent:
+                failed[account] = PermanentFailure("no such mailbox")
+            elif account.address in self.temporary:
+                failed[account] = TemporaryFailure("mailbox server busy")
+            else:
+                with message.open() as f:
+                    self.delivered.append((self.clock.seconds(), envelope.sender, account.address, f.read()))
+        if failed:
+            raise PartialFailure(failed)
+
+    def bounces(self) -> list[tuple[float, bytes]]:
+        return [(when, content) for when, sender, _, content in self.delivered if sender == ""]
+
+
+def test_permanent_failure_bounces_at_once_and_the_final_bounce_only_the_rest(tmp_path):
+    """A recipient that fails permanently is bounced on that attempt, while another still retries; when that one
+    is given up, the second bounce names only it: one DSN per batch, never two for a recipient."""
+    reactor = ClockReactor()
+    delivery = PerRecipient(reactor, permanent={"gone@example.org"}, temporary={"slow@example.org"})
+    runner = runner_for(tmp_path, delivery, reactor, retry_initial=600.0, retry_max=3600.0, max_age=3000.0)
+    try:
+        content = b"Subject: to three\r\n\r\nHello.\r\n"
+        done: list = []
+        runner.enqueue(
+            "Q1", "bob@example.org", ["gone@example.org", "slow@example.org", "alice@example.org"],
+            SpooledMessage("", len(content), "bob@example.org", content),
+        ).addBoth(done.append)
+        reactor.pump(lambda: done and not runner.in_flight)
+        [(when, first)] = delivery.bounces()
+        assert when == 0.0
+        assert b"Final-Recipient: rfc822; gone@example.org" in first and b"slow@example.org" not in first
+        assert [r.state for r in runner.queue.load("Q1").recipients] == ["failed", "pending", "done"]
+        # slow@ is tried at 600 and 1800; at 4200 it is past max_age and given up.
+        for expected in (600.0, 1800.0, 4200.0):
+            reactor.advance(expected - reactor.seconds())
+            reactor.pump(lambda: not runner.in_flight)
+        reactor.pump(lambda: runner.queue.ids() == [] and not runner.in_flight)
+        assert [when for when, _ in delivery.bounces()] == [0.0, 4200.0]
+        last = delivery.bounces()[1][1]
+        assert b"Final-Recipient: rfc822; slow@example.org" in last and b"gone@example.org" not in last
+        assert b"Status: 4.4.7" in last
+    finally:
+        stop(runner, reactor)
+
+
+def test_every_recipient_failing_at_once_is_one_bounce(tmp_path):
+    """Two recipients that fail permanently in the same attempt are told in one DSN, and the message leaves the queue."""
+    reactor = ClockReactor()
+    delivery = PerRecipient(reactor, permanent={"gone@example.org", "left@example.org"}, temporary=set())
+    runner = runner_for(tmp_path, delivery, reactor)
+    try:
+        content = b"Subject: to two\r\n\r\nHello.\r\n"
+        done: list = []
+        runner.enqueue(
+            "Q1", "bob@example.org", ["gone@example.org", "left@example.org"], SpooledMessage("", len(content), "bob@example.org", content),
+        ).addBoth(done.append)
+        reactor.pump(lambda: done and runner.queue.ids() == [] and not runner.in_flight)
+        [(_, dsn)] = delivery.bounces()
+        assert b"Final-Recipient: rfc822; gone@example.org" in dsn and b"Final-Recipient: rfc822; left@example.org" in dsn
     finally:
         stop(runner, reactor)

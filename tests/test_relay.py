@@ -8,11 +8,14 @@ import signal
 import smtplib
 import socket
 import ssl
+import stat
 import subprocess
+import time
 
 import pytest
+import srslib
 
-from conftest import MAILPLAT, message, wait_for
+from conftest import BASE_CONFIG, MAILPLAT, merge_toml, message, wait_for
 from dnsserver import DNSServer
 
 ALICE = ("alice@example.org", "alice-password")
@@ -65,16 +68,25 @@ def dns(remote):
             "a-only.test": {"A": ["127.0.0.1"]},
             "six.test": {"MX": [[10, "mx.six.test"]]},
             "mx.six.test": {"AAAA": ["::1"]},
+            # Nothing listens on 127.0.0.2: every attempt fails at connect.
+            "offline.test": {"MX": [[10, "mx.offline.test"]]},
+            "mx.offline.test": {"A": ["127.0.0.2"]},
+            # Its best MX is our own hostname.
+            "loop.test": {"MX": [[10, "mail.example.org"]]},
+            "mail.example.org": {"A": ["127.0.0.1"]},
+            # Another name for us (a test's relay port is then its own SMTP port).
+            "mirror.test": {"MX": [[10, "mx.mirror.test"]]},
+            "mx.mirror.test": {"A": ["127.0.0.1"]},
         }
     })
     yield server
     server.stop()
 
 
-def sender_server(make_server, dns, remote, retry: float = 1, relay: str = ""):
-    """Our server: MX lookups through the test DNS server, remote port = the other mailplat's."""
+def sender_server(make_server, dns, remote, retry: float = 1, relay: str = "", extra: str = ""):
+    """Our server: MX lookups through the test DNS server, remote port = the other mailplat's; ``extra`` TOML merged in."""
     return make_server(
-        f"[dns]\nservers = [\"127.0.0.1:{dns.port}\"]\n[relay]\nport = {remote.port}\nretry_initial = {retry}\n{relay}", name="local"
+        f"[dns]\nservers = [\"127.0.0.1:{dns.port}\"]\n[relay]\nport = {remote.port}\nretry_initial = {retry}\n{relay}\n{extra}", name="local"
     )
 
 
@@ -319,3 +331,122 @@ def test_small_and_large_messages_relay_whole(make_server, dns, remote, size):
     wait_for(lambda: "removed from the queue" in local.log(), what="the queue to empty")
     assert not list((local.root / "var" / "queue" / "msg").iterdir())
     assert not list((local.root / "var" / "queue" / "env").iterdir())
+
+
+# --- bounces at once, forwarding, SRS, loops ---------------------------------------------
+
+
+def dsn_recipients(dsn: email.message.EmailMessage) -> list[str]:
+    status = next(p for p in dsn.iter_parts() if p.get_content_type() == "message/delivery-status").as_string()
+    return [line.split(";", 1)[1].strip() for line in status.splitlines() if line.startswith("Final-Recipient:")]
+
+
+def test_permanent_failure_bounces_before_the_others_are_done(make_server, dns, remote):
+    """A 5xx bounces at once while another recipient still retries; that one's bounce comes later and names only it."""
+    local = sender_server(make_server, dns, remote, relay="max_age = 3\n")
+    submit(local, ["nobody@elsewhere.test", "carol@offline.test"], "bounce-at-once")
+    wait_for(lambda: len(bounces(local)) == 2, timeout=30, what="both bounces")
+    first, second = bounces(local)
+    assert dsn_recipients(first) == ["nobody@elsewhere.test"]
+    assert dsn_recipients(second) == ["carol@offline.test"] and "Status: 4.4.7" in second.as_string()
+    log = local.log()
+    # The first bounce went out before carol@offline.test was given up (not at the end, with it).
+    assert log.index("bounce ") < log.index("<carol@offline.test> failed: gave up")
+    wait_for(lambda: "removed from the queue" in local.log(), what="the queue to empty")
+    assert len(bounces(local)) == 2
+
+
+FORWARDING = """\
+[aliases]
+"list@example.org" = ["alice@example.org", "carol@elsewhere.test"]
+"fwd@example.org" = "nobody@elsewhere.test"
+"""
+
+
+def srs_secret(server) -> str:
+    path = server.root / "var" / "srs.secret"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    return next(line for line in path.read_text().splitlines() if line and not line.startswith("#"))
+
+
+def mx_send(port: int, sender: str, rcpt: str, subject: str) -> tuple[int, bytes]:
+    """Mail from an unauthenticated client on the MX port: the RCPT's reply, or DATA's once RCPT is accepted."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=20) as client:
+        client.ehlo("mx.sender.test")
+        client.mail(sender)
+        code, text = client.rcpt(rcpt)
+        if code != 250:
+            return code, text
+        return client.data(message(subject, sender=sender or "mailer-daemon@elsewhere.test", to=rcpt))
+
+
+def test_forwarding_alias_on_the_mx_relays_with_srs_and_bounces_come_back(make_server, dns, remote):
+    """Mail from anyone to an alias with a target elsewhere reaches it with an SRS sender that SRS with our secret
+    reverses to the original; a bounce to that address on our MX goes back to the original sender, from <>."""
+    local = sender_server(make_server, dns, remote, extra=FORWARDING)
+    assert mx_send(local.port, "carol@elsewhere.test", "list@example.org", "to-the-list")[0] == 250
+    wait_for(lambda: relayed(remote, "to-the-list"), what="the forwarded copy")
+    assert any(b"Subject: to-the-list" in m for m in local.messages("alice@example.org"))
+    forwarded = next(m for m in remote.messages("carol@elsewhere.test") if b"Subject: to-the-list" in m)
+    return_path = forwarded.split(b"\r\n", 1)[0].decode()
+    assert return_path.startswith("Return-Path: <SRS0=") and return_path.endswith("=elsewhere.test=carol@mail.example.org>"), return_path
+    srs_address = return_path.removeprefix("Return-Path: <").removesuffix(">")
+    assert srslib.SRS(srs_secret(local)).reverse(srs_address) == "carol@elsewhere.test"
+    # The remote bounces later, to the SRS address: our MX takes it and sends it on to carol, from <>.
+    assert mx_send(local.port, "", srs_address, "late-bounce")[0] == 250
+    wait_for(lambda: relayed(remote, "late-bounce"), what="the bounce sent back")
+    late = next(m for m in remote.messages("carol@elsewhere.test") if b"Subject: late-bounce" in m)
+    assert late.startswith(b"Return-Path: <>")
+
+
+def test_bounce_of_a_forwarded_copy_reaches_the_original_sender(make_server, dns, remote):
+    """When the next hop refuses a forwarded copy, our bounce goes to the original sender, not to the SRS address."""
+    local = sender_server(make_server, dns, remote, extra=FORWARDING)
+    assert mx_send(local.port, "carol@elsewhere.test", "fwd@example.org", "forward-refused")[0] == 250
+
+    def reports() -> list[bytes]:
+        return [m for m in remote.messages("carol@elsewhere.test") if b"multipart/report" in m]
+
+    wait_for(reports, timeout=20, what="the bounce at the original sender")
+    [dsn] = reports()
+    assert dsn.startswith(b"Return-Path: <>") and b"Final-Recipient: rfc822; nobody@elsewhere.test" in dsn
+    assert b"Subject: forward-refused" in dsn
+
+
+def test_invalid_srs_addresses_are_refused_and_nothing_else_relays(make_server, dns, remote):
+    """On the MX, an SRS address with a hash we did not make, or an expired one, is 550 5.1.1; an outside address is still 550 5.7.1."""
+    local = sender_server(make_server, dns, remote, extra=FORWARDING)
+    secret = srs_secret(local)
+    srs = srslib.SRS(secret)
+    good = srs.forward("carol@elsewhere.test", "mail.example.org")
+    old = srs.generate_ts(time.time() - 30 * 86400)
+    expired = f"SRS0={srs.generate_hash(old + 'elsewhere.test' + 'carol', secret.encode(), 4)}={old}=elsewhere.test=carol@mail.example.org"
+    for address in (good.replace("=elsewhere.test=carol@", "=victim.test=carol@"), expired, srslib.SRS("guess").forward("a@victim.test", "mail.example.org")):
+        code, text = mx_send(local.port, "", address, "refused")
+        assert (code, text[:5]) == (550, b"5.1.1"), (address, code, text)
+    code, text = mx_send(local.port, "x@sender.test", "carol@elsewhere.test", "open-relay")
+    assert (code, text[:5]) == (550, b"5.7.1")
+    assert not relayed(remote, "refused") and not relayed(remote, "open-relay")
+
+
+def test_forward_whose_best_mx_is_ourselves_bounces_as_a_loop(make_server, dns, remote):
+    """An alias whose target's domain has us as its best MX bounces at once with 5.4.6, instead of mailing itself."""
+    local = sender_server(make_server, dns, remote, extra='[aliases]\n"loop@example.org" = "someone@loop.test"\n')
+    submit(local, ["loop@example.org"], "loops")
+    wait_for(lambda: bounces(local), what="the bounce")
+    text = bounces(local)[0].as_string()
+    assert "Status: 5.4.6" in text and "loops back to myself" in text
+
+
+def test_next_hop_that_greets_with_our_name_bounces_as_a_loop(make_server, dns):
+    """A next hop that turns out to be ourselves (it greets with our hostname) is a loop: 5.4.6, at once."""
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    config = merge_toml(BASE_CONFIG.replace('smtp = "tcp:0:', f'smtp = "tcp:{port}:', 1), f'[dns]\nservers = ["127.0.0.1:{dns.port}"]\n[relay]\nport = {port}\n')
+    local = make_server(config=config, name="mirror")
+    submit(local, ["someone@mirror.test"], "mirrored")
+    wait_for(lambda: bounces(local), what="the bounce")
+    text = bounces(local)[0].as_string()
+    assert "Status: 5.4.6" in text and "greets with our own name" in text

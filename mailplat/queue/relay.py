@@ -192,6 +192,10 @@ async def _start_session(client: SMTPClient, name: str, helo: str, settings: Rel
     greeting = await client.greeting(settings.greeting_timeout)
     if greeting.code != 220:
         return greeting
+    if greeting.text.split(" ", 1)[0].lower() == helo.lower():
+        # We are talking to ourselves (an MX or A record that names another
+        # host but reaches us): sending would loop, so it bounces, as in Postfix.
+        raise PermanentFailure(f"mail for {name} loops back to myself (it greets with our own name, {helo})")
     hello = await client.hello(helo, timeout)
     if client.offers("STARTTLS"):
         options = _verifying_options(name, settings.ca_file) if tls == "verify" else ssl.CertificateOptions(verify=False)

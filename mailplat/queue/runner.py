@@ -40,6 +40,8 @@ log = Logger()
 
 # Messages relayed at once.
 _CONCURRENCY = 50
+# What a failure says when the next hop is ourselves (Postfix's words; status 5.4.6).
+_LOOP = "loops back to myself"
 
 
 class QueueRunner(service.Service):
@@ -245,6 +247,11 @@ class QueueRunner(service.Service):
                 await self._save(message)
         if message.finished:
             await self._finish(message)
+        elif any(r.state == FAILED and not r.bounced for r in message.recipients):
+            # A permanent failure is told at once, not when the last of the
+            # other recipients is done (up to max_age later).
+            await self._bounce_failed(message)
+            await self._save(message)
 
     async def _relay_domain(self, message: QueuedMessage, domain: str, recipients: list[QueuedRecipient]) -> None:
         addresses = [r.address for r in recipients]
@@ -280,7 +287,7 @@ class QueueRunner(service.Service):
                 assert error is not None
                 r.last_error = error.text
                 permanent = isinstance(error, PermanentFailure)
-                r.status = "5.1.10" if permanent and "null MX" in error.text else ("5.4.4" if permanent else "4.4.1")
+                r.status = "4.4.1" if not permanent else "5.1.10" if "null MX" in error.text else "5.4.6" if _LOOP in error.text else "5.4.4"
             self._failed(message, r, permanent, now)
 
     def _failed(self, message: QueuedMessage, r: QueuedRecipient, permanent: bool, now: float) -> None:
@@ -330,12 +337,25 @@ class QueueRunner(service.Service):
             if not addresses:
                 raise TemporaryFailure(f"no address found for the smarthost {host}")
             return [(host, address, int(port)) for address in addresses]
-        return await find_hosts(domain, self.dns, self.relay.port)
+        hosts = await find_hosts(domain, self.dns, self.relay.port)
+        # As Postfix: only the MX hosts preferred to ourselves; when we are the best, the mail would come back.
+        own = self.hostname.lower().rstrip(".")
+        better = next((i for i, host in enumerate(hosts) if host[0].lower().rstrip(".") == own), len(hosts))
+        if not better:
+            raise PermanentFailure(f"mail for {domain} {_LOOP} (its best MX host is {self.hostname})")
+        return hosts[:better]
 
-    async def _finish(self, message: QueuedMessage) -> None:
-        failed = [r for r in message.recipients if r.state == FAILED]
+    async def _bounce_failed(self, message: QueuedMessage) -> None:
+        """One bounce for the recipients that failed since the last one (never two for a recipient)."""
+        failed = [r for r in message.recipients if r.state == FAILED and not r.bounced]
         if failed and not is_bounce(message.sender):
             await self._bounce(message, failed)
+        # Marked once the bounce is stored: a crash in between sends it twice, never not at all.
+        for r in failed:
+            r.bounced = True
+
+    async def _finish(self, message: QueuedMessage) -> None:
+        await self._bounce_failed(message)
         # The envelope first: a crash then leaves an orphan message file, cleaned at start.
         then = "" if message.inline else self.queue.message_path(message.id)
         await self.committer.remove(self.queue.envelope_path(message.id), then=then)

@@ -37,6 +37,8 @@ class QueuedRecipient:
     last_error: str = ""
     status: str = ""  # enhanced status code of the last reply
     remote_mta: str = ""
+    # A failed recipient's sender has had its bounce (so the final one leaves it out).
+    bounced: bool = False
 
     @property
     def domain(self) -> str:
