@@ -115,6 +115,10 @@ class POP3Settings:
     tls_handshake_timeout: float = 30.0
     max_connections: int = 1000
     max_connections_per_ip: int = 20
+    # Invalid commands in a session before login, and after it; then -ERR
+    # and the connection is closed (Dovecot's limits).
+    max_errors_before_login: int = 10
+    max_errors: int = 20
     # None: never; otherwise retrieved messages are removed after this many days.
     expire_days: float | None = None
     on_delete: str = "remove"
@@ -603,6 +607,8 @@ def _pop3_settings(table: OptionReader) -> POP3Settings:
         tls_handshake_timeout=table.number("tls_handshake_timeout", d.tls_handshake_timeout, unit="of seconds"),
         max_connections=table.integer("max_connections", d.max_connections),
         max_connections_per_ip=table.integer("max_connections_per_ip", d.max_connections_per_ip),
+        max_errors_before_login=table.integer("max_errors_before_login", d.max_errors_before_login),
+        max_errors=table.integer("max_errors", d.max_errors),
         expire_days=table.number(
             "expire_days", None, unit="of days", fix="leave it out to keep retrieved mail, or e.g. expire_days = 30",
         ),

@@ -110,6 +110,98 @@ def test_http_verb_after_a_good_start_still_ends_the_session():
     assert wire.closed
 
 
+# --- POP3 sessions that only send garbage ----------------------------------------------
+
+
+def test_pop3_ten_invalid_commands_before_login_end_the_session():
+    """Nine invalid commands before login get -ERR each and the session goes on; the tenth gets -ERR and the connection is closed, with a log line."""
+    platform = Platform()
+    wire = platform.pop3()
+    wire.output()
+    for bad in ["FROB", "STAT", "RETR 1", b"X" * 2000, b"NOOP\x00", "USER", "", "AUTH FOO", "PASS x"]:
+        wire.send(bad)
+        assert wire.output().startswith("-ERR"), bad
+        assert not wire.closed, bad
+    wire.send("CAPA")
+    assert wire.output().startswith("+OK")
+    events, stop = capture_log()
+    try:
+        wire.send("LIST")
+    finally:
+        stop()
+    assert wire.lines() == ["-ERR Too many invalid commands, closing the connection"]
+    assert wire.closed
+    assert len(logged(events, "too many invalid commands")) == 1
+
+
+def test_pop3_twenty_invalid_commands_after_login_end_the_session():
+    """After login the count starts again and the limit is 20: the 20th invalid command ends the session."""
+    platform = Platform()
+    platform.mailboxes.stored["alice@example.org"] = [b"Subject: x\r\n\r\nbody\r\n"]
+    wire = platform.pop3()
+    wire.output()
+    for _ in range(9):
+        wire.send("FROB")
+    wire.send("USER alice@example.org")
+    wire.send("PASS alice-password")
+    assert wire.lines()[-1].startswith("+OK Logged in")
+    for number in range(19):
+        wire.send(f"RETR {number + 2}")
+        assert wire.output().startswith("-ERR No such message"), number
+    assert not wire.closed
+    wire.send("DELE 9")
+    assert wire.lines() == ["-ERR Too many invalid commands, closing the connection"]
+    assert wire.closed
+
+
+def test_pop3_refusals_with_a_response_code_are_not_counted():
+    """Refusals about the login or the server ([AUTH], [IN-USE], [SYS/TEMP]) are not invalid commands: twelve failed logins do not end the session."""
+    platform = Platform(failure_delay=0.0, max_failures=100)
+    wire = platform.pop3()
+    wire.output()
+    for _ in range(12):
+        wire.send("USER alice@example.org")
+        wire.send("PASS wrong")
+        platform.clock.advance(0)
+        assert wire.lines() == ["+OK Send PASS", "-ERR [AUTH] Authentication failed"]
+        wire.send("APOP alice@example.org 0123456789abcdef")
+        assert wire.output().startswith("-ERR [AUTH]")
+    assert not wire.closed
+
+
+def test_pop3_error_limits_are_settings():
+    """max_errors_before_login and max_errors come from [pop3]."""
+    platform = Platform(pop3=POP3Settings(max_errors_before_login=2))
+    wire = platform.pop3()
+    wire.output()
+    wire.send("FROB")
+    assert not wire.closed
+    wire.send("FROB")
+    assert wire.closed
+
+
+@pytest.mark.parametrize("password", ["two  spaces", " leading", "trailing ", "tab\tinside", "a b  c   d"])
+def test_pop3_password_is_the_rest_of_the_line(monkeypatch, password):
+    """USER/PASS: the password is everything after "PASS ", spaces (two in a row, leading, trailing) included (RFC 1939 7)."""
+    import inprocess
+
+    monkeypatch.setitem(inprocess.USERS, "carol@example.org", password)
+    platform = Platform()
+    wire = platform.pop3()
+    wire.output()
+    wire.send("USER carol@example.org")
+    wire.send(f"PASS {password}")
+    platform.clock.advance(2.0)
+    assert wire.lines() == ["+OK Send PASS", "+OK Logged in, 0 messages"]
+    # The same words with single spaces are another password.
+    other = platform.pop3(peer="192.0.2.2")
+    other.output()
+    other.send("USER carol@example.org")
+    other.send("PASS " + " ".join(password.split()))
+    platform.clock.advance(2.0)
+    assert other.lines() == ["+OK Send PASS", "-ERR [AUTH] Authentication failed"]
+
+
 # --- TLS handshakes that never finish ---------------------------------------------------
 
 
@@ -192,14 +284,15 @@ tls_handshake_timeout = {HANDSHAKE_TIMEOUT}
 [pop3]
 tls_handshake_timeout = {HANDSHAKE_TIMEOUT}
 """
+CAROL = ("carol@example.org", "two  spaces, and one at the end ")
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """One server for this module's wire tests, with a short TLS handshake timeout."""
-    from conftest import BASE_CONFIG, MailplatServer, merge_toml
+    """One server for this module's wire tests: a short TLS handshake timeout, and a user whose password has two spaces in a row."""
+    from conftest import BASE_CONFIG, USERS, MailplatServer, merge_toml
 
-    s = MailplatServer(tmp_path_factory.mktemp("hostile"), merge_toml(BASE_CONFIG, WIRE_CONFIG)).start()
+    s = MailplatServer(tmp_path_factory.mktemp("hostile"), merge_toml(BASE_CONFIG, WIRE_CONFIG), {**USERS, CAROL[0]: CAROL[1]}).start()
     yield s
     s.stop()
 
@@ -317,3 +410,23 @@ def test_unfinished_handshakes_count_against_the_per_address_limit(make_server):
             return read_line(again).startswith(b"+OK")
 
     wait_for(greeted, what="a free slot after the handshake timeout")
+
+
+def test_pop3_password_with_two_spaces_over_the_wire(server):
+    """USER/PASS with a password holding two spaces in a row and a trailing one logs in with poplib on pop3s."""
+    client = poplib.POP3_SSL("127.0.0.1", server.ports["pop3s"], context=tls_client_context(), timeout=20)
+    client.user(CAROL[0])
+    assert client.pass_(CAROL[1]).startswith(b"+OK")
+    client.quit()
+
+
+def test_pop3_invalid_commands_end_the_session_over_the_wire(server):
+    """Ten invalid commands pipelined before login: nine -ERR, then the closing -ERR, and the server closes the connection."""
+    sock = socket.create_connection(("127.0.0.1", server.ports["pop3"]), timeout=10)
+    read_line(sock)
+    sock.sendall(b"FROB\r\n" * 10)
+    got = b""
+    while chunk := sock.recv(65536):
+        got += chunk
+    sock.close()
+    assert got.splitlines() == [b"-ERR Unknown command: FROB"] * 9 + [b"-ERR Too many invalid commands, closing the connection"]

@@ -42,6 +42,10 @@ class ERR(Exception):
     def __init__(self, text: str, code: str = "") -> None:
         super().__init__(text)
         self.line = f"[{code}] {text}" if code else text
+        # With a response code the refusal is about the login or the server
+        # (AUTH, SYS/TEMP, IN-USE), not a malformed command: it is not counted
+        # against max_errors.
+        self.invalid = not code
 
 
 class TopReader:
@@ -96,6 +100,7 @@ class POP3Server(CommandReader, TLSHandshakeDeadline, pop3.POP3):
         self.retrieved: set[int] = set()
         self._sasl: sasl.SASLExchange | None = None  # the AUTH exchange, while one is open
         self._counted = False
+        self._errors = 0  # invalid commands, before login and then again after it
 
     # -- connection ---------------------------------------------------------
 
@@ -144,10 +149,21 @@ class POP3Server(CommandReader, TLSHandshakeDeadline, pop3.POP3):
     # -- input (CommandReader hooks) ------------------------------------------
 
     def line_too_long(self) -> None:
-        self.failResponse(f"Line too long (limit {self.max_command_line} octets)")
+        self._invalid(f"Line too long (limit {self.max_command_line} octets)")
 
     def bare_newline(self) -> None:
-        self.failResponse("Command lines must end with CRLF, not a bare LF")
+        self._invalid("Command lines must end with CRLF, not a bare LF")
+
+    def _invalid(self, text: str) -> None:
+        """-ERR for an invalid command; the one that reaches the limit ends the session instead (as Dovecot does)."""
+        self._errors += 1
+        limit = self.settings.max_errors if self.maildrop is not None else self.settings.max_errors_before_login
+        if self._errors < limit:
+            self.failResponse(text)
+            return
+        log.info("{session} pop3 too many invalid commands from {peer}, closing", session=self.session, peer=self.peer)
+        self.failResponse("Too many invalid commands, closing the connection")
+        self.transport.loseConnection()
 
     def cross_protocol_request(self, verb: str) -> None:
         log.info("{session} pop3 cross-protocol request from {peer}: {verb} as a command, closing", session=self.session, peer=self.peer, verb=verb)
@@ -170,6 +186,11 @@ class POP3Server(CommandReader, TLSHandshakeDeadline, pop3.POP3):
             raise ERR(f"{shown} is not valid in this state" if known else f"Unknown command: {shown}")
         method = getattr(self, handler)
         arguments = [w.decode("utf-8", "replace") for w in words[1:]]
+        if verb == b"PASS":
+            # RFC 1939 7: the password is the rest of the line, spaces
+            # included (two in a row, or at its ends).
+            password = line.lstrip().partition(b" ")[2]
+            arguments = [password.decode("utf-8", "replace")] if password else []
         if not _takes(method, len(arguments)):
             raise ERR(f"Wrong number of arguments for {verb.decode()}")
         return method(*arguments)
@@ -177,7 +198,10 @@ class POP3Server(CommandReader, TLSHandshakeDeadline, pop3.POP3):
     def command_failed(self, failure: Failure) -> None:
         """Every command's refusal (an ERR) and every bug end here, as one -ERR."""
         if isinstance(failure.value, ERR):
-            self.failResponse(failure.value.line)
+            if failure.value.invalid:
+                self._invalid(failure.value.line)
+            else:
+                self.failResponse(failure.value.line)
             return
         log.error("{session} internal error: {error}", session=self.session, error=describe_failure(failure))
         self.failResponse("[SYS/TEMP] Internal error, try again later")
@@ -231,15 +255,14 @@ class POP3Server(CommandReader, TLSHandshakeDeadline, pop3.POP3):
         self.user = name
         self.successResponse("Send PASS")
 
-    def do_PASS(self, *words: str) -> Any:
+    def do_PASS(self, password: str = "") -> Any:
         self._require_tls()
         if self.user is None:
             raise ERR("Send USER first")
-        if not words:
+        if not password:
             raise ERR("Syntax: PASS password")
         user, self.user = self.user, None
-        # RFC 1939 7: the password is the rest of the line, spaces included.
-        return self._login(user, " ".join(words))
+        return self._login(user, password)
 
     def do_APOP(self, *args: str) -> None:
         raise ERR("APOP is not supported: it needs passwords stored in clear", "AUTH")
@@ -308,6 +331,7 @@ class POP3Server(CommandReader, TLSHandshakeDeadline, pop3.POP3):
             raise
         self.maildrop = maildrop
         self.account = user.lower()
+        self._errors = 0
         log.info("{session} pop3 login {user} ({count} messages)", session=self.session, user=self.account, count=len(self.messages))
         self.successResponse(f"Logged in, {len(self.messages)} messages")
 
