@@ -12,7 +12,7 @@ from typing import Any
 from twisted.logger import globalLogBeginner
 
 from mailplat import doctor
-from mailplat.addresses import AddressError, validate_address
+from mailplat.addresses import AddressError, canonical, validate_address
 from mailplat.config import ConfigError, Settings, load
 from mailplat.interfaces import IUserManager
 
@@ -183,6 +183,11 @@ def user_command(settings: Settings, args: argparse.Namespace) -> int:
             # Mail for user+tag@domain is delivered to user@domain, so such a
             # mailbox could never receive anything.
             raise CommandError(f"{args.address!r}: '+' starts a subaddress tag (user+tag@ delivers to user@); choose an address without '+'")
+        if address in settings.aliases:
+            # Aliases resolve before mailboxes: this one would never get mail.
+            raise CommandError(
+                f'{address} is an alias ([aliases] "{address}" in {settings.path}); remove the alias first, or choose another address'
+            )
         password = _read_password(args.password_stdin)
         try:
             users.add_user(address, password)
@@ -195,6 +200,12 @@ def user_command(settings: Settings, args: argparse.Namespace) -> int:
         users.set_password(address, _read_password(args.password_stdin))
         print(f"changed the password of {address}")
     elif args.action == "del":
+        pointing = [source for source, targets in settings.aliases.items() if address in map(canonical, targets)]
+        if pointing:
+            # The server refuses to start with an alias whose target is no user.
+            raise CommandError(
+                f'{address} is the target of [aliases] "{pointing[0]}" in {settings.path}; remove it from the alias first'
+            )
         try:
             users.delete_user(address)
         except KeyError:

@@ -218,6 +218,29 @@ def test_unknown_user_refused(site):
     assert refused(user(site, "del", "nobody@example.org")) == "mailplat: no such user: nobody@example.org"
 
 
+def test_add_of_an_alias_and_del_of_an_alias_target_refused(site):
+    """`user add` of an address that is an alias, and `user del` of a user an alias points at, are refused with the fix."""
+    site.config_path.write_text(CONFIG + '\n[aliases]\n"Sales@example.org" = ["jo@example.org", "friend@elsewhere.test"]\n')
+    line = refused(user(site, "add", "sales@example.org", password="pw"))
+    assert line == f'mailplat: sales@example.org is an alias ([aliases] "sales@example.org" in {site.config_path}); remove the alias first, or choose another address'
+    assert not site.users_file.exists()
+    ok(user(site, "add", "jo@example.org", password="pw"))
+    line = refused(user(site, "del", "jo@example.org"))
+    assert line == f'mailplat: jo@example.org is the target of [aliases] "sales@example.org" in {site.config_path}; remove it from the alias first'
+    assert "jo@example.org" in site.hashes()
+
+
+def test_check_config_refuses_an_alias_to_no_user(site):
+    """check-config names an alias whose target in our domains is no user, and passes once the user exists; targets elsewhere need none."""
+    site.config_path.write_text(CONFIG + '\n[aliases]\n"sales@example.org" = ["jo@example.org", "friend@elsewhere.test"]\n')
+    ok(user(site, "add", "kim@example.org", password="pw"))
+    check = [MAILPLAT, "--config", str(site.config_path), "check-config"]
+    line = refused(subprocess.run(check, capture_output=True, text=True, timeout=60))
+    assert line.startswith(f'mailplat: {site.config_path}: [aliases] "sales@example.org": target jo@example.org is not a user or an alias; fix: ')
+    ok(user(site, "add", "jo@example.org", password="pw"))
+    ok(subprocess.run(check, capture_output=True, text=True, timeout=60))
+
+
 def test_broken_users_file_is_one_line(site):
     """A users file with a broken line makes `user` commands refuse with the file, the line number and the fix."""
     site.users_file.write_text("alice@example.org:{MD5}abc\n")
