@@ -415,7 +415,7 @@ def _dkim(path: str, table: dict[str, Any], domains: list[str], relative: Any) -
         selector = reader.take("selector", str, example='"mail"')
         if not re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*", selector):
             raise reader.error("selector", f"{selector!r} is not a DNS label", 'e.g. selector = "mail"')
-        key = relative(reader.take("key", str, example=f'"dkim/{name}.key"'))
+        key = relative(reader.path("key", what="a PEM private key", example=f'"dkim/{name}.key"'))
         from mailplat.mailauth.dkim import KeyFileError, load_private_key
 
         try:

@@ -260,6 +260,9 @@ class OptionReader:
             return None
         if not isinstance(value, str) or not value:
             raise self.error(key, f"must be the path of {what}, not {_given(value)}" if what else f"must be a path, not {_given(value)}", fix)
+        if "\0" in value:
+            # Every system call refuses it (Python raises ValueError), so no file could be opened.
+            raise self.error(key, f"{_given(value)} holds a NUL character (\\u0000), which no path can", fix or "remove it")
         if not self.folder:
             return value
         return os.path.normpath(os.path.join(self.folder, os.path.expanduser(value)))

@@ -54,6 +54,12 @@ def test_integers_are_64_bit_and_long_values_are_cut():
     assert len(e.problem) < 120 and e.problem.endswith("...")
 
 
+def test_path_with_a_nul_is_refused():
+    """A path holding a NUL character is a ConfigError, not the ValueError every later open() would raise."""
+    e = error(lambda: OptionReader({"p": "dir/a\0b"}, folder="/srv").path("p", what="a file"))
+    assert e.key == "p" and e.problem == '"dir/a\\u0000b" holds a NUL character (\\u0000), which no path can'
+
+
 def test_required_choice_and_strings():
     """A required key names what it is for; choice lists the choices; strings refuses a non-string item."""
     reader = OptionReader({"action": "drop", "zones": ["a.test", 3]})
