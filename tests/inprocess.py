@@ -115,6 +115,10 @@ class Wire:
         self.protocol = protocol
         self.transport = StringTransport(peerAddress=address.IPv4Address("TCP", peer, 40000))
         protocol.makeConnection(self.transport)
+        if protocol.factory.implicit_tls:
+            # TLS from the start: the handshake a StringTransport cannot do is
+            # taken as done, as Twisted's TLS layer would report it.
+            protocol.handshakeCompleted()
 
     def send(self, line: str | bytes) -> None:
         data = line.encode() if isinstance(line, str) else line
