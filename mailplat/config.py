@@ -107,6 +107,19 @@ class LoginSettings:
 
 
 @dataclass(frozen=True)
+class SubmissionSettings:
+    """[submission]: what an authenticated user may send, on both submission listeners."""
+
+    # Per account, counted in each process: a burst of this many, then this
+    # many an hour as the hour goes by; 0 turns the limit off.
+    max_messages_per_hour: int = 500
+    max_recipients_per_hour: int = 2000
+    # Account -> addresses it may also send as (MAIL FROM and the From:
+    # header), beyond its own and the aliases that resolve to it.
+    send_as: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class POP3Settings:
     """[pop3]: limits and what happens to mail after download."""
 
@@ -176,6 +189,7 @@ class Settings:
     workers: int = 1
     pop3: POP3Settings = field(default_factory=POP3Settings)
     login: LoginSettings = field(default_factory=LoginSettings)
+    submission: SubmissionSettings = field(default_factory=lambda: SubmissionSettings())
     relay: RelaySettings = field(default_factory=lambda: RelaySettings())
     dns_servers: tuple[tuple[str, int], ...] = ()
     filters: tuple[FilterSettings, ...] = ()
@@ -225,6 +239,10 @@ class Settings:
         lines += [f"{k} = {_toml(v)}" for k, v in vars(self.pop3).items() if v is not None]
         lines += ["", "[login]"]
         lines += [f"{k} = {_toml(v)}" for k, v in vars(self.login).items()]
+        submission = self.submission
+        lines += ["", "[submission]", f"max_messages_per_hour = {submission.max_messages_per_hour}"]
+        lines += [f"max_recipients_per_hour = {submission.max_recipients_per_hour}", "", "[submission.send_as]"]
+        lines += [f"{_toml(k)} = {_toml(list(v))}" for k, v in submission.send_as.items()]
         return "\n".join(lines) + "\n"
 
 
@@ -333,6 +351,7 @@ def _parse(path: str, data: dict[str, Any]) -> Settings:
     dkim = _dkim(path, top.take("dkim", dict, {}), domains, relative)
     filters = _filters(path, top.take("filter", list, [], example='[{ backend = "spamd" }] (write it as a [[filter]] table)'), listen)
     smtp = _smtp_limits(top.table("smtp"))
+    submission = _submission_settings(top.table("submission"), domains)
     pop3_reader = top.table("pop3")
     login = _login_settings(top.table("login"), pop3_reader)
     pop3 = _pop3_settings(pop3_reader)
@@ -340,13 +359,14 @@ def _parse(path: str, data: dict[str, Any]) -> Settings:
     return Settings(
         path=path, hostname=hostname, data_dir=data_dir, domains=tuple(domains), listen=listen, tls=tls,
         auth=auth, mailbox=mailbox, delivery=delivery, aliases=aliases, smarthost=smarthost, smtp=smtp, workers=workers, pop3=pop3,
+        submission=submission,
         relay=relay, dns_servers=tuple(servers), filters=filters, dkim=dkim, login=login, forwarding=forwarding,
     )
 
 
 _TOP_LEVEL_KEYS = [
     "hostname", "data_dir", "workers", "domains", "listen", "tls", "login", "auth", "mailbox", "delivery", "aliases", "forwarding",
-    "relay", "dns", "smtp", "pop3", "filter", "dkim",
+    "relay", "dns", "smtp", "submission", "pop3", "filter", "dkim",
 ]
 
 
@@ -617,6 +637,43 @@ def _pop3_settings(table: OptionReader) -> POP3Settings:
     )
     table.finish(list(vars(d)))
     return settings
+
+
+def _submission_settings(table: OptionReader, domains: list[str]) -> SubmissionSettings:
+    d = SubmissionSettings()
+    hourly = {
+        key: table.integer(key, getattr(d, key), at_least=0, fix=f"e.g. {key} = {getattr(d, key)}, or 0 for no limit")
+        for key in ("max_messages_per_hour", "max_recipients_per_hour")
+    }
+    send_as = _send_as(table.table("send_as", example='{ "alice@example.org" = ["alice@example.net"] }'), domains)
+    table.finish()
+    return SubmissionSettings(**hourly, send_as=send_as)
+
+
+def _send_as(table: OptionReader, domains: list[str]) -> dict[str, tuple[str, ...]]:
+    """[submission.send_as]: "user@one.of.the.domains" = ["address", ...], addresses compared without case or +tag."""
+    send_as: dict[str, tuple[str, ...]] = {}
+    for user in list(table.options):
+        targets = table.take(user, (str, list), example='["alice@example.net"]')
+        targets = [targets] if isinstance(targets, str) else targets
+        try:
+            account = canonical(validate_address(user.strip().lower()))
+        except AddressError as e:
+            raise table.error(_quote(user), str(e), 'name a user, e.g. "alice@example.org" = ["alice@example.net"]')
+        if account.rpartition("@")[2] not in domains:
+            raise table.error(_quote(user), f"{account} is not in one of the domains, so no user logs in as it", "name one of your users")
+        if account in send_as:
+            raise table.error(_quote(user), "is listed twice (addresses are case-insensitive, +tags ignored)", "keep one entry")
+        if not targets:
+            raise table.error(_quote(user), "has no addresses", 'give one address or a list, e.g. ["alice@example.net"]')
+        addresses = []
+        for target in targets:
+            try:
+                addresses.append(canonical(validate_address(str(target).strip().lower())))
+            except AddressError as e:
+                raise table.error(_quote(user), f"{target!r}: {e}", 'e.g. ["alice@example.net"]')
+        send_as[account] = tuple(dict.fromkeys(addresses))
+    return send_as
 
 
 # These were [pop3] keys while only POP3 had a login guard.  For one release

@@ -30,6 +30,7 @@ from mailplat.pop3.server import POP3Factory
 from mailplat.smtp.filtering import ConfiguredFilter, FilterChain
 from mailplat.queue.runner import QueueRunner
 from mailplat.queue.store import Queue
+from mailplat.smtp.quota import SendingQuota
 from mailplat.smtp.receiving import Spool
 from mailplat.smtp.server import SMTPFactory
 from mailplat.routing import Router
@@ -189,6 +190,9 @@ def make_service(
     login_guard = LoginGuard(
         portal, reactor, settings.login.auth_failure_delay, settings.login.max_login_failures, settings.login.login_block_time,
     )
+    # One count of what each user sends for both submission listeners, as the guard.
+    submission = settings.submission
+    quota = SendingQuota(reactor, submission.max_messages_per_hour, submission.max_recipients_per_hour)
 
     top = _StopInReverse()
     # The thread pools start first and stop last: every backend may use them.
@@ -218,6 +222,7 @@ def make_service(
                 submission=name != "smtp", implicit_tls=name == "submissions", login_guard=login_guard, listener=name,
                 filters=FilterChain([f for f in filters if name in f.settings.listeners], reactor),
                 signer=signer if name != "smtp" else None, signing_threads=threads.cpu,
+                quota=quota if name != "smtp" else None, send_as=submission.send_as,
             )
         else:
             factory = POP3Factory(settings.pop3, login_guard, tls, name == "pop3s", reactor)

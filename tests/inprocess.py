@@ -18,7 +18,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailplat.addresses import AliasResolver
-from mailplat.config import POP3Settings, SMTPLimits
+from mailplat.config import POP3Settings, SMTPLimits, SubmissionSettings
 from mailplat.cred import AuthBackendChecker, LoginGuard, MailRealm
 from mailplat.interfaces import (
     Account,
@@ -31,6 +31,7 @@ from mailplat.interfaces import (
 from mailplat.plugins import call
 from mailplat.pop3.server import POP3Factory
 from mailplat.routing import Router
+from mailplat.smtp.quota import SendingQuota
 from mailplat.smtp.server import SMTPFactory
 
 class SyncThreadPool:
@@ -142,7 +143,8 @@ class Platform:
     """The protocols of one mailplat, wired to in-memory backends and a Clock."""
 
     def __init__(self, failure_delay: float = 2.0, max_failures: int = 3, block_time: float = 300.0,
-                 smtp: SMTPLimits | None = None, pop3: POP3Settings | None = None) -> None:
+                 smtp: SMTPLimits | None = None, pop3: POP3Settings | None = None,
+                 submission: SubmissionSettings | None = None) -> None:
         self.clock = task.Clock()
         self.users = Users()
         self.mailboxes = Mailboxes()
@@ -153,6 +155,9 @@ class Platform:
         self.router = Router(self.mailboxes)
         self._smtp_args = (resolver,)
         self.pop3_settings = pop3 or POP3Settings()
+        self.submission = submission or SubmissionSettings()
+        # Shared by every submission session, as the service shares one.
+        self.quota = SendingQuota(self.clock, self.submission.max_messages_per_hour, self.submission.max_recipients_per_hour)
 
     def smtp(self, listener: str = "submissions", peer: str = "192.0.2.1", spool: Any = None) -> Wire:
         """A session on an SMTP listener; "submissions" is TLS from the start, as a
@@ -160,6 +165,7 @@ class Platform:
         factory = SMTPFactory(
             "mail.example.org", self.smtp_limits, self._smtp_args[0], self.router, spool, self.clock,
             submission=listener != "smtp", implicit_tls=listener == "submissions", login_guard=self.guard, listener=listener,
+            quota=self.quota if listener != "smtp" else None, send_as=self.submission.send_as,
         )
         return Wire(factory.buildProtocol(None), peer)
 

@@ -368,3 +368,20 @@ def test_bad_login_value_in_pop3_names_pop3(tmp_path):
     result, _ = load_with(tmp_path, "[pop3]\nlogin_block_time = -5\n")
     assert isinstance(result, ConfigError)
     assert "[pop3] login_block_time: must be a number of seconds greater than 0, not -5; fix: " in str(result)
+
+
+def test_submission_table_is_read_and_printed(tmp_path):
+    """[submission] sets the hourly limits (0 turns one off) and send_as, case and +tags folded; check-config prints it back."""
+    from mailplat.config import SubmissionSettings
+
+    settings, _ = load_with(
+        tmp_path, '[submission]\nmax_messages_per_hour = 0\n[submission.send_as]\n"Alice+x@Example.org" = "Alice@Elsewhere.test"\n',
+    )
+    assert settings.submission == SubmissionSettings(0, 2000, {"alice@example.org": ("alice@elsewhere.test",)})
+    assert tomllib.loads(settings.describe())["submission"] == {
+        "max_messages_per_hour": 0, "max_recipients_per_hour": 2000, "send_as": {"alice@example.org": ["alice@elsewhere.test"]},
+    }
+    defaults, _ = load_with(tmp_path, "")
+    assert defaults.submission == SubmissionSettings() == SubmissionSettings(500, 2000, {})
+    twice, _ = load_with(tmp_path, '[submission.send_as]\n"alice@example.org" = "a@b.test"\n"ALICE@example.org" = "c@d.test"\n')
+    assert isinstance(twice, ConfigError) and "is listed twice" in str(twice)

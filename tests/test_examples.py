@@ -124,3 +124,12 @@ def test_unit_runs_the_example_with_write_access_to_its_folders():
     for path in (settings["data_dir"], settings["mailbox"]["path"]):
         assert any(path == w or path.startswith(w.rstrip("/") + "/") for w in writable), path
     assert settings["listen"]["smtp"] == "tcp:25"
+
+
+def test_example_and_readme_submission_settings_are_the_defaults():
+    """etc/mailplat.toml's [submission] table and README's list every key, each at its real default."""
+    from mailplat.config import SubmissionSettings
+
+    assert tomllib.loads(EXAMPLE.read_text())["submission"] == dataclasses.asdict(SubmissionSettings())
+    expected = {name: "none" if value == {} else str(value) for name, value in dataclasses.asdict(SubmissionSettings()).items()}
+    assert readme_table("submission") == expected

@@ -208,3 +208,121 @@ def test_header_field_limit_exactly_and_one_more(tmp_path):
         wire.protocol.dataReceived(fields + b"\r\nbody\r\n.\r\n")
         assert wire.output().startswith(expected)
     assert len(platform.mailboxes.stored["alice@example.org"]) == 1
+
+
+def logged_in(platform, user: str = "alice@example.org", password: str = "alice-password", spool=None):
+    wire = greeted(platform.smtp(spool=spool))
+    wire.send("AUTH PLAIN " + base64.b64encode(f"\0{user}\0{password}".encode()).decode())
+    assert wire.output().startswith("235")
+    return wire
+
+
+def test_messages_per_hour_across_sessions_then_refilled():
+    """max_messages_per_hour MAILs pass, then 451 4.7.1 with one log line, in a second session too, for that user only;
+    an hour refills the limit, evenly."""
+    from mailplat.config import SubmissionSettings
+
+    platform = Platform(submission=SubmissionSettings(max_messages_per_hour=3))
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        first = logged_in(platform)
+        for _ in range(3):
+            first.send("MAIL FROM:<alice@example.org>")
+            first.send("RSET")
+        assert [line[:3] for line in first.lines()] == ["250"] * 6
+        first.send("MAIL FROM:<alice@example.org>")
+        assert first.output() == "451 4.7.1 Too many messages from alice@example.org (limit 3 an hour); try again later\r\n"
+        second = logged_in(platform)
+        second.send("MAIL FROM:<alice@example.org>")
+        assert second.output().startswith("451 4.7.1")
+        bob = logged_in(platform, "bob@example.org", "bob-password")
+        bob.send("MAIL FROM:<bob@example.org>")
+        assert bob.output().startswith("250")
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    limited = [e for e in events if "max_messages_per_hour" in e.get("log_format", "")]
+    assert len(limited) == 2 and all(e["user"] == "alice@example.org" for e in limited)
+    # Sessions idle out in 300 s: each wait is followed by a new one.
+    platform.clock.advance(1199.0)
+    later = logged_in(platform)
+    later.send("MAIL FROM:<alice@example.org>")
+    assert later.output().startswith("451 4.7.1"), "a third of an hour gives back one message, not before"
+    platform.clock.advance(1.0)
+    later.send("MAIL FROM:<alice@example.org>")
+    assert later.output().startswith("250")
+    platform.clock.advance(3600.0)
+    later = logged_in(platform)
+    for _ in range(3):
+        later.send("MAIL FROM:<alice@example.org>")
+        later.send("RSET")
+    later.send("MAIL FROM:<alice@example.org>")
+    assert [line[:3] for line in later.lines()] == ["250"] * 6 + ["451"], "a burst never exceeds the hourly number"
+
+
+def test_recipients_per_hour_count_every_rcpt():
+    """max_recipients_per_hour RCPTs pass over several messages, then 451 4.7.1 at RCPT; an hour later they pass again."""
+    from mailplat.config import SubmissionSettings
+
+    platform = Platform(submission=SubmissionSettings(max_recipients_per_hour=4))
+    wire = logged_in(platform)
+    wire.send("MAIL FROM:<alice@example.org>")
+    for rcpt in ("bob@example.org", "alice@example.org", "nobody@example.org"):
+        wire.send(f"RCPT TO:<{rcpt}>")
+    wire.send("RSET")
+    wire.send("MAIL FROM:<alice@example.org>")
+    wire.send("RCPT TO:<bob@example.org>")
+    wire.send("RCPT TO:<bob@example.org>")
+    codes = [line[:9] for line in wire.lines()]
+    assert codes == ["250 2.1.0", "250 2.1.5", "250 2.1.5", "550 5.1.1", "250 2.0.0", "250 2.1.0", "250 2.1.5", "451 4.7.1"], codes
+    platform.clock.advance(3600.0)
+    wire = logged_in(platform)
+    wire.send("MAIL FROM:<alice@example.org>")
+    wire.send("RCPT TO:<bob@example.org>")
+    assert [line[:9] for line in wire.lines()] == ["250 2.1.0", "250 2.1.5"]
+
+
+def test_zero_turns_the_hourly_limits_off():
+    """max_messages_per_hour = 0 and max_recipients_per_hour = 0 never refuse."""
+    from mailplat.config import SubmissionSettings
+
+    platform = Platform(submission=SubmissionSettings(max_messages_per_hour=0, max_recipients_per_hour=0))
+    wire = logged_in(platform)
+    for _ in range(700):
+        wire.send("MAIL FROM:<alice@example.org>")
+        wire.send("RCPT TO:<bob@example.org>")
+        wire.send("RCPT TO:<bob@example.org>")
+        wire.send("RCPT TO:<bob@example.org>")
+        wire.send("RSET")
+    assert {line[:3] for line in wire.lines()} == {"250"}
+
+
+def test_quota_forgets_accounts_whose_limit_is_whole_again():
+    """The quota's memory follows the accounts that sent within the hour, not every account ever seen."""
+    from twisted.internet import task
+
+    from mailplat.smtp.quota import SendingQuota
+
+    clock = task.Clock()
+    quota = SendingQuota(clock, 10, 10)
+    for i in range(5000):
+        assert quota.message(f"user{i}@example.org")
+    assert len(quota._messages._buckets) == 5000
+    clock.advance(3600.0)
+    for i in range(4000):
+        assert quota.message(f"other{i}@example.org")
+    assert 0 < len(quota._messages._buckets) <= 4000, "the first 5000 are forgotten"
+    assert quota._recipients._buckets == {}
+
+
+def test_header_limit_applies_to_submission_too(tmp_path):
+    """On submission as on the MX port, one header field over max_header_fields is 552 5.3.4."""
+    from mailplat.smtp.receiving import Spool
+
+    platform = Platform(smtp=SMTPLimits(max_header_fields=5))
+    wire = logged_in(platform, spool=Spool(str(tmp_path)))
+    for extra, expected in ((b"", "250 2.0.0"), (b"X-Sixth: 6\r\n", "552 5.3.4")):
+        transaction(wire, sender="alice@example.org", rcpt="bob@example.org")
+        header = b"From: alice@example.org\r\nTo: bob@example.org\r\nSubject: s\r\nDate: x\r\nMessage-ID: <m@x>\r\n" + extra
+        wire.protocol.dataReceived(header + b"\r\nbody\r\n.\r\n")
+        assert wire.output().startswith(expected)

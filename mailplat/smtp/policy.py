@@ -1,18 +1,25 @@
-"""Who may send what where: the relay-trick check and the submission sender check.
+"""Who may send what where: the relay-trick check and the submission sender checks.
 
 The one place the SMTP server asks "is this recipient ours, someone else's,
-or a trick?" and "may this user send as this address?", for every listener.
+or a trick?" and "may this user send as this address?" (in MAIL FROM and
+in the From: header), for every listener.
 """
 
 from __future__ import annotations
 
+import email.policy
 import enum
 import re
+from collections.abc import Collection
 
-from mailplat.addresses import AddressError, AliasResolver, MailPath, validate_address, validate_domain
+from mailplat.addresses import AddressError, AliasResolver, MailPath, canonical, validate_address, validate_domain
 from mailplat.interfaces import Account
+from mailplat.smtp.receiving import HeaderField
 
-__all__ = ["Destination", "RecipientRefused", "RecipientSyntax", "classify_recipient", "may_send_as"]
+__all__ = [
+    "Destination", "HeaderFromRefused", "RecipientRefused", "RecipientSyntax", "check_header_from", "classify_recipient",
+    "header_from_addresses", "may_send_as",
+]
 
 # RFC 5321 4.1.2 Dot-string: atoms of atext joined by single dots.
 _DOT_STRING = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
@@ -84,8 +91,11 @@ def classify_recipient(path: MailPath, resolver: AliasResolver) -> Destination:
     return Destination.REMOTE
 
 
-async def may_send_as(account: Account, sender: str, resolver: AliasResolver) -> bool:
-    """RFC 6409 6.1: an authenticated user sends as themselves or an alias of theirs."""
+async def may_send_as(account: Account, sender: str, resolver: AliasResolver, also: Collection[str] = ()) -> bool:
+    """RFC 6409 6.1: an authenticated user sends as themselves, an alias of theirs,
+    or an address in ``also`` (canonical: lower case, no +tag; [submission.send_as])."""
+    if also and _listed(sender, also):
+        return True
     if not sender or "@" not in sender or not resolver.is_hosted(sender.rpartition("@")[2]):
         return False
     try:
@@ -93,3 +103,66 @@ async def may_send_as(account: Account, sender: str, resolver: AliasResolver) ->
         return account in await resolver.resolve(sender)
     except AddressError:
         return False
+
+
+def _listed(sender: str, also: Collection[str]) -> bool:
+    try:
+        validate_address(sender.lower())
+    except AddressError:
+        return False
+    return canonical(sender) in also
+
+
+class HeaderFromRefused(Exception):
+    """The message's From: header is not the user's to write: ``text`` is the reply's (553 5.7.1)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+
+def header_from_addresses(value: bytes) -> list[str]:
+    """The addresses of a From: field's value (RFC 5322 3.6.2); ValueError saying why when it is no clean mailbox list.
+
+    Any defect the parser notes refuses the field: where it would guess (a
+    second address after the first, text after the ">"), a mail reader may
+    guess otherwise and show an address we never checked.
+    """
+    try:
+        # The parser raises more than HeaderParseError on crafted input
+        # (IndexError, RecursionError on nested comments): any failure is a
+        # field we cannot read.
+        header = email.policy.default.header_factory("from", value.decode("utf-8", "replace"))
+        defects, addresses = list(header.defects), list(header.addresses)
+    except Exception:
+        raise ValueError("cannot be parsed")
+    if defects:
+        raise ValueError("is not a valid address list (RFC 5322 3.4)")
+    if not addresses:
+        raise ValueError("holds no address")
+    return [address.addr_spec for address in addresses]
+
+
+async def check_header_from(
+    account: Account, field: HeaderField | None, resolver: AliasResolver, also: Collection[str] = (),
+) -> None:
+    """An authenticated user's message must be from them: every address of its
+    one From: field is one they may send as (may_send_as), else HeaderFromRefused.
+
+    RFC 6409 8.1 lets a submission server refuse such a message.  What we
+    accept may be DKIM-signed for our domain: a From: that is not the
+    user's must never get that signature.
+    """
+    if field is None:
+        raise HeaderFromRefused("Message refused: it has no From: header field; add one with your address")
+    if field.count > 1:
+        raise HeaderFromRefused("Message refused: it has more than one From: header field (RFC 5322 3.6)")
+    if field.too_long:
+        raise HeaderFromRefused("Message refused: the From: header field is too long to check")
+    try:
+        addresses = header_from_addresses(field.value)
+    except ValueError as e:
+        raise HeaderFromRefused(f"Message refused: the From: header field {e}")
+    for address in dict.fromkeys(a.lower() for a in addresses):
+        if not await may_send_as(account, address, resolver, also):
+            raise HeaderFromRefused(f"From: header address <{address[:100]}> rejected: not owned by {account.address}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import email.utils
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +32,16 @@ from mailplat.interfaces import Account, Client, DeliveryFailure, Envelope, IAcc
 from mailplat.numerals import is_digits
 from mailplat.routing import Router
 from mailplat.smtp.filtering import FilterChain, Outcome, header_block
-from mailplat.smtp.policy import Destination, RecipientRefused, RecipientSyntax, classify_recipient, may_send_as
+from mailplat.smtp.policy import (
+    Destination,
+    HeaderFromRefused,
+    RecipientRefused,
+    RecipientSyntax,
+    check_header_from,
+    classify_recipient,
+    may_send_as,
+)
+from mailplat.smtp.quota import SendingQuota
 from mailplat.smtp.receiving import DataDecoder, Spool, SpoolFile
 from mailplat.wire import sasl
 from mailplat.wire.connections import ConnectionCounter, TLSHandshakeDeadline, set_no_delay
@@ -478,9 +488,16 @@ class SMTPServer(CommandReader, TLSHandshakeDeadline, smtp.ESMTP):
         """RFC 6409 6.1: an authenticated user sends as themselves or an alias of theirs."""
         account = self.authenticated_as
         assert account is not None
-        if not await may_send_as(account, sender, self.factory.resolver):
+        if not await may_send_as(account, sender, self.factory.resolver, self.factory.send_as.get(account.address, ())):
             log.info("{session} sender <{sender}> refused for {user}", session=self.session, sender=_printable(sender, 300), user=account.address)
             raise Reply(553, "5.7.1", f"<{_printable(sender)}>: Sender address rejected: not owned by {account.address}")
+        quota = self.factory.quota
+        if quota is not None and not quota.message(account.address):
+            log.info(
+                "{session} rate limit: {user} over max_messages_per_hour = {limit}",
+                session=self.session, user=account.address, limit=quota.max_messages_per_hour,
+            )
+            raise Reply(451, "4.7.1", f"Too many messages from {account.address} (limit {quota.max_messages_per_hour} an hour); try again later")
         await self._start_transaction(sender)
 
     def do_RCPT(self, argument: bytes) -> Any:
@@ -495,6 +512,13 @@ class SMTPServer(CommandReader, TLSHandshakeDeadline, smtp.ESMTP):
         address = path.address
         if not address:
             raise Reply(501, "5.1.3", "Bad recipient address syntax: <> is not a recipient")
+        quota, account = self.factory.quota, self.authenticated_as
+        if quota is not None and account is not None and not quota.recipient(account.address):
+            log.info(
+                "{session} rate limit: {user} over max_recipients_per_hour = {limit}",
+                session=self.session, user=account.address, limit=quota.max_recipients_per_hour,
+            )
+            raise Reply(451, "4.7.1", f"Too many recipients from {account.address} (limit {quota.max_recipients_per_hour} an hour); try again later")
 
         def reject(code: int, status: str, why: str) -> Reply:
             log.info("{session} reject rcpt <{rcpt}>: {why}", session=self.session, rcpt=_printable(address, 300), why=why)
@@ -589,8 +613,8 @@ class SMTPServer(CommandReader, TLSHandshakeDeadline, smtp.ESMTP):
             max_header_fields=self.limits.max_header_fields,
         )
         if self.factory.submission:
-            # The fields _missing_headers asks about.
-            self._decoder.watch = frozenset({b"date", b"message-id"})
+            # The fields _missing_headers asks about, and the one _deliver checks.
+            self._decoder.watch = frozenset({b"date", b"message-id", b"from"})
             self._decoder.add_headers = self._missing_headers
         self._decoder.authserv_id = self.factory.hostname.lower().encode()
         self._decoder.owned_fields = self.factory.filters.owned_fields
@@ -632,6 +656,16 @@ class SMTPServer(CommandReader, TLSHandshakeDeadline, smtp.ESMTP):
                 log.info("{session} {queue_id} refused: {text}", session=self.session, queue_id=queue_id, text=text)
                 self.reply(code, status, text)
                 return
+            if self.authenticated_as is not None:
+                try:
+                    await check_header_from(
+                        self.authenticated_as, decoder.watched.get(b"from"), self.factory.resolver,
+                        self.factory.send_as.get(self.authenticated_as.address, ()),
+                    )
+                except HeaderFromRefused as refused:
+                    log.info("{session} {queue_id} refused: {text}", session=self.session, queue_id=queue_id, text=refused.text)
+                    self.reply(553, "5.7.1", refused.text)
+                    return
             decoder.finish()
             message = spool_file.finish(transaction.sender)
             folder = ""
@@ -731,6 +765,8 @@ class SMTPFactory(protocol.ServerFactory):
         filters: FilterChain | None = None,
         signer: Any = None,
         signing_threads: Any = None,
+        quota: SendingQuota | None = None,
+        send_as: Mapping[str, Collection[str]] | None = None,
     ) -> None:
         self.hostname = hostname
         self.limits = limits
@@ -749,6 +785,11 @@ class SMTPFactory(protocol.ServerFactory):
         # the service's thread pool for CPU work on whole messages.
         self.signer = signer
         self.signing_threads = signing_threads
+        # What authenticated users may send: the hourly limits, shared by
+        # every submission listener, and the addresses each may also send
+        # as ([submission] send_as, canonical).
+        self.quota = quota
+        self.send_as: Mapping[str, Collection[str]] = send_as or {}
         self.filters = filters if filters is not None else FilterChain((), clock)
         self.connections = ConnectionCounter(limits.max_connections, limits.max_connections_per_ip)
 
