@@ -1,9 +1,11 @@
-# The two commands: `make run` (a dev instance) and `make test` (the suite).
+# The two commands: `make run` (a dev instance) and `make test` (the suite);
+# and `make fuzz`, the fuzz targets for longer than the suite's smoke run.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
+FUZZ_SECONDS ?= 60
 
-.PHONY: run test clean
+.PHONY: run test fuzz clean
 
 # editable_mode=compat keeps twisted/plugins/ visible to twistd; a plain
 # `pip install -e .` hides it behind an import hook twistd does not use.
@@ -23,6 +25,11 @@ run: $(BIN)/.installed
 test: $(BIN)/.installed
 	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest -q -n 3 --dist loadfile
+
+# Each target (fuzz/README.md) for FUZZ_SECONDS; new inputs stay in
+# fuzz/work/, crashes land in fuzz/crashes/.
+fuzz: $(BIN)/.installed
+	$(BIN)/python fuzz/run.py --seconds $(FUZZ_SECONDS)
 
 clean:
 	rm -rf $(VENV) dev build *.egg-info
