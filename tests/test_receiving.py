@@ -542,3 +542,23 @@ def test_fields_our_filters_own_are_removed():
     assert d.feed(stream) == b""
     d.finish()
     assert sink.getvalue() == b"x-spam-status-extra: 1\r\nSubject: s\r\n\r\nX-Spam-Status: body\r\n"
+
+
+# Found by fuzz/fuzz_data.py: streams whose verdict depended on the reads
+# once a limit was set low.
+LIMITED_CASES = {
+    # The dropped part of an over-long line counts toward the size.
+    "long-line-over-size": (b"Subject: x\r\n\r\n" + b"L" * 3000 + b"\r\n.\r\nQUIT\r\n", {"max_size": 2000}, (552, "5.3.4")),
+    # A blank line after a bare-LF header line ends the header, however it was split.
+    "header-end-after-bare-lf": (b"A: 1\n\r\nbody\r\n.\r\nQUIT\r\n", {"max_header_fields": 1}, (550, "5.5.2")),
+}
+
+
+@pytest.mark.parametrize("name", LIMITED_CASES)
+def test_limited_cases_do_not_depend_on_chunking(name):
+    stream, limits, expected = LIMITED_CASES[name]
+    whole = outcome(feed(stream, **limits))
+    assert whole[2] is not None and whole[2][:2] == expected
+    assert outcome(feed(stream, byte_by_byte(stream), **limits)) == whole
+    for cut in range(len(stream) + 1):
+        assert outcome(feed(stream, [cut], **limits)) == whole, f"split at {cut}"

@@ -111,7 +111,12 @@ class DataDecoder:
         self._carry = chunk[cut:]
         if len(self._carry) > self.max_line:
             # Keep the last byte: it may be the CR of the CRLF ending this line.
+            # What is dropped still counts toward the size, so the reply does
+            # not depend on how the line was split across reads.
             self.line_too_long = True
+            self.size += len(self._carry) - 1
+            if self.size > self.max_size:
+                self.too_big = True
             self._carry = self._carry[-1:]
             self._at_line_start = False
         return None
@@ -167,10 +172,13 @@ class DataDecoder:
         if at_line_start and content.startswith(b"\r\n"):
             self._in_headers = False
             return 0
-        end = content.find(b"\r\n\r\n")
+        # The blank line may follow a bare-LF line too (refused later as bare
+        # LF): the header ends there wherever the reads were split.
+        end = content.find(b"\n\r\n")
         if end >= 0:
+            end += 1
             self._in_headers = False
-            content = content[: end + 2]
+            content = content[:end]
         # ``content`` ends with LF, so the last piece is empty; without a
         # line start, the first piece ends a line begun in an earlier chunk.
         for line in content.split(b"\n")[0 if at_line_start else 1 : -1]:
@@ -195,7 +203,7 @@ class DataDecoder:
                 if field.count == 1:
                     field.add(line[colon + 1 :])
                     self._watching = field
-        return end + 2 if end >= 0 else -1
+        return end
 
     def _without_forged_results(self, head: bytes, ended: bool) -> bytes:
         """Header lines (whole CRLF lines) minus Authentication-Results fields
