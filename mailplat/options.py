@@ -53,7 +53,12 @@ class ConfigError(Exception):
         text = f"{where}: {self.problem}" if where else self.problem
         if self.fix:
             text += f"; fix: {self.fix}"
-        return text
+        # One line, whatever a value or a library's message held (a CR in
+        # an endpoint string came back in Twisted's error text).
+        return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class _Required:

@@ -99,3 +99,13 @@ def test_path_and_endpoint_use_the_backend_context(tmp_path):
     address, endpoint = reader.endpoint("address")
     assert address == "tcp:host=127.0.0.1:port=24" and endpoint._port == 24
     assert "is not a client endpoint" in error(lambda: reader.endpoint("bad", example='"tcp:host=h:port=24"')).problem
+
+
+def test_config_error_is_one_line_whatever_it_quotes():
+    """A control character in a value or a library's message is escaped: the error stays one line."""
+    from mailplat.config import ConfigError
+
+    error = ConfigError("[listen] smtp", "'tcp:2525:int\rface=x' is not a Twisted endpoint: bad\nthing", "e.g. \"tcp:25\"", "/etc/m.toml")
+    text = str(error)
+    assert "\r" not in text and "\n" not in text
+    assert "int\\x0dface" in text and "bad\\x0athing" in text
