@@ -40,7 +40,16 @@ class MalformedHash(UnsupportedScheme):
 
 
 # bcrypt's modular crypt form: $2b$, two digits of cost, 22 characters of salt and 31 of hash.
-_BCRYPT = re.compile(r"\$2[aby]\$[0-9]{2}\$[./A-Za-z0-9]{53}")
+_BCRYPT = re.compile(r"\$2[aby]\$([0-9]{2})\$[./A-Za-z0-9]{53}")
+# The most work a stored hash may ask for.  A login runs in the passwords
+# pool (one thread per core): a planted hash of bcrypt cost 24, or of an
+# argon2 cost of gigabytes or many passes, would hold a thread for minutes
+# at every try.  Dovecot's default bcrypt cost is 5 (older) to 12; argon2's
+# recommended settings are a few passes over 64 MiB.
+MAX_BCRYPT_COST = 16
+MAX_ARGON2_MEMORY_KIB = 1024 * 1024
+MAX_ARGON2_TIME = 16
+MAX_ARGON2_PARALLELISM = 16
 
 
 def hash_password(password: str) -> str:
@@ -74,11 +83,25 @@ def _split(stored: str) -> tuple[str, str]:
         raise MalformedHash(f"the {scheme} hash holds a non-ASCII or control character, which no {scheme} hash has")
     if scheme == "ARGON2ID":
         try:
-            argon2.extract_parameters(digest)
+            parameters = argon2.extract_parameters(digest)
         except argon2.exceptions.InvalidHashError:
             raise MalformedHash("the ARGON2ID hash is not of the form $argon2id$v=19$m=...,t=...,p=...$salt$hash") from None
-    elif not _BCRYPT.fullmatch(digest):
-        raise MalformedHash("the BLF-CRYPT hash is not of the form $2y$NN$ followed by 53 characters")
+        if (parameters.memory_cost > MAX_ARGON2_MEMORY_KIB or parameters.time_cost > MAX_ARGON2_TIME
+                or parameters.parallelism > MAX_ARGON2_PARALLELISM):
+            raise MalformedHash(
+                f"the ARGON2ID hash asks for m={parameters.memory_cost},t={parameters.time_cost},p={parameters.parallelism}; "
+                f"at most m={MAX_ARGON2_MEMORY_KIB},t={MAX_ARGON2_TIME},p={MAX_ARGON2_PARALLELISM} are accepted "
+                "(each login would hold a thread for that long)"
+            )
+    else:
+        found = _BCRYPT.fullmatch(digest)
+        if not found:
+            raise MalformedHash("the BLF-CRYPT hash is not of the form $2y$NN$ followed by 53 characters")
+        if int(found.group(1)) > MAX_BCRYPT_COST:
+            raise MalformedHash(
+                f"the BLF-CRYPT hash has cost {found.group(1)}; at most {MAX_BCRYPT_COST} is accepted "
+                "(each login would hold a thread for that long)"
+            )
     return scheme, digest
 
 

@@ -322,6 +322,10 @@ DAMAGED = {
     "bare argon2 cut": "$argon2id$v=19",
     "bcrypt cut short": "{BLF-CRYPT}$2y$10$abc",
     "bcrypt non-ASCII": "{BLF-CRYPT}$2y$10$" + "é" * 53,
+    # Well formed, but each check would hold a password thread for minutes.
+    "bcrypt cost 24": "{BLF-CRYPT}$2y$24$" + "a" * 53,
+    "argon2 4 GiB": "{ARGON2ID}$argon2id$v=19$m=4194304,t=3,p=4$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA",
+    "argon2 1000 passes": "{ARGON2ID}$argon2id$v=19$m=65536,t=1000,p=4$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA",
 }
 
 
