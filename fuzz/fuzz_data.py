@@ -50,14 +50,17 @@ def decode(pieces: list[bytes], small: bool) -> tuple[Any, ...]:
         if rest is not None:
             after = rest + b"".join(pieces[i + 1 :])
             break
-    if after is not None and decoder.problem is None:
+    if after is None:
+        # The message has not ended: nothing is answered yet (an over-long
+        # last line is still being dropped as it comes, so its size so far
+        # depends on the reads).
+        return (None,)
+    if decoder.problem is None:
         decoder.finish()
     if decoder.problem is not None:
-        # A refused message is thrown away: only the refusal is seen.  Of a
-        # message with several faults, which one the reply names may depend
-        # on the chunks (over-long lines are dropped unread as they come, so
-        # the size and the header count differ): that it is refused may not.
-        return (after, "refused")
+        # A refused message is thrown away: only the reply is seen, and it
+        # must not depend on the chunks either.
+        return (after, decoder.problem)
     return (after, None, sink.getvalue(), seen, decoder.removed_results)
 
 

@@ -114,7 +114,7 @@ class DataDecoder:
             # What is dropped still counts toward the size, so the reply does
             # not depend on how the line was split across reads.
             self.line_too_long = True
-            self.size += len(self._carry) - 1
+            self.size += len(self._carry) - 1 - (1 if self._at_line_start and self._carry.startswith(b".") else 0)
             if self.size > self.max_size:
                 self.too_big = True
             self._carry = self._carry[-1:]
@@ -140,10 +140,21 @@ class DataDecoder:
         if not raw:
             return
         at_line_start = self._at_line_start
+        # The size is that of the message as the client sent it, un-stuffed
+        # (RFC 1870), before the header scan removes or adds fields: so it
+        # never depends on how the reads were split.
+        self.size += len(raw) - raw.count(b"\n.") - (1 if at_line_start and raw.startswith(b".") else 0)
+        if self.size > self.max_size:
+            self.too_big = True
         self._at_line_start = True
         self._after_crlf = raw.endswith(b"\r\n")
-        if not self.line_too_long and len(raw) > self.max_line and max(map(len, raw.split(b"\n"))) > self.max_line:
-            self.line_too_long = True
+        # Over-long lines, by index: the header scan skips them, as it never
+        # sees one that arrives over several reads (feed drops it unread).
+        long_lines: frozenset[int] = frozenset()
+        if len(raw) > self.max_line:
+            long_lines = frozenset(i for i, line in enumerate(raw.split(b"\n")) if len(line) > self.max_line)
+            if long_lines:
+                self.line_too_long = True
         if not self.bare_newline:
             crlf = raw.count(b"\r\n")
             if raw.count(b"\n") != crlf or raw.count(b"\r") != crlf:
@@ -153,7 +164,7 @@ class DataDecoder:
         if at_line_start and content.startswith(b"."):
             content = content[1:]
         if self._in_headers:
-            end = self._scan_headers(content, at_line_start)
+            end = self._scan_headers(content, at_line_start, long_lines)
             if self.authserv_id is not None or self.owned_fields:
                 head = content if end < 0 else content[:end]
                 kept = self._without_forged_results(head, ended=end >= 0)
@@ -161,13 +172,10 @@ class DataDecoder:
                 end = end if end < 0 else len(kept)
             if end >= 0 and self.add_headers is not None:
                 content = content[:end] + self.add_headers(set(self.watched)) + content[end:]
-        self.size += len(content)
-        if self.size > self.max_size:
-            self.too_big = True
         if self.problem is None:
             self.sink.write(content)
 
-    def _scan_headers(self, content: bytes, at_line_start: bool) -> int:
+    def _scan_headers(self, content: bytes, at_line_start: bool, skip: frozenset[int] = frozenset()) -> int:
         """Count header fields and Received: fields, note watched ones; where the header ends in ``content``, or -1."""
         if at_line_start and content.startswith(b"\r\n"):
             self._in_headers = False
@@ -181,7 +189,11 @@ class DataDecoder:
             content = content[:end]
         # ``content`` ends with LF, so the last piece is empty; without a
         # line start, the first piece ends a line begun in an earlier chunk.
-        for line in content.split(b"\n")[0 if at_line_start else 1 : -1]:
+        lines = content.split(b"\n")
+        for index in range(0 if at_line_start else 1, len(lines) - 1):
+            if index in skip:
+                continue
+            line = lines[index]
             line = line[:-1] if line.endswith(b"\r") else line
             if line[:1] in (b" ", b"\t"):
                 if self._watching is not None:
