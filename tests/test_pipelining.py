@@ -10,8 +10,11 @@ from __future__ import annotations
 import random
 import socket
 import ssl
+from typing import Any
 
 import pytest
+from twisted.internet import address
+from twisted.internet.testing import StringTransport
 
 from conftest import message
 from inprocess import Platform
@@ -110,6 +113,137 @@ def test_smtp_replies_do_not_depend_on_chunking(how, tmp_path):
     assert wire.closed
 
 
+class SlowReaderTransport(StringTransport):
+    """A client that reads only when told to: like Twisted's TCP transport, this pauses
+    its streaming producer on a write that leaves more than ``limit`` octets unsent,
+    and resumes it once the client has read them all."""
+
+    limit = 64 * 1024
+
+    def __init__(self) -> None:
+        super().__init__(peerAddress=address.IPv4Address("TCP", "192.0.2.1", 40000))
+        self.producer_paused = False
+        self.most_unsent = 0
+
+    def writeSequence(self, data: Any) -> None:
+        self.write(b"".join(data))
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        self.most_unsent = max(self.most_unsent, len(self.value()))
+        if self.producer is not None and self.streaming and len(self.value()) > self.limit:
+            self.producer_paused = True
+            self.producer.pauseProducing()
+
+    def read_all(self) -> bytes:
+        """The client reads everything unsent; the producer, if paused, resumes."""
+        data = self.value()
+        self.clear()
+        if self.producer is not None and self.producer_paused:
+            self.producer_paused = False
+            self.producer.resumeProducing()
+        return data
+
+
+def slow_session(platform: Platform, protocol: str):
+    """A session on pop3s or smtp whose client reads slowly."""
+    factory: Any
+    if protocol == "pop3":
+        from mailplat.pop3.server import POP3Factory
+
+        factory = POP3Factory(platform.pop3_settings, platform.guard, None, True, platform.clock)
+    else:
+        from mailplat.smtp.server import SMTPFactory
+
+        factory = SMTPFactory(
+            "mail.example.org", platform.smtp_limits, platform._smtp_args[0], platform.router, None, platform.clock, listener="smtp",
+        )
+    server = factory.buildProtocol(None)
+    transport = SlowReaderTransport()
+    server.makeConnection(transport)
+    server.handshakeCompleted()
+    transport.read_all()  # the greeting
+    return server, transport
+
+
+def read_everything(platform: Platform, transport: SlowReaderTransport) -> bytes:
+    """Read as a slow client does, letting the server's turns run between reads, until nothing more comes."""
+    out = bytearray()
+    while True:
+        run_due(platform)
+        data = transport.read_all()
+        run_due(platform)
+        if not data and not transport.value():
+            return bytes(out)
+        out += data
+
+
+def test_unread_replies_stop_the_commands_until_read():
+    """20,000 pipelined SMTP commands whose replies are not read: the server stops taking
+    commands (and reading) once 64 KiB of replies wait, and goes on as the client reads; all
+    replies come, in order."""
+    platform = Platform()
+    server, transport = slow_session(platform, "smtp")
+    commands = b"".join(b"NOOP\r\n" if i % 2 else b"HELP\r\n" for i in range(20_000))
+    server.dataReceived(commands + b"QUIT\r\n")
+    assert len(transport.value()) < SlowReaderTransport.limit + 1024
+    assert transport.producerState == "paused", "the server still reads from a client that does not read"
+    assert server.output_blocked
+    got = read_everything(platform, transport)
+    help_reply = got.split(b"\r\n", 1)[0] + b"\r\n"
+    assert help_reply.startswith(b"214 ")
+    assert got == (help_reply + b"250 2.0.0 OK\r\n") * 10_000 + b"221 2.0.0 mail.example.org closing connection\r\n"
+    assert transport.most_unsent < SlowReaderTransport.limit + 1024
+    assert transport.disconnecting and transport.producer is None, "the close waits on a producer that is never unregistered"
+
+
+def test_message_streams_at_the_pace_of_a_slow_reader():
+    """Two RETRs and the rest of POP3_SESSION with a client that reads slowly: each message
+    streams only as it is read, and the replies are complete and in order."""
+    platform = Platform()
+    platform.mailboxes.stored["alice@example.org"] = [FIRST, SECOND * 3]
+    server, transport = slow_session(platform, "pop3")
+    server.dataReceived(POP3_SESSION)
+    run_due(platform)
+    assert len(transport.value()) < SlowReaderTransport.limit + 70 * 1024
+    got = read_everything(platform, transport)
+    assert got == expected_pop3(FIRST, SECOND * 3)
+    assert transport.most_unsent < SlowReaderTransport.limit + 70 * 1024
+    assert transport.disconnecting and transport.producer is None
+
+
+@pytest.mark.parametrize("protocol", ["smtp", "pop3"])
+def test_idle_client_that_reads_nothing_is_aborted(protocol):
+    """A client whose unread replies block the output and that then sends nothing is aborted at
+    idle_timeout: a clean close would wait for it to read, forever."""
+    from mailplat.config import POP3Settings, SMTPLimits
+
+    platform = Platform(smtp=SMTPLimits(idle_timeout=10.0), pop3=POP3Settings(idle_timeout=10.0))
+    server, transport = slow_session(platform, protocol)
+    server.dataReceived((b"NOOP\r\n" if protocol == "smtp" else b"CAPA\r\n") * 5000)
+    assert server.output_blocked
+    platform.clock.advance(9.0)
+    assert not transport.disconnecting
+    platform.clock.advance(2.0)
+    assert transport.disconnected, "not aborted"
+
+
+def test_reading_replies_counts_as_activity():
+    """A client that reads its replies, slowly, while sending nothing new is not idle: each
+    drained output restarts the idle timer."""
+    from mailplat.config import SMTPLimits
+
+    platform = Platform(smtp=SMTPLimits(idle_timeout=10.0))
+    server, transport = slow_session(platform, "smtp")
+    server.dataReceived(b"NOOP\r\n" * 30_000)
+    for _ in range(4):
+        platform.clock.advance(8.0)
+        assert not transport.disconnecting
+        transport.read_all()
+    platform.clock.advance(11.0)
+    assert transport.disconnecting
+
+
 def tls_socket(port: int) -> ssl.SSLSocket:
     context = ssl.create_default_context()
     context.check_hostname = False
@@ -154,3 +288,209 @@ def test_pop3_pipelining_over_the_wire(maildrop, how):
     got = read_until_closed(sock)
     sock.close()
     assert got == expected_pop3(*stored)
+
+
+# --- commands whose replies are never read -------------------------------------------------
+
+
+def vm_rss(pid: int) -> int:
+    """The process's resident memory, in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time the process has used (user and system)."""
+    import os
+
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def server_queue(server_port: int, client_port: int) -> int:
+    """What the server's kernel holds from this connection that the server has not read yet (/proc/net/tcp rx_queue)."""
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            local, remote = fields[1].split(":")[1], fields[2].split(":")[1]
+            if int(local, 16) == server_port and int(remote, 16) == client_port:
+                return int(fields[4].split(":")[1], 16)
+    raise AssertionError("connection not found in /proc/net/tcp")
+
+
+def unsent(sock: socket.socket) -> int:
+    """What our kernel has not yet handed to the server's (TIOCOUTQ)."""
+    import fcntl
+    import struct
+    import termios
+
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, struct.pack("i", 0)))[0]
+
+
+class RawClient:
+    """One non-blocking connection, plain or TLS (through memory BIOs, so one thread
+    can write without reading): plaintext in, plaintext out."""
+
+    def __init__(self, port: int, tls: bool) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+        # A small send buffer of our own, so what we send waits in the server, not here.
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        self.tls = None
+        self.outgoing = b""  # bytes for the socket (encrypted when TLS)
+        if tls:
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            self.incoming_bio, self.outgoing_bio = ssl.MemoryBIO(), ssl.MemoryBIO()
+            self.tls = context.wrap_bio(self.incoming_bio, self.outgoing_bio, server_hostname="mail.example.org")
+            while True:
+                try:
+                    self.tls.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    self.sock.sendall(self.outgoing_bio.read())
+                    self.incoming_bio.write(self.sock.recv(65536))
+            self.sock.sendall(self.outgoing_bio.read())
+        self.sock.setblocking(False)
+        self.sent_raw = 0
+
+    def queue(self, data: bytes) -> None:
+        if self.tls is None:
+            self.outgoing += data
+            return
+        for i in range(0, len(data), 16384):
+            self.tls.write(data[i : i + 16384])
+        self.outgoing += self.outgoing_bio.read()
+
+    def flush(self, timeout: float) -> bool:
+        """Send what the socket takes within ``timeout``; True if something went."""
+        import select
+
+        if not self.outgoing or not select.select([], [self.sock], [], timeout)[1]:
+            return False
+        try:
+            n = self.sock.send(self.outgoing[:262144])
+        except BlockingIOError:
+            return False
+        self.outgoing = self.outgoing[n:]
+        self.sent_raw += n
+        return n > 0
+
+    def receive(self, timeout: float) -> bytes | None:
+        """Plaintext that arrived within ``timeout`` (b"" if none yet), None at EOF."""
+        import select
+
+        if not select.select([self.sock], [], [], timeout)[0]:
+            return b""
+        try:
+            raw = self.sock.recv(1 << 20)
+        except BlockingIOError:
+            return b""
+        if self.tls is None:
+            return raw if raw else None
+        if raw:
+            self.incoming_bio.write(raw)
+        else:
+            self.incoming_bio.write_eof()
+        out = bytearray()
+        while True:
+            try:
+                plain = self.tls.read(1 << 20)
+            except ssl.SSLWantReadError:
+                return bytes(out)
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                plain = b""
+            if not plain:  # the server's close_notify, or the end of the stream
+                return bytes(out) or None
+            out += plain
+
+    def read_until(self, end: bytes, times: int = 1) -> bytes:
+        got = b""
+        while got.count(end) < times:
+            chunk = self.receive(10)
+            assert chunk is not None, f"closed after {got!r}"
+            got += chunk
+        return got
+
+    def server_has_read(self, server_port: int) -> int:
+        """Raw bytes of ours the server process has read: sent, less what waits in either kernel."""
+        return self.sent_raw - unsent(self.sock) - server_queue(server_port, self.sock.getsockname()[1])
+
+
+def flood(port: int, pid: int, tls: bool, unit: bytes, reply_end: tuple[bytes, int], count: int, last: bytes, last_reply: bytes) -> tuple[int, bytes, bytes]:
+    """Send ``unit`` once and read its replies (until ``reply_end[0]`` has come
+    ``reply_end[1]`` times), then ``count`` more and ``last`` without reading, until
+    the server has read it all or has stopped working on it (less than a tenth of a
+    second of CPU in the last second: it may still trickle, as the kernel takes a
+    little more of its output); then read up to the end of ``last_reply`` (inside TLS
+    the server waits for our close_notify to close).
+    Returns how much the server's memory grew meanwhile, the one reply, and all the
+    replies after it."""
+    import collections
+    import time
+
+    client = RawClient(port, tls)
+    client.read_until(b"\r\n")  # the greeting
+    client.queue(unit)
+    while client.outgoing:
+        client.flush(10)
+    reply = client.read_until(*reply_end)
+    before = peak = vm_rss(pid)
+    client.queue(unit * count + last)
+    total = client.sent_raw + len(client.outgoing)
+    deadline = time.monotonic() + 120
+    history: collections.deque[tuple[float, float]] = collections.deque()
+    try:
+        while time.monotonic() < deadline:
+            client.flush(0.05)
+            peak = max(peak, vm_rss(pid))
+            now = time.monotonic()
+            history.append((now, cpu_seconds(pid)))
+            while history[0][0] < now - 1.0:
+                history.popleft()
+            if client.server_has_read(port) >= total or (now - history[0][0] > 0.9 and history[-1][1] - history[0][1] < 0.1):
+                break
+        peak = max(peak, vm_rss(pid))
+        got = bytearray()
+        while time.monotonic() < deadline and len(got) < len(reply) * count + len(last_reply):
+            client.flush(0)
+            chunk = client.receive(0.05)
+            if chunk is None:
+                break
+            got += chunk
+    finally:
+        client.sock.close()
+    return peak - before, reply, bytes(got)
+
+
+# With replies unread the server holds at most about 64 KiB of output and as
+# much input (under 1 MB measured); without that bound these floods cost it
+# 20 to 70 MB.
+FLOOD_BOUND = 10 * 1024 * 1024
+QUIT_SMTP = b"221 2.0.0 mail.example.org closing connection\r\n"
+
+
+def test_smtp_pipelined_replies_never_read_use_bounded_memory(maildrop):
+    """2 MB of EHLO and NOOP whose replies are not read: the server stops reading while its
+    output waits, its memory grows by less than 10 MB, and then every reply comes, in order."""
+    growth, reply, got = flood(maildrop.ports["smtp"], maildrop.process.pid, False, b"EHLO x\r\nNOOP\r\n", (b"\r\n250 2.0.0 OK\r\n", 1), 150_000, b"QUIT\r\n", QUIT_SMTP)
+    assert reply.startswith(b"250-mail.example.org Hello x\r\n") and reply.endswith(b"250 2.0.0 OK\r\n")
+    assert growth < FLOOD_BOUND, f"memory grew by {growth // 1024 // 1024} MB"
+    assert len(got) == len(reply) * 150_000 + len(QUIT_SMTP), "replies are missing"
+    assert got == reply * 150_000 + QUIT_SMTP, "replies are not in order"
+
+
+@pytest.mark.parametrize("listener", ["pop3", "pop3s"])
+def test_pop3_pipelined_replies_never_read_use_bounded_memory(maildrop, listener):
+    """2 MB of CAPA and AUTH whose replies are not read, in clear and inside TLS: memory grows
+    by less than 10 MB, and then every reply comes, in order."""
+    count = 170_000
+    growth, reply, got = flood(maildrop.ports[listener], maildrop.process.pid, listener == "pop3s", b"CAPA\r\nAUTH\r\n", (b"\r\n.\r\n", 2), count, b"QUIT\r\n", b"+OK Bye\r\n")
+    assert reply.startswith(b"+OK Capability list follows\r\n") and b"PIPELINING\r\n" in reply
+    assert growth < FLOOD_BOUND, f"memory grew by {growth // 1024 // 1024} MB"
+    assert len(got) == len(reply) * count + len(b"+OK Bye\r\n"), "replies are missing"
+    assert got == reply * count + b"+OK Bye\r\n", "replies are not in order"

@@ -144,7 +144,11 @@ class POP3Server(CommandReader, TLSHandshakeDeadline, pop3.POP3):
 
     def timeoutConnection(self) -> None:
         self.failResponse("[SYS/TEMP] idle for too long, closing the connection")
-        self.transport.loseConnection()
+        if self.output_blocked:
+            # The client does not read our replies: a clean close would wait for it forever.
+            self.transport.abortConnection()
+        else:
+            self.transport.loseConnection()
 
     # -- input (CommandReader hooks) ------------------------------------------
 
@@ -386,7 +390,7 @@ class POP3Server(CommandReader, TLSHandshakeDeadline, pop3.POP3):
         def opened(source: Any) -> defer.Deferred[None]:
             if body_lines is not None:
                 source = TopReader(source, body_lines)
-            sending = DotStuffedSender(source, self.transport, self.factory.clock, self.settings.idle_timeout).start()
+            sending = DotStuffedSender(source, self.output_consumer(), self.factory.clock, self.settings.idle_timeout).start()
             return sending.addErrback(_client_gone)
 
         def unreadable(failure: Any) -> None:

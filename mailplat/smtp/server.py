@@ -210,7 +210,11 @@ class SMTPServer(CommandReader, TLSHandshakeDeadline, smtp.ESMTP):
     def timeoutConnection(self) -> None:
         self.reply(421, "4.4.2", f"{self.factory.hostname} idle for too long, closing the connection")
         log.info("{session} idle timeout", session=self.session)
-        self.transport.loseConnection()
+        if self.output_blocked:
+            # The client does not read our replies: a clean close would wait for it forever.
+            self.transport.abortConnection()
+        else:
+            self.transport.loseConnection()
 
     def reply(self, code: int, status: str, text: str) -> None:
         """Send one reply with its enhanced status code (RFC 3463, 2034).

@@ -8,6 +8,12 @@ next until the current one has replied (RFC 2920 3.1, RFC 2449 6.6), answers
 over-long lines and bare LF and goes on, and can hand a raw byte stream
 (SMTP's DATA) to the protocol in chunks.
 
+It also bounds what a client can make us hold: while more than 64 KiB of
+input waits (the current command has not replied yet) it stops reading, and
+while our replies are not being read (the transport's output buffer is full,
+above its 64 KiB) it stops taking commands, so a client that pipelines
+without reading makes us buffer a bounded amount, not one reply per command.
+
 It is also the one place where a command's failure is caught: whatever a
 hook raises, or a Deferred it returns fails with, goes to
 :meth:`CommandReader.command_failed`, which answers with the protocol's
@@ -23,11 +29,14 @@ import re
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IPushProducer
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 __all__ = ["FORBIDDEN_VERBS", "CommandReader", "cross_protocol_verb", "describe_failure"]
 
-# While a command waits, stop reading from a client that keeps sending.
+# While commands wait (for a reply, or for the client to read ours), stop
+# reading from a client that keeps sending.
 _PAUSE_ABOVE = 64 * 1024
 
 # Cross-protocol requests (ALPACA and older): a browser or proxy made to talk
@@ -58,6 +67,12 @@ class CommandReader:
     _paused = False
     _discard_input = False
     _skipping_long_line = False
+    _processing = False
+    # Output flow control (see _OutputValve): registered while commands run
+    # or a message streams, and the transport's word that its buffer is full.
+    _valve: _OutputValve | None = None
+    _output_full = False
+    _stream: Any = None
 
     # -- hooks ----------------------------------------------------------------
 
@@ -97,6 +112,15 @@ class CommandReader:
         """Throw away what the client sent after the current command (e.g. after STARTTLS)."""
         self._discard_input = True
 
+    @property
+    def output_blocked(self) -> bool:
+        """The client is not reading our replies: closing cleanly would wait for it forever."""
+        return self._output_full
+
+    def output_consumer(self) -> _StreamConsumer:
+        """Where a push producer that streams a reply (a message) registers, instead of on the transport."""
+        return _StreamConsumer(self)
+
     def dataReceived(self, data: bytes) -> None:
         if self.transport.disconnecting:
             # Closing (after QUIT, a cross-protocol request, too many errors):
@@ -104,17 +128,41 @@ class CommandReader:
             return
         self.resetTimeout()  # type: ignore[attr-defined]
         self._input += data
-        if not self._waiting:
+        if not (self._waiting or self._output_full):
             self._process()
-        elif len(self._input) > _PAUSE_ABOVE and not self._paused:
+        self._pace_reading()
+
+    def _pace_reading(self) -> None:
+        """Read from the client only while what it sent has somewhere to go."""
+        if self.transport.disconnecting:
+            return
+        hold = (self._waiting or self._output_full) and len(self._input) > _PAUSE_ABOVE
+        if hold and not self._paused:
             self._paused = True
             self.transport.pauseProducing()
+        elif self._paused and not hold:
+            self._paused = False
+            self.transport.resumeProducing()
 
     def _process(self) -> None:
+        if self._processing:
+            # Called back from inside a command (a Deferred, the transport):
+            # the loop below goes on by itself.
+            return
+        self._processing = True
+        try:
+            self._watch_output()
+            self._process_commands()
+        finally:
+            self._processing = False
+        self._unwatch_output()
+        self._pace_reading()
+
+    def _process_commands(self) -> None:
         # An index into the buffer rather than slicing it per command: a
         # packet full of tiny pipelined commands must not cost quadratic time.
         buffer, pos = self._input, 0
-        while pos < len(buffer) and not self._waiting and not self.transport.disconnecting:
+        while pos < len(buffer) and not self._waiting and not self._output_full and not self.transport.disconnecting:
             if self.reading_raw():
                 try:
                     rest = self.raw_received(buffer[pos:] if pos else buffer)
@@ -154,9 +202,6 @@ class CommandReader:
                     self._discard_input = False
                     buffer, pos = b"", 0
         self._input = buffer[pos:] if pos else buffer
-        if self._paused and not self._waiting:
-            self._paused = False
-            self.transport.resumeProducing()
 
     def _guarded(self, hook: Any, *args: Any) -> Any:
         """Run a hook; its exception, or its Deferred's failure, goes to command_failed."""
@@ -197,6 +242,101 @@ class CommandReader:
 
         result.addBoth(done)
         later = True
+
+    # -- output flow control ------------------------------------------------------
+
+    def _watch_output(self) -> None:
+        if self._valve is None:
+            self._valve = _OutputValve(self)
+            self.transport.registerProducer(self._valve, True)
+
+    def _unwatch_output(self) -> None:
+        # Only while nothing runs: a transport with a producer registered
+        # never closes (ITransport.loseConnection), so QUIT would hang.
+        if self._valve is not None and not (self._output_full or self._stream is not None or self._processing):
+            self._valve = None
+            self.transport.unregisterProducer()
+
+    def _output_paused(self) -> None:
+        self._output_full = True
+        if self._stream is not None:
+            self._stream.pauseProducing()
+
+    def _output_resumed(self) -> None:
+        self._output_full = False
+        if self._stream is not None:
+            self._stream.resumeProducing()
+            return
+        # A client reading our replies is not idle, even if it sends nothing.
+        self.resetTimeout()  # type: ignore[attr-defined]
+        if not self._waiting and not self.transport.disconnecting:
+            self._process()
+        else:
+            self._unwatch_output()
+            self._pace_reading()
+
+    def _output_stopped(self) -> None:
+        # The connection is gone, and the registration with it.
+        self._valve = None
+        if self._stream is not None:
+            self._stream.stopProducing()
+
+    def _stream_begins(self, producer: Any) -> None:
+        if self._stream is not None:
+            raise RuntimeError("a reply is already being streamed")
+        self._stream = producer
+        self._watch_output()
+        if self._output_full:
+            producer.pauseProducing()
+
+    def _stream_ends(self) -> None:
+        self._stream = None
+        self._unwatch_output()
+
+
+@implementer(IPushProducer)
+class _OutputValve:
+    """The one producer a CommandReader registers with its transport.
+
+    Twisted's transports (TCP, and TLS on top of it) pause their producer
+    while more than 64 KiB of output waits to be sent and resume it once all
+    of it is: that is when the reader stops and restarts taking commands, or
+    passes the word on to a message being streamed.  A separate object, so
+    that the protocol itself need not be a producer.
+    """
+
+    def __init__(self, reader: CommandReader) -> None:
+        self._reader = reader
+
+    def pauseProducing(self) -> None:
+        self._reader._output_paused()
+
+    def resumeProducing(self) -> None:
+        self._reader._output_resumed()
+
+    def stopProducing(self) -> None:
+        self._reader._output_stopped()
+
+
+class _StreamConsumer:
+    """The transport as a streamed reply's producer (DotStuffedSender) sees it: it
+    registers with the reader, whose valve stays the transport's one producer."""
+
+    def __init__(self, reader: CommandReader) -> None:
+        self._reader = reader
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        assert streaming, "only push producers stream replies"
+        self._reader._stream_begins(producer)
+
+    def unregisterProducer(self) -> None:
+        self._reader._stream_ends()
+
+    def write(self, data: bytes) -> None:
+        self._reader.transport.write(data)
+
+    def abortConnection(self) -> None:
+        self._reader.transport.abortConnection()
 
 
 def describe_failure(failure: Failure) -> str:
