@@ -244,6 +244,25 @@ def test_reading_replies_counts_as_activity():
     assert transport.disconnecting
 
 
+def test_message_longer_than_idle_timeout_to_a_slow_reader():
+    """A RETR that takes the client longer than idle_timeout to read, as long as it keeps reading, is sent whole, with no idle reply inside it."""
+    from mailplat.config import POP3Settings
+
+    platform = Platform(pop3=POP3Settings(idle_timeout=10.0))
+    big = b"Subject: big\r\n\r\n" + (b"y" * 78 + b"\r\n") * 6000
+    platform.mailboxes.stored["alice@example.org"] = [big]
+    server, transport = slow_session(platform, "pop3")
+    server.dataReceived(b"USER alice@example.org\r\nPASS alice-password\r\nRETR 1\r\nQUIT\r\n")
+    got = bytearray()
+    for _ in range(20):
+        run_due(platform)
+        platform.clock.advance(6.0)
+        got += transport.read_all()
+        if transport.disconnecting:
+            break
+    assert bytes(got) == b"+OK Send PASS\r\n+OK Logged in, 1 messages\r\n+OK %d octets\r\n" % len(big) + big + b".\r\n+OK Logging out, 0 messages deleted\r\n"
+
+
 def tls_socket(port: int) -> ssl.SSLSocket:
     context = ssl.create_default_context()
     context.check_hostname = False

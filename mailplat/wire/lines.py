@@ -264,11 +264,12 @@ class CommandReader:
 
     def _output_resumed(self) -> None:
         self._output_full = False
+        # A client reading our replies (or a long message) is not idle, even
+        # if it sends nothing.
+        self.resetTimeout()  # type: ignore[attr-defined]
         if self._stream is not None:
             self._stream.resumeProducing()
             return
-        # A client reading our replies is not idle, even if it sends nothing.
-        self.resetTimeout()  # type: ignore[attr-defined]
         if not self._waiting and not self.transport.disconnecting:
             self._process()
         else:
