@@ -80,6 +80,7 @@ from mailplat.interfaces import (
 )
 from mailplat.options import OptionReader
 from mailplat.wire.smtpclient import (
+    printable_line,
     ClientError,
     ConnectFailed,
     ConnectionClosed,
@@ -114,7 +115,6 @@ _SHOWN = {
 # What of a server's reply text an SMTP client is shown.
 MAX_TEXT = 200
 _FOLDER = re.compile(r"[A-Za-z0-9_.-]{1,100}")
-_UNSAFE = re.compile(r"[^\x20-\x7e]")
 
 
 class _LMTPConnection(SMTPClient):
@@ -275,19 +275,19 @@ class LMTPDelivery(service.Service):
         for account, reply in failed:
             log.warn(  # noqa: G010 - twisted.logger's Logger has warn(), no warning()
                 "{queue_id}: LMTP server {address} did not take the message for <{rcpt}>: {reply}",
-                queue_id=envelope.queue_id, address=self.address, rcpt=account.address, reply=_safe(str(reply)),
+                queue_id=envelope.queue_id, address=self.address, rcpt=account.address, reply=printable_line(str(reply)),
             )
         delivered = len(replies) - len(failed)
         if delivered:
             raise PartialFailure({
                 account: (PermanentFailure if reply.kind == 5 else TemporaryFailure)(
-                    f"mailbox server {'refused' if reply.kind == 5 else 'deferred'} <{account.address}>: {_safe(str(reply))[:MAX_TEXT]}"
+                    f"mailbox server {'refused' if reply.kind == 5 else 'deferred'} <{account.address}>: {printable_line(str(reply))[:MAX_TEXT]}"
                 )
                 for account, reply in failed
             })
         permanent = all(reply.kind == 5 for _, reply in failed)
         account, reply = next(((a, r) for a, r in failed if r.kind != 5), failed[0])
-        text = f"mailbox server {'refused' if permanent else 'deferred'} <{account.address}>: {_safe(str(reply))[:MAX_TEXT]}"
+        text = f"mailbox server {'refused' if permanent else 'deferred'} <{account.address}>: {printable_line(str(reply))[:MAX_TEXT]}"
         if len(failed) > 1:
             text += f" (and {len(failed) - 1} more)"
         if permanent:
@@ -331,10 +331,10 @@ class LMTPDelivery(service.Service):
         try:
             greeting = await connection.greeting(self.timeout)
             if greeting.code != 220:
-                raise ProtocolError(f"greeted with {_safe(str(greeting))}")
+                raise ProtocolError(f"greeted with {printable_line(str(greeting))}")
             lhlo = await connection.hello(self.hostname, self.timeout)
             if lhlo.code != 250:
-                raise ProtocolError(f"LHLO answered with {_safe(str(lhlo))}")
+                raise ProtocolError(f"LHLO answered with {printable_line(str(lhlo))}")
         except BaseException as e:
             connection.abort()
             if not isinstance(e, ClientError):
@@ -400,11 +400,6 @@ class LMTPDelivery(service.Service):
             self._waiters.popleft().callback(None)
         else:
             self._open -= 1
-
-
-def _safe(text: str) -> str:
-    """One line of printable ASCII: a server's text may end up in an SMTP reply."""
-    return _UNSAFE.sub("?", text)
 
 
 def build(options: dict[str, Any], context: BackendContext) -> LMTPDelivery:

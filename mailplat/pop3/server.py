@@ -11,6 +11,7 @@ boundary goes out unstuffed and ends the message early.
 from __future__ import annotations
 
 import base64
+import functools
 import inspect
 from typing import Any
 
@@ -30,7 +31,7 @@ from mailplat.plugins import call
 from mailplat.wire import sasl
 from mailplat.wire.connections import ConnectionCounter, TLSHandshakeDeadline, set_no_delay
 from mailplat.wire.dotstuff import DotStuffedSender
-from mailplat.wire.lines import CommandReader, describe_failure
+from mailplat.wire.lines import CommandReader, describe_failure, printable
 
 __all__ = ["POP3Factory", "POP3Server"]
 
@@ -282,7 +283,7 @@ class POP3Server(CommandReader, TLSHandshakeDeadline, pop3.POP3):
         try:
             exchange = sasl.start(mechanism)
         except sasl.SASLError:
-            raise ERR(f"Unsupported mechanism {_shown(mechanism)}; use {' or '.join(sasl.MECHANISMS)}")
+            raise ERR(f"Unsupported mechanism {printable(mechanism, 20)}; use {' or '.join(sasl.MECHANISMS)}")
         self._sasl = exchange
         if initial:
             return self._sasl_step(initial.encode())
@@ -440,18 +441,19 @@ class POP3Server(CommandReader, TLSHandshakeDeadline, pop3.POP3):
         self.transport.loseConnection()
 
 
+@functools.cache
+def _signature(function: Any) -> inspect.Signature:
+    return inspect.signature(function)
+
+
 def _takes(method: Any, count: int) -> bool:
-    """Whether a command method accepts ``count`` arguments (the client's words)."""
+    """Whether a command method accepts ``count`` arguments (the client's words);
+    each method's signature is read once, not at every command."""
     try:
-        inspect.signature(method).bind(*[""] * count)
+        _signature(method.__func__).bind(None, *[""] * count)
     except TypeError:
         return False
     return True
-
-
-def _shown(word: str) -> str:
-    """A client's word made safe to echo."""
-    return "".join(c if 0x20 < ord(c) < 0x7F else "?" for c in word[:20])
 
 
 def _client_gone(failure: Any) -> None:

@@ -45,7 +45,7 @@ from mailplat.smtp.quota import SendingQuota
 from mailplat.smtp.receiving import DataDecoder, Spool, SpoolFile
 from mailplat.wire import sasl
 from mailplat.wire.connections import ConnectionCounter, TLSHandshakeDeadline, set_no_delay
-from mailplat.wire.lines import CommandReader, describe_failure
+from mailplat.wire.lines import CommandReader, describe_failure, printable
 
 __all__ = ["SMTPFactory", "SMTPServer"]
 
@@ -75,14 +75,6 @@ class Transaction:
     forwarded: list[str] = field(default_factory=list)
     # What the filters said at MAIL and RCPT.
     filtered: Outcome = field(default_factory=Outcome)
-
-
-def _printable(text: bytes | str, limit: int = 100) -> str:
-    """Client text made safe to echo in a reply or a header: printable ASCII, "?" for each other byte."""
-    if isinstance(text, bytes):
-        # One character per byte, so a non-ASCII byte is one "?" whatever its encoding.
-        text = text.decode("latin-1")
-    return "".join(c if 0x20 < ord(c) < 0x7F else "?" for c in text[:limit])
 
 
 def _reply_text(text: str, default: str) -> str:
@@ -263,7 +255,7 @@ class SMTPServer(CommandReader, TLSHandshakeDeadline, smtp.ESMTP):
             raise Reply(503, "5.7.1", f"{self._refused_at_connect}; only QUIT is accepted")
         handler = self.COMMANDS.get(verb.upper())
         if handler is None:
-            shown = _printable(verb, 20) or "(empty line)"
+            shown = printable(verb, 20) or "(empty line)"
             raise Reply(500, "5.5.1", f"Command unrecognized: {shown}")
         return getattr(self, handler)(argument.strip())
 
@@ -328,7 +320,7 @@ class SMTPServer(CommandReader, TLSHandshakeDeadline, smtp.ESMTP):
     def _greet(self, argument: bytes, esmtp: bool) -> Any:
         if not argument:
             raise Reply(501, "5.5.4", "Syntax: EHLO/HELO followed by your host name")
-        self._helo = _printable(argument.split()[0], 255)
+        self._helo = printable(argument.split()[0], 255)
         self._esmtp = esmtp
         self._transaction = None
         if self.factory.filters:
@@ -346,7 +338,7 @@ class SMTPServer(CommandReader, TLSHandshakeDeadline, smtp.ESMTP):
         self._hello(argument)
 
     def _hello(self, argument: bytes) -> None:
-        greeting = f"{self.factory.hostname} Hello {_printable(argument)}"
+        greeting = f"{self.factory.hostname} Hello {printable(argument)}"
         if not self._esmtp:
             return self.reply(250, "2.0.0", greeting)
         lines = [greeting.encode()] + self.listExtensions().splitlines()
@@ -474,7 +466,7 @@ class SMTPServer(CommandReader, TLSHandshakeDeadline, smtp.ESMTP):
                 if value.upper() not in ("7BIT", "8BITMIME"):
                     raise Reply(501, "5.5.4", "Syntax: BODY=7BIT or BODY=8BITMIME")
             else:
-                raise Reply(555, "5.5.4", f"Unsupported MAIL parameter {_printable(key, 30)}")
+                raise Reply(555, "5.5.4", f"Unsupported MAIL parameter {printable(key, 30)}")
         if self.factory.submission:
             return defer.Deferred.fromCoroutine(self._check_sender(path.address))
         if self.factory.filters:
@@ -493,8 +485,8 @@ class SMTPServer(CommandReader, TLSHandshakeDeadline, smtp.ESMTP):
         account = self.authenticated_as
         assert account is not None
         if not await may_send_as(account, sender, self.factory.resolver, self.factory.send_as.get(account.address, ())):
-            log.info("{session} sender <{sender}> refused for {user}", session=self.session, sender=_printable(sender, 300), user=account.address)
-            raise Reply(553, "5.7.1", f"<{_printable(sender)}>: Sender address rejected: not owned by {account.address}")
+            log.info("{session} sender <{sender}> refused for {user}", session=self.session, sender=printable(sender, 300), user=account.address)
+            raise Reply(553, "5.7.1", f"<{printable(sender)}>: Sender address rejected: not owned by {account.address}")
         quota = self.factory.quota
         if quota is not None and not quota.message(account.address):
             log.info(
@@ -512,7 +504,7 @@ class SMTPServer(CommandReader, TLSHandshakeDeadline, smtp.ESMTP):
             raise Reply(452, "4.5.3", f"Too many recipients (limit {self.limits.max_recipients} per message)")
         path = self._path(argument, b"TO:")
         if path.params:
-            raise Reply(555, "5.5.4", f"Unsupported RCPT parameter {_printable(next(iter(path.params)), 30)}")
+            raise Reply(555, "5.5.4", f"Unsupported RCPT parameter {printable(next(iter(path.params)), 30)}")
         address = path.address
         if not address:
             raise Reply(501, "5.1.3", "Bad recipient address syntax: <> is not a recipient")
@@ -525,8 +517,8 @@ class SMTPServer(CommandReader, TLSHandshakeDeadline, smtp.ESMTP):
             raise Reply(451, "4.7.1", f"Too many recipients from {account.address} (limit {quota.max_recipients_per_hour} an hour); try again later")
 
         def reject(code: int, status: str, why: str) -> Reply:
-            log.info("{session} reject rcpt <{rcpt}>: {why}", session=self.session, rcpt=_printable(address, 300), why=why)
-            return Reply(code, status, f"<{_printable(address)}>: Recipient address rejected: {why}")
+            log.info("{session} reject rcpt <{rcpt}>: {why}", session=self.session, rcpt=printable(address, 300), why=why)
+            return Reply(code, status, f"<{printable(address)}>: Recipient address rejected: {why}")
 
         try:
             destination = classify_recipient(path, self.factory.resolver)

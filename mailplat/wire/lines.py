@@ -33,7 +33,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-__all__ = ["FORBIDDEN_VERBS", "CommandReader", "cross_protocol_verb", "describe_failure"]
+__all__ = ["FORBIDDEN_VERBS", "CommandReader", "cross_protocol_verb", "describe_failure", "printable"]
 
 # While commands wait (for a reply, or for the client to read ours), stop
 # reading from a client that keeps sending.
@@ -348,3 +348,12 @@ def describe_failure(failure: Failure) -> str:
         where = f" at {'/'.join(filename.split('/')[-2:])}:{line}"
     kind = failure.type.__name__ if failure.type is not None else "Exception"
     return f"{kind}: {failure.getErrorMessage()}{where}"
+
+
+def printable(text: bytes | str, limit: int = 100) -> str:
+    """Client text made safe to echo in a reply, a header or a log: printable
+    ASCII, "?" for each other character (each byte, given bytes)."""
+    if isinstance(text, bytes):
+        # One character per byte, so a non-ASCII byte is one "?" whatever its encoding.
+        text = text.decode("latin-1")
+    return "".join(c if 0x20 < ord(c) < 0x7F else "?" for c in text[:limit])

@@ -52,6 +52,7 @@ from mailplat.wire.dotstuff import DotStuffedSender
 from mailplat.wire.sasl import plain_response
 
 __all__ = [
+    "printable_line",
     "MAX_REPLY_LINE",
     "MAX_REPLY_LINES",
     "MAX_UNASKED",
@@ -160,22 +161,22 @@ class IncompleteReplies(ClientError):
 
 @dataclass(frozen=True)
 class Timeouts:
-    """Seconds to wait (RFC 5321 4.5.3.2)."""
+    """Seconds to wait (RFC 5321 4.5.3.2; the defaults are [relay]'s, in RelaySettings)."""
 
-    command: float = 300.0
+    command: float
     # The reply to DATA.
-    data: float = 120.0
+    data: float
     # The peer reading nothing of the message.
-    data_block: float = 180.0
+    data_block: float
     # The reply (with LMTP each reply) after the final dot.
-    data_done: float = 600.0
+    data_done: float
 
     @classmethod
     def every(cls, seconds: float) -> Timeouts:
         return cls(seconds, seconds, seconds, seconds)
 
 
-def _printable(text: str) -> str:
+def printable_line(text: str) -> str:
     """One line of printable ASCII: a peer's text goes into our logs."""
     return _UNSAFE.sub("?", text)
 
@@ -243,7 +244,7 @@ class SMTPClient(Protocol):
             raise ProtocolError(f"a reply line longer than {MAX_REPLY_LINE} octets")
         line = raw.decode("utf-8", "replace")
         if not _REPLY_LINE.match(line):
-            raise ProtocolError(f"not a reply: {_printable(line)[:100]!r}")
+            raise ProtocolError(f"not a reply: {printable_line(line)[:100]!r}")
         self._lines.append(line[4:].strip())
         self._partial_size += len(raw) + 2
         if len(self._lines) > MAX_REPLY_LINES:
