@@ -26,6 +26,7 @@ __all__ = [
     "ConfigError",
     "ListenerNames",
     "LoginSettings",
+    "IMAPSettings",
     "POP3Settings",
     "RelaySettings",
     "SMTPLimits",
@@ -37,7 +38,7 @@ __all__ = [
 log = Logger()
 
 # The listener names of [listen], in the order they are started.
-ListenerNames = ("smtp", "submission", "submissions", "pop3", "pop3s")
+ListenerNames = ("smtp", "submission", "submissions", "pop3", "pop3s", "imap", "imaps")
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,26 @@ class POP3Settings:
 
 
 @dataclass(frozen=True)
+class IMAPSettings:
+    """[imap]: limits of the IMAP listeners."""
+
+    # RFC 9051 5.4: an idle client is not logged out in less than 30 minutes.
+    idle_timeout: float = 1800.0
+    tls_handshake_timeout: float = 30.0
+    max_connections: int = 1000
+    max_connections_per_ip: int = 20
+    # Sessions of one user from one address (Dovecot's mail_max_userip_connections).
+    max_connections_per_user_ip: int = 10
+    # Octets of a command line outside literals (RFC 7162 4 asks for at least 8192).
+    max_line_length: int = 65536
+    # The largest APPEND, in octets: a bigger literal is refused before it is read.
+    max_message_size: int = 64 * 1024 * 1024
+    # Invalid commands before login, and after it; then BYE.
+    max_errors_before_login: int = 10
+    max_errors: int = 20
+
+
+@dataclass(frozen=True)
 class RelaySettings:
     """[relay]: how queued mail reaches other domains, and for how long we try."""
 
@@ -188,6 +209,10 @@ class Settings:
     smtp: SMTPLimits = field(default_factory=SMTPLimits)
     workers: int = 1
     pop3: POP3Settings = field(default_factory=POP3Settings)
+    imap: IMAPSettings = field(default_factory=IMAPSettings)
+    # [mailbox] quota: octets each account may store (0: no limit); read by
+    # mailplat, not by the backend.
+    mailbox_quota: int = 0
     login: LoginSettings = field(default_factory=LoginSettings)
     submission: SubmissionSettings = field(default_factory=lambda: SubmissionSettings())
     relay: RelaySettings = field(default_factory=lambda: RelaySettings())
@@ -237,6 +262,8 @@ class Settings:
         lines += [f"{k} = {_toml(v)}" for k, v in vars(self.smtp).items()]
         lines += ["", "[pop3]"]
         lines += [f"{k} = {_toml(v)}" for k, v in vars(self.pop3).items() if v is not None]
+        lines += ["", "[imap]"]
+        lines += [f"{k} = {_toml(v)}" for k, v in vars(self.imap).items()]
         lines += ["", "[login]"]
         lines += [f"{k} = {_toml(v)}" for k, v in vars(self.login).items()]
         submission = self.submission
@@ -317,7 +344,7 @@ def _parse(path: str, data: dict[str, Any]) -> Settings:
 
     listen = _listen(top.table("listen"))
     tls = _tls(top.table("tls")) if "tls" in top.options else None
-    needs_tls = [name for name in ("submission", "submissions", "pop3", "pop3s") if name in listen]
+    needs_tls = [name for name in ("submission", "submissions", "pop3", "pop3s", "imap", "imaps") if name in listen]
     if tls is None and needs_tls:
         raise ConfigError(
             f"[listen] {needs_tls[0]}", "needs a TLS certificate: passwords never cross the wire in clear",
@@ -325,7 +352,9 @@ def _parse(path: str, data: dict[str, Any]) -> Settings:
         )
 
     auth = _backend(path, "auth", top.take("auth", dict, example='{ backend = "passwd-file" }'))
-    mailbox = _backend(path, "mailbox", top.take("mailbox", dict, example='{ backend = "maildir" }'))
+    mailbox_table = dict(top.take("mailbox", dict, example='{ backend = "maildir" }'))
+    mailbox_quota = _quota(OptionReader({"quota": mailbox_table.pop("quota")} if "quota" in mailbox_table else {}, file=path, section="[mailbox]"))
+    mailbox = _backend(path, "mailbox", mailbox_table)
     delivery = _backend(path, "delivery", top.take("delivery", dict, {"backend": "local"}))
     forwarding = _forwarding(top.table("forwarding"), hostname, data_dir)
     aliases = _aliases(top.table("aliases"), domains, {hostname, forwarding.srs_domain})
@@ -355,18 +384,19 @@ def _parse(path: str, data: dict[str, Any]) -> Settings:
     pop3_reader = top.table("pop3")
     login = _login_settings(top.table("login"), pop3_reader)
     pop3 = _pop3_settings(pop3_reader)
+    imap = _imap_settings(top.table("imap"))
     top.finish(_TOP_LEVEL_KEYS)
     return Settings(
         path=path, hostname=hostname, data_dir=data_dir, domains=tuple(domains), listen=listen, tls=tls,
         auth=auth, mailbox=mailbox, delivery=delivery, aliases=aliases, smarthost=smarthost, smtp=smtp, workers=workers, pop3=pop3,
-        submission=submission,
+        imap=imap, mailbox_quota=mailbox_quota, submission=submission,
         relay=relay, dns_servers=tuple(servers), filters=filters, dkim=dkim, login=login, forwarding=forwarding,
     )
 
 
 _TOP_LEVEL_KEYS = [
     "hostname", "data_dir", "workers", "domains", "listen", "tls", "login", "auth", "mailbox", "delivery", "aliases", "forwarding",
-    "relay", "dns", "smtp", "submission", "pop3", "filter", "dkim",
+    "relay", "dns", "smtp", "submission", "pop3", "imap", "filter", "dkim",
 ]
 
 
@@ -637,6 +667,44 @@ def _pop3_settings(table: OptionReader) -> POP3Settings:
     )
     table.finish(list(vars(d)))
     return settings
+
+
+def _imap_settings(table: OptionReader) -> IMAPSettings:
+    d = IMAPSettings()
+    settings = IMAPSettings(
+        idle_timeout=table.number(
+            "idle_timeout", d.idle_timeout, unit="of seconds", at_least=1800.0, fix="RFC 9051 5.4: at least 30 minutes, e.g. idle_timeout = 1800",
+        ),
+        tls_handshake_timeout=table.number("tls_handshake_timeout", d.tls_handshake_timeout, unit="of seconds"),
+        max_connections=table.integer("max_connections", d.max_connections),
+        max_connections_per_ip=table.integer("max_connections_per_ip", d.max_connections_per_ip),
+        max_connections_per_user_ip=table.integer("max_connections_per_user_ip", d.max_connections_per_user_ip),
+        max_line_length=table.integer("max_line_length", d.max_line_length, at_least=8192, fix="RFC 7162 4: at least 8192, e.g. max_line_length = 65536"),
+        max_message_size=table.integer("max_message_size", d.max_message_size, unit="of octets"),
+        max_errors_before_login=table.integer("max_errors_before_login", d.max_errors_before_login),
+        max_errors=table.integer("max_errors", d.max_errors),
+    )
+    table.finish(list(vars(d)))
+    return settings
+
+
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _quota(table: OptionReader) -> int:
+    """[mailbox] quota: octets as an integer, or a string such as "500M" or "2G"; 0 is no limit."""
+    value = table.take("quota", (int, str), 0, example='"2G"')
+    table.finish(["quota"])
+    if isinstance(value, bool):
+        raise table.error("quota", f"{value!r} is not a size", 'e.g. quota = "2G", or leave it out for no limit')
+    if isinstance(value, int):
+        if value < 0:
+            raise table.error("quota", f"{value} is negative", 'e.g. quota = "2G", or 0 for no limit')
+        return value
+    match = re.fullmatch(r"\s*([0-9]{1,15})\s*([KMGT]?)i?B?\s*", value.upper())
+    if not match:
+        raise table.error("quota", f"{value!r} is not a size", 'e.g. quota = "500M" or "2G" (K, M, G, T are powers of 1024)')
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2)]
 
 
 def _submission_settings(table: OptionReader, domains: list[str]) -> SubmissionSettings:

@@ -12,7 +12,7 @@ import dataclasses
 import io
 import os
 from dataclasses import dataclass, field
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import IO, Any, TypeVar, Union
 
 from twisted.internet.defer import Deferred
@@ -24,6 +24,20 @@ __all__ = [
     "Client",
     "DeliveryFailure",
     "Envelope",
+    "FLAG_ANSWERED",
+    "FLAG_DELETED",
+    "FLAG_DRAFT",
+    "FLAG_FLAGGED",
+    "FLAG_SEEN",
+    "Folder",
+    "FolderExists",
+    "FolderView",
+    "INBOX",
+    "IMessageStore",
+    "MessageInfo",
+    "NoSuchFolder",
+    "SPECIAL_USE",
+    "StoreResult",
     "IAccount",
     "IAuthBackend",
     "IBackendFactory",
@@ -206,6 +220,81 @@ class MaildropEntry:
     size: int
 
 
+# --- folders and messages, as an IMAP store keeps them --------------------
+
+# The inbox's name; every other folder is named by the user, with "/"
+# between levels ("Archive/2024").  "INBOX" is matched without case.
+INBOX = "INBOX"
+
+# RFC 3501 2.3.2 system flags; any other flag is a keyword ("$Junk", "NonJunk").
+FLAG_SEEN = "\\Seen"
+FLAG_ANSWERED = "\\Answered"
+FLAG_FLAGGED = "\\Flagged"
+FLAG_DELETED = "\\Deleted"
+FLAG_DRAFT = "\\Draft"
+
+# RFC 6154: the folders made at an account's first IMAP login, and their attribute.
+SPECIAL_USE: dict[str, str] = {
+    "Sent": "\\Sent",
+    "Drafts": "\\Drafts",
+    "Trash": "\\Trash",
+    "Junk": "\\Junk",
+    "Archive": "\\Archive",
+}
+
+
+@dataclass(frozen=True)
+class Folder:
+    """One folder of an account."""
+
+    name: str
+    # An RFC 6154 attribute ("\\Sent"), or "".
+    special_use: str = ""
+    subscribed: bool = True
+
+
+@dataclass(frozen=True)
+class MessageInfo:
+    """What IMAP knows of a message without reading it."""
+
+    uid: int
+    size: int
+    # System flags (FLAG_*) and keywords, as the client wrote them.
+    flags: frozenset[str]
+    # When it arrived (or the APPEND's date), seconds since the epoch.
+    internal_date: float
+    # RFC 7162: raised each time its flags change; never 0.
+    modseq: int
+
+
+@dataclass(frozen=True)
+class FolderView:
+    """A folder as it is now.
+
+    ``uidvalidity`` and ``uidnext`` are the same after a restart and on
+    every node; a UID is never reused within one ``uidvalidity``.
+    ``highest_modseq`` grows with every change to the folder (a message
+    added, removed, or its flags changed), so an unchanged value means an
+    unchanged folder.
+    """
+
+    uidvalidity: int
+    uidnext: int
+    highest_modseq: int
+    # Every message, in UID order.
+    messages: tuple[MessageInfo, ...]
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    """What a flag change did."""
+
+    # The messages whose flags changed, as they are now.
+    changed: tuple[MessageInfo, ...]
+    # RFC 7162 UNCHANGEDSINCE: UIDs left alone because their modseq was higher.
+    modified: tuple[int, ...] = ()
+
+
 @dataclass(frozen=True)
 class BackendContext:
     """What a backend factory may use while building its provider."""
@@ -233,6 +322,9 @@ class BackendContext:
     # backend's own), started and stopped by the service.  Blocking work
     # runs there, never on the reactor thread; None in the admin command.
     threads: Any = None
+    # [mailbox] quota: octets each account may store, 0 for no limit (see
+    # mailplat.mailquota, which enforces it for delivery and IMAP APPEND).
+    mailbox_quota: int = 0
 
     def resolve_path(self, path: str) -> str:
         """A path from the config file, relative to the folder holding it."""
@@ -274,6 +366,14 @@ class PartialFailure(DeliveryFailure):
 
 class MaildropInUse(TemporaryFailure):
     """Another session holds the maildrop's lock: POP3 answers ``-ERR [IN-USE]``."""
+
+
+class NoSuchFolder(PermanentFailure):
+    """The folder does not exist: IMAP answers ``NO [NONEXISTENT]`` (``NO [TRYCREATE]`` as a target)."""
+
+
+class FolderExists(PermanentFailure):
+    """CREATE or RENAME to a name already taken: IMAP answers ``NO [ALREADYEXISTS]``."""
 
 
 # --- interfaces ------------------------------------------------------------
@@ -361,6 +461,77 @@ class IMaildrop(Interface):
 
     def close() -> MaybeAsync[None]:
         """Release the lock without changing anything."""
+
+
+class IMessageStore(Interface):
+    """Optional, provided by a mailbox backend that serves IMAP: folders,
+    UIDs, flags and modseqs over the same mail that ``deliver`` and POP3 use.
+
+    Folder names are Unicode with "/" between levels; ``INBOX`` (any case)
+    is the inbox, which always exists.  A folder that does not exist raises
+    :class:`NoSuchFolder`; a name the store cannot hold raises
+    PermanentFailure with a text saying why.  Every change is durable once
+    its result is returned.  Many sessions (of this process and others, of
+    this node and others) use one account at once: no method locks it for
+    longer than the call.  ``deliver`` into a folder makes the message
+    visible here with the next UID.  POP3's ``DELE`` and IMAP's EXPUNGE
+    remove the same message.
+    """
+
+    def folders(account: Account) -> MaybeAsync[list[Folder]]:
+        """Every folder, INBOX included; the special-use ones are made at the first call."""
+
+    def create_folder(account: Account, name: str) -> MaybeAsync[None]:
+        """Make a folder (and its missing parents); FolderExists when it exists."""
+
+    def delete_folder(account: Account, name: str) -> MaybeAsync[None]:
+        """Remove a folder and its messages (never INBOX: PermanentFailure)."""
+
+    def rename_folder(account: Account, old: str, new: str) -> MaybeAsync[None]:
+        """Rename a folder with its children; renaming INBOX moves its messages
+        into ``new`` and leaves INBOX empty (RFC 3501 6.3.5)."""
+
+    def subscribe(account: Account, name: str, subscribed: bool) -> MaybeAsync[None]:
+        """Set a folder's subscription (a name that does not exist may be subscribed)."""
+
+    def view(account: Account, folder: str) -> MaybeAsync[FolderView]:
+        """The folder now.  Called often (before most IMAP replies): cheap when
+        nothing changed since the last call."""
+
+    def read(account: Account, folder: str, uid: int) -> MaybeAsync[IO[bytes]]:
+        """Open a message (CRLF lines, as stored) for reading; the caller closes it.
+
+        NoSuchFolder or PermanentFailure when it is gone.  As with
+        IMaildrop.read, the file's ``read`` is then called on the reactor
+        thread: it must not block (copy to a temporary file if it would).
+        """
+
+    def append(account: Account, folder: str, message: SpooledMessage, flags: frozenset[str], internal_date: float) -> MaybeAsync[tuple[int, int]]:
+        """Add a message; returns (uidvalidity, uid) once it is durable."""
+
+    def store_flags(
+        account: Account, folder: str, uids: list[int], flags: frozenset[str], how: str, unchanged_since: int | None = None,
+    ) -> MaybeAsync[StoreResult]:
+        """``how`` is "set", "add" or "remove".  A message whose flags change gets
+        a new modseq; with ``unchanged_since``, one whose modseq is higher is
+        left alone and listed in ``modified``.  UIDs that are gone are ignored."""
+
+    def copy(account: Account, folder: str, uids: list[int], target: str) -> MaybeAsync[tuple[int, list[tuple[int, int]]]]:
+        """Copy messages with their flags; (target's uidvalidity, [(uid, new uid)])."""
+
+    def move(account: Account, folder: str, uids: list[int], target: str) -> MaybeAsync[tuple[int, list[tuple[int, int]]]]:
+        """Like copy, then the originals are gone from ``folder`` (RFC 6851)."""
+
+    def expunge(account: Account, folder: str, uids: list[int]) -> MaybeAsync[list[int]]:
+        """Remove those of ``uids`` that are flagged \\Deleted; the UIDs removed."""
+
+    def watch(account: Account, folder: str, changed: Callable[[], None]) -> Callable[[], None]:
+        """Call ``changed`` (on the reactor thread, within a second) whenever the
+        folder may have changed, by any session, process or node; returns the
+        function that stops it.  A spurious call is harmless: IMAP asks ``view``."""
+
+    def usage(account: Account) -> MaybeAsync[tuple[int, int]]:
+        """(octets, messages) stored for the account over all its folders (for QUOTA)."""
 
 
 class IDeliveryBackend(Interface):

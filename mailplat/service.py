@@ -24,8 +24,9 @@ from mailplat.config import ConfigError, Settings, load
 from mailplat.cred import AuthBackendChecker, LoginGuard, MailRealm
 from mailplat.forwarding import Forwarder, load_secrets
 from mailplat.fsutil import makedirs_durable
-from mailplat.interfaces import BackendContext, TemporaryFailure
+from mailplat.interfaces import BackendContext, IMessageStore, TemporaryFailure
 from mailplat.plugins import build_backend, call
+from mailplat.imap.server import IMAPFactory
 from mailplat.pop3.server import POP3Factory
 from mailplat.smtp.filtering import ConfiguredFilter, FilterChain
 from mailplat.queue.runner import QueueRunner
@@ -57,6 +58,7 @@ def backend_context(settings: Settings, reactor: Any, admin: bool = False) -> Ba
         dns=None if admin else reactor_resolver(settings.dns_servers),
         dns_servers=settings.dns_servers,
         threads=None if admin else Threads(reactor),
+        mailbox_quota=settings.mailbox_quota,
     )
 
 
@@ -109,6 +111,17 @@ def forwarder(settings: Settings) -> Forwarder:
             "write a long random line into it, e.g. `openssl rand -base64 32`", settings.path,
         )
     return Forwarder(forwarding.srs_domain, secrets, settings.domains)
+
+
+def imap_store(settings: Settings, mailbox: Any) -> Any:
+    """The mailbox backend as an IMAP store; a ConfigError when it cannot be one."""
+    if not IMessageStore.providedBy(mailbox):
+        raise ConfigError(
+            "[listen] imap" if "imap" in settings.listen else "[listen] imaps",
+            f"the {settings.mailbox.name!r} mailbox backend does not serve IMAP (it does not provide IMessageStore)",
+            'use backend = "maildir" or "postgres" in [mailbox], or remove the imap listeners', settings.path,
+        )
+    return mailbox
 
 
 class Listener(service.Service):
@@ -224,9 +237,11 @@ def make_service(
                 signer=signer if name != "smtp" else None, signing_threads=threads.cpu,
                 quota=quota if name != "smtp" else None, send_as=submission.send_as,
             )
+        elif name in ("imap", "imaps"):
+            factory = IMAPFactory(settings.imap, login_guard, tls, name == "imaps", imap_store(settings, providers["mailbox"]), settings.mailbox_quota, reactor)
         else:
             factory = POP3Factory(settings.pop3, login_guard, tls, name == "pop3s", reactor)
-        if name in ("submissions", "pop3s"):
+        if name in ("submissions", "pop3s", "imaps"):
             # RFC 8314: implicit TLS, the whole connection inside TLS.
             assert tls is not None, "config.load requires [tls] for this listener"
             factory = TLSMemoryBIOFactory(tls, False, factory)
