@@ -36,6 +36,7 @@ __all__ = [
     "IMessageStore",
     "MessageInfo",
     "NoSuchFolder",
+    "OverQuota",
     "SPECIAL_USE",
     "StoreResult",
     "IAccount",
@@ -366,6 +367,10 @@ class PartialFailure(DeliveryFailure):
 
 class MaildropInUse(TemporaryFailure):
     """Another session holds the maildrop's lock: POP3 answers ``-ERR [IN-USE]``."""
+
+
+class OverQuota(PermanentFailure):
+    """The account is over its ``[mailbox] quota``: SMTP 552 5.2.2, IMAP ``NO [OVERQUOTA]``."""
 
 
 class NoSuchFolder(PermanentFailure):
