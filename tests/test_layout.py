@@ -25,6 +25,9 @@ FORBIDDEN = [
     *[("mailplat.backends", p, "backends never import protocols") for p in PROTOCOLS],
     *[("mailplat.filters", p, "filters never import protocols") for p in PROTOCOLS],
     *[("mailplat.pop3", "mailplat.smtp", "POP3 shares nothing with SMTP but wire/ and the contracts")],
+    *[("mailplat.imap", q, "IMAP shares nothing with SMTP or POP3 but wire/, cred and the contracts")
+      for q in ("mailplat.smtp", "mailplat.pop3")],
+    ("mailplat.pop3", "mailplat.imap", "POP3 reads the store through the contracts, not through IMAP"),
     *[("mailplat.wire", q, "wire/ is bytes and replies only")
       for q in ("mailplat.smtp", "mailplat.pop3", "mailplat.imap", "mailplat.queue", "mailplat.backends",
                 "mailplat.filters", "mailplat.service", "mailplat.mailauth")],
