@@ -242,6 +242,11 @@ class Settings:
         for backend in (self.auth, self.mailbox, self.delivery):
             lines += ["", f"[{backend.section}]", f"backend = {_toml(backend.name)}"]
             lines += [f"{_key(k)} = {_toml(v)}" for k, v in backend.options.items()]
+            if backend is self.mailbox:
+                # As the operator would write it: "2G" rather than 2147483648 (0 is no limit).
+                q = self.mailbox_quota
+                unit = next((u for u in "TGMK" if q and q % _SIZE_UNITS[u] == 0), "")
+                lines += [f"quota = {_toml(f'{q // _SIZE_UNITS[unit]}{unit}') if unit else q}"]
         for d in self.dkim.values():
             lines += ["", f"[dkim.{_toml(d.domain)}]", f"selector = {_toml(d.selector)}", f"key = {_toml(d.key)}"]
         for f in self.filters:

@@ -16,12 +16,25 @@ from typing import Any, Protocol
 from twisted.logger import Logger
 
 from mailplat.ids import new_id
-from mailplat.interfaces import DeliveryFailure, Envelope, PartialFailure, SpooledMessage, TemporaryFailure
+from mailplat.interfaces import (
+    Account, DeliveryFailure, Envelope, OverQuota, PartialFailure, PermanentFailure, SpooledMessage, TemporaryFailure,
+)
+from mailplat.mailquota import MailboxQuota
 from mailplat.plugins import call
 
-__all__ = ["Outbound", "Router"]
+__all__ = ["Outbound", "Router", "smtp_status"]
 
 log = Logger()
+
+
+def smtp_status(failure: DeliveryFailure) -> tuple[int, str]:
+    """The one mapping of a delivery failure to an SMTP reply code and RFC 3463 status."""
+    if isinstance(failure, OverQuota):
+        # X.2.2 mailbox full, as Postfix and Dovecot's LMTP answer it.
+        return 552, "5.2.2"
+    if isinstance(failure, PermanentFailure):
+        return 554, "5.0.0"
+    return 451, "4.3.0"
 
 
 class SenderRewriter(Protocol):
@@ -52,6 +65,19 @@ class Router:
     @property
     def can_relay(self) -> bool:
         return self.queue is not None
+
+    async def is_full(self, account: Account) -> bool:
+        """True when the delivery backend keeps a [mailbox] quota (``local``
+        does) and ``account`` is at or over it: no message would fit."""
+        quota = getattr(self.delivery, "quota", None)
+        if not isinstance(quota, MailboxQuota):
+            return False
+        try:
+            return await quota.full(account)
+        except Exception as e:
+            # Delivery counts again and answers for itself: a store that cannot count now refuses nobody here.
+            log.warn("quota of {account} not checked: {error}", account=account.address, error=getattr(e, "text", repr(e)))
+            return False
 
     async def deliver_local(self, envelope: Envelope, message: SpooledMessage) -> dict[str, DeliveryFailure]:
         """Deliver to every account of ``envelope``; the failure of each one

@@ -1,4 +1,6 @@
-"""The ``local`` delivery backend: every recipient's mail into the mailbox backend."""
+"""The ``local`` delivery backend: every recipient's mail into the mailbox backend,
+within [mailbox] quota (a recipient whose mailbox the message would take
+over it is refused with OverQuota, the others still get it)."""
 
 from __future__ import annotations
 
@@ -14,11 +16,13 @@ from mailplat.interfaces import (
     DeliveryFailure,
     Envelope,
     IDeliveryBackend,
+    OverQuota,
     PartialFailure,
     PermanentFailure,
     SpooledMessage,
     TemporaryFailure,
 )
+from mailplat.mailquota import MailboxQuota
 from mailplat.options import OptionReader
 from mailplat.plugins import call
 
@@ -31,8 +35,10 @@ log = Logger()
 class LocalDelivery:
     """Delivers to all recipients at once; succeeds only if every one succeeded."""
 
-    def __init__(self, mailbox: Any) -> None:
+    def __init__(self, mailbox: Any, quota: MailboxQuota | None = None) -> None:
         self.mailbox = mailbox
+        # The SMTP server asks it at RCPT too (mailplat.routing.Router.is_full).
+        self.quota = quota if quota is not None else MailboxQuota(mailbox, 0)
 
     async def deliver(self, envelope: Envelope, message: SpooledMessage) -> None:
         results = await defer.DeferredList(
@@ -50,16 +56,23 @@ class LocalDelivery:
         if len(failures) < len(results):
             raise PartialFailure({account: failure.value if failure.check(DeliveryFailure) else
                                   TemporaryFailure("local delivery failed; try again later") for account, failure in failures})
+        if all(f.check(OverQuota) for _, f in failures):
+            raise failures[0][1].value
         if all(f.check(PermanentFailure) for _, f in failures):
             raise PermanentFailure(failures[0][1].value.text)
         raise TemporaryFailure("local delivery failed; try again later")
 
     def _deliver_one(self, account: Any, envelope: Envelope, message: SpooledMessage) -> defer.Deferred[Any]:
+        return defer.Deferred.fromCoroutine(self._within_quota(account, envelope, message))
+
+    async def _within_quota(self, account: Any, envelope: Envelope, message: SpooledMessage) -> None:
+        await self.quota.check(account, message.size)
         # Only a folder is passed on, so that a mailbox backend written
         # before folders existed still takes mail for the inbox.
         if envelope.folder:
-            return call(self.mailbox.deliver, account, message, folder=envelope.folder)
-        return call(self.mailbox.deliver, account, message)
+            await call(self.mailbox.deliver, account, message, folder=envelope.folder)
+        else:
+            await call(self.mailbox.deliver, account, message)
 
 
 def build(options: dict[str, Any], context: BackendContext) -> LocalDelivery:
@@ -67,4 +80,4 @@ def build(options: dict[str, Any], context: BackendContext) -> LocalDelivery:
     mailbox = context.providers.get("mailbox")
     if mailbox is None:
         raise ConfigError("backend", "local delivery needs a [mailbox] backend", 'add [mailbox] backend = "maildir"')
-    return LocalDelivery(mailbox)
+    return LocalDelivery(mailbox, MailboxQuota(mailbox, context.mailbox_quota))

@@ -28,9 +28,9 @@ from mailplat.addresses import AddressError, AliasResolver, BadSRSAddress, MailP
 from mailplat.config import SMTPLimits
 from mailplat.cred import LoginBlocked, LoginGuard
 from mailplat.ids import new_id
-from mailplat.interfaces import Account, Client, DeliveryFailure, Envelope, IAccount, PermanentFailure, TemporaryFailure
+from mailplat.interfaces import Account, Client, DeliveryFailure, Envelope, IAccount, TemporaryFailure
 from mailplat.numerals import is_digits
-from mailplat.routing import Router
+from mailplat.routing import Router, smtp_status
 from mailplat.smtp.filtering import FilterChain, Outcome, header_block
 from mailplat.smtp.policy import (
     Destination,
@@ -556,6 +556,11 @@ class SMTPServer(CommandReader, TLSHandshakeDeadline, smtp.ESMTP):
             # no relaying for the client, but it needs the queue.
             if expansion.remote and not self.factory.router.can_relay:
                 raise reject(451, "4.3.0", "cannot forward mail now; try again later")
+            # A mailbox already full takes no message: refused for now, as the
+            # user may make room (Dovecot's lmtp_rcpt_check_quota).  One that
+            # a message would take over is refused at the end of DATA.
+            if expansion.accounts and not expansion.remote and all([await self.factory.router.is_full(a) for a in expansion.accounts]):
+                raise reject(452, "4.2.2", "Mailbox is full; try again later")
             if self.factory.filters:
                 await self._filter_recipient(transaction, address)
             if self._transaction is not transaction:
@@ -693,7 +698,7 @@ class SMTPServer(CommandReader, TLSHandshakeDeadline, smtp.ESMTP):
                 queued = await self.factory.router.hand_off(envelope, message, transaction.remote, transaction.forwarded)
             except DeliveryFailure as e:
                 # The one mapping of a delivery failure to a reply (RFC 5321 4.2.5).
-                code, status = (554, "5.0.0") if isinstance(e, PermanentFailure) else (451, "4.3.0")
+                code, status = smtp_status(e)
                 log.info("{session} {queue_id} not delivered: {text}", session=self.session, queue_id=queue_id, text=e.text)
                 self.reply(code, status, e.text)
                 return
