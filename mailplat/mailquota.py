@@ -63,7 +63,10 @@ class MailboxQuota:
             return
         used, limit = await self.state(account)
         if used + size > limit:
-            raise OverQuota(f"{account.address}'s mailbox is full ({format_size(used)} of {format_size(limit)})")
+            room = f"{format_size(used)} of {format_size(limit)}"
+            if used < limit:
+                room += f" used, the message is {format_size(size)}"
+            raise OverQuota(f"{account.address}'s mailbox is full ({room})")
 
     async def full(self, account: Account) -> bool:
         """True when ``account`` is already at or over its limit: no message fits

@@ -4,6 +4,14 @@ of several recipients, 452 4.2.2 at RCPT for a mailbox already full)."""
 
 from __future__ import annotations
 
+import email
+import re
+import email.message
+import email.policy
+import smtplib
+import ssl
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +20,8 @@ from twisted.internet import defer
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+from conftest import BASE_CONFIG, MailplatServer, merge_toml, message, wait_for
 
 from mailplat.backends.local import LocalDelivery
 from mailplat.config import ConfigError, load
@@ -159,10 +169,13 @@ def test_a_message_that_fits_exactly_is_taken_one_octet_more_is_not():
     settle(quota.check(ALICE, 1048))
     with pytest.raises(OverQuota) as raised:
         settle(quota.check(ALICE, 1049))
-    assert raised.value.text == "alice@example.org's mailbox is full (1000 B of 2.0 KiB)"
+    assert raised.value.text == "alice@example.org's mailbox is full (1000 B of 2.0 KiB used, the message is 1.0 KiB)"
     assert isinstance(raised.value, PermanentFailure)
     assert settle(quota.state(ALICE)) == (1000, 2048)
     settle(quota.check(BOB, 2048))
+    fill(store, BOB, 2048)
+    with pytest.raises(OverQuota, match=r"^bob@example.org's mailbox is full \(2.0 KiB of 2.0 KiB\)$"):
+        settle(quota.check(BOB, 1))
 
 
 def test_full_means_at_or_over_the_limit():
@@ -250,3 +263,110 @@ def test_router_sees_a_full_mailbox_and_ignores_a_store_that_cannot_count_now():
     store.broken = True
     assert not settle(router.is_full(BOB))
     assert not settle(Router(object()).is_full(BOB))
+
+
+# --- over the wire ------------------------------------------------------------
+
+QUOTA_USERS = {address: f"{address.split('@')[0]}-password" for address in (
+    "alice@example.org", "bob@example.org", "carol@example.org", "dave@example.org", "erin@example.org",
+)}
+
+
+def tls_context() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _maildir_counts() -> bool:
+    from mailplat.backends.maildir import Maildir
+
+    return IMessageStore.implementedBy(Maildir)
+
+
+# Until the maildir store counts what an account uses, it cannot be limited.
+over_the_wire = pytest.mark.skipif(not _maildir_counts(), reason="the maildir store has no usage() yet")
+
+
+@pytest.fixture(scope="module")
+def quota_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MailplatServer]:
+    """One maildir server with a 20 KiB quota for the wire tests; each test uses its own users."""
+    server = MailplatServer(tmp_path_factory.mktemp("quota"), merge_toml(BASE_CONFIG, '[mailbox]\nquota = "20K"\n'), QUOTA_USERS)
+    server.start()
+    yield server
+    server.stop()
+
+
+def sized(subject: str, octets: int, to: str, sender: str = "someone@remote.test") -> bytes:
+    """A message of about ``octets`` octets (lines of 76 characters)."""
+    head = message(subject, body="", sender=sender, to=to)
+    lines = (octets - len(head)) // 78 + 1
+    return head + b"".join(b"x" * 76 + b"\r\n" for _ in range(lines))
+
+
+@over_the_wire
+def test_mail_under_the_quota_is_delivered(quota_server):
+    """A message that fits in the recipient's quota gets 250 and is in the maildir."""
+    with smtplib.SMTP("127.0.0.1", quota_server.port, timeout=10) as client:
+        assert client.sendmail("someone@remote.test", ["carol@example.org"], sized("fits", 8000, "carol@example.org")) == {}
+    assert [m for m in quota_server.messages("carol@example.org") if b"Subject: fits\r\n" in m]
+
+
+@over_the_wire
+def test_mail_over_the_quota_is_552_5_2_2_and_not_stored(quota_server):
+    """A message that would take the only recipient over the quota is refused at the end of DATA with 552 5.2.2, nothing is written, and the session goes on."""
+    with smtplib.SMTP("127.0.0.1", quota_server.port, timeout=10) as client:
+        with pytest.raises(smtplib.SMTPDataError) as raised:
+            client.sendmail("someone@remote.test", ["dave@example.org"], sized("too-big", 25000, "dave@example.org"))
+        assert raised.value.smtp_code == 552
+        assert raised.value.smtp_error.startswith(b"5.2.2 dave@example.org's mailbox is full (0 B of 20.0 KiB used, the message is 24.")
+        assert client.noop()[0] == 250
+        assert client.sendmail("someone@remote.test", ["dave@example.org"], sized("small", 3000, "dave@example.org")) == {}
+    assert len(quota_server.messages("dave@example.org")) == 1
+    assert not list((quota_server.maildir("dave@example.org") / "tmp").iterdir())
+
+
+@over_the_wire
+def test_of_two_recipients_the_one_over_is_bounced_and_the_other_gets_it(quota_server):
+    """Two recipients, the message takes one over: the client hears 250, the other gets it once, and the sender gets a bounce naming the full mailbox."""
+    with smtplib.SMTP("127.0.0.1", quota_server.port, timeout=10) as client:
+        assert client.sendmail("someone@remote.test", ["bob@example.org"], sized("first", 15000, "bob@example.org")) == {}
+    with smtplib.SMTP_SSL("127.0.0.1", quota_server.ports["submissions"], context=tls_context(), timeout=10) as client:
+        client.login("alice@example.org", QUOTA_USERS["alice@example.org"])
+        note = sized("to-both", 6000, "bob@example.org", sender="alice@example.org")
+        assert client.sendmail("alice@example.org", ["alice@example.org", "bob@example.org"], note) == {}
+
+    def bounce() -> email.message.EmailMessage | None:
+        for raw in quota_server.messages("alice@example.org"):
+            parsed = email.message_from_bytes(raw, policy=email.policy.default)
+            if parsed.get_content_type() == "multipart/report":
+                return parsed  # type: ignore[return-value]
+        return None
+
+    report = wait_for(bounce, what="the bounce to alice")
+    text = report.as_string()
+    assert re.search(r"Final-Recipient: rfc822; ?bob@example.org", text) and "bob@example.org's mailbox is full" in text
+    assert "Subject: to-both" in text
+    copies = [m for m in quota_server.messages("alice@example.org") if m.startswith(b"Return-Path: <alice@example.org>")]
+    assert [b"Subject: to-both\r\n" in m for m in copies] == [True]
+    assert [b"Subject: first\r\n" in m for m in quota_server.messages("bob@example.org")] == [True]
+
+
+@over_the_wire
+def test_a_mailbox_already_full_is_refused_at_rcpt_for_now(quota_server):
+    """A recipient whose mailbox is at its quota is refused at RCPT with 452 4.2.2; the other recipients of the message are not."""
+    maildir = quota_server.maildir("erin@example.org")
+    for sub in ("tmp", "new", "cur"):
+        (maildir / sub).mkdir(parents=True, exist_ok=True)
+    # Mail from before the quota was lowered: exactly the whole 20 KiB.
+    (maildir / "cur" / f"{int(time.time())}.M000000P1Q1.old,S=20480:2,S").write_bytes(b"x" * 20480)
+    with smtplib.SMTP("127.0.0.1", quota_server.port, timeout=10) as client:
+        client.ehlo()
+        client.mail("someone@remote.test")
+        code, text = client.rcpt("erin@example.org")
+        assert (code, text.split(b" ", 1)[0]) == (452, b"4.2.2")
+        assert b"Mailbox is full" in text
+        assert client.rcpt("carol@example.org")[0] == 250
+        assert client.data(sized("erin-full", 500, "carol@example.org"))[0] == 250
+    assert len(list((maildir / "cur").iterdir())) == 1 and not list((maildir / "new").iterdir())
