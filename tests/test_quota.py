@@ -254,6 +254,18 @@ def test_local_delivery_delivers_to_the_others_when_one_is_over():
     assert len(store.stored[ALICE.address]) == 1 and len(store.stored[BOB.address]) == 1
 
 
+def test_a_store_that_cannot_count_now_delays_delivery_and_one_that_never_counts_takes_it():
+    """A usage() that fails makes delivery a TemporaryFailure (tried again later, never over the quota); a store without usage() is not limited."""
+    store = Store()
+    store.broken = True
+    with pytest.raises(TemporaryFailure):
+        settle(LocalDelivery(store, MailboxQuota(store, 1000)).deliver(Envelope("Q3", "", (ALICE,)), spooled(200)))
+    assert ALICE.address not in store.stored
+    uncounted = Uncounted()
+    settle(LocalDelivery(uncounted, MailboxQuota(uncounted, 100)).deliver(Envelope("Q4", "", (ALICE,)), spooled(200)))
+    assert len(uncounted.stored) == 1
+
+
 def test_router_sees_a_full_mailbox_and_ignores_a_store_that_cannot_count_now():
     """Router.is_full (asked at RCPT) is true only at or over the limit, and false when the store fails: DATA decides then."""
     store = Store()
