@@ -12,11 +12,13 @@ import shutil
 import socket
 import subprocess
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
+import commands
 from conftest import BASE_CONFIG, MAILPLAT, TWISTD, MailplatServer, stop_process, wait_for, write_users
 
 from mailplat.config import ConfigError, LoginSettings, Settings, load
@@ -26,6 +28,9 @@ BAD = sorted(BAD_CONFIGS.glob("*.toml"))
 
 # The mistakes twistd must refuse as check-config does: one of each family
 # (syntax, unknown key, types, listeners, TLS, domains, aliases, backends).
+# Each runs twistd's entry point in a process of its own (tests/commands.py);
+# PROCESS_CASES, one refused by load() and one by the backends, also start
+# the real twistd script.
 TWISTD_CASES = [
     "bad_toml",
     "unknown_top_key",
@@ -42,6 +47,7 @@ TWISTD_CASES = [
     "float_nan_idle_timeout",
     "nested_too_deep",
 ]
+PROCESS_CASES = ["bad_toml", "alias_target_unknown"]
 
 # A config without listeners or TLS: enough for check-config and `user`.
 SMALL_CONFIG = """\
@@ -75,6 +81,12 @@ def prepare(tmp_path: Path, config: Path) -> Path:
 
 
 def run(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """The command in a process of its own, forked from a warm one (tests/commands.py)."""
+    return commands.run(args, text=True, timeout=60, cwd=cwd, env=env)
+
+
+def run_script(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """The console script itself, started from scratch: for what is about the process."""
     return subprocess.run(args, capture_output=True, text=True, timeout=60, cwd=cwd, env=env)
 
 
@@ -120,7 +132,7 @@ def test_check_config_one_line_error(tmp_path, config):
 def test_nonexistent_config_file(tmp_path):
     """A config path that does not exist is one line naming it and how to give one."""
     path = tmp_path / "nowhere" / "mailplat.toml"
-    line = one_error_line(run(MAILPLAT, "--config", str(path), "check-config"), path)
+    line = one_error_line(run_script(MAILPLAT, "--config", str(path), "check-config"), path)
     assert f"mailplat: {path}: no such file; fix: " in line
 
 
@@ -140,7 +152,7 @@ def test_config_not_utf8(tmp_path):
 
 def test_no_config_given(tmp_path):
     """Without --config or MAILPLAT_CONFIG the command says how to give one, in one line."""
-    result = run(MAILPLAT, "check-config", cwd=tmp_path, env=env_without_config())
+    result = run_script(MAILPLAT, "check-config", cwd=tmp_path, env=env_without_config())
     assert result.returncode == 1
     assert result.stderr.strip() == "mailplat: give --config FILE or set MAILPLAT_CONFIG"
 
@@ -148,19 +160,30 @@ def test_no_config_given(tmp_path):
 # --- twistd refuses to start ------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", TWISTD_CASES)
-def test_twistd_refuses_bad_config(tmp_path, name):
-    """`twistd -n mailplat` with a bad config exits non-zero with check-config's one-line error and never listens."""
+def refuses_bad_config(tmp_path: Path, name: str, run_twistd: Callable[..., subprocess.CompletedProcess[str]]) -> None:
     config = BAD_CONFIGS / f"{name}.toml"
     assert config.exists(), config
     path = prepare(tmp_path, config)
     checked = one_error_line(run(MAILPLAT, "--config", str(path), "check-config", env=env_without_config()), path)
-    result = run(TWISTD, "-n", "--pidfile=", "mailplat", "--config", str(path), cwd=tmp_path, env=env_without_config())
+    result = run_twistd(TWISTD, "-n", "--pidfile=", "mailplat", "--config", str(path), cwd=tmp_path, env=env_without_config())
     output = result.stdout + result.stderr
     assert result.returncode != 0, output
     assert output.count(checked) == 1, f"expected {checked!r} once in:\n{output}"
     assert "listening on" not in output
     assert "Traceback" not in output
+
+
+@pytest.mark.parametrize("name", TWISTD_CASES)
+def test_twistd_refuses_bad_config(tmp_path, name):
+    """`twistd -n mailplat` with a bad config exits non-zero with check-config's one-line error and never listens."""
+    refuses_bad_config(tmp_path, name, run)
+
+
+@pytest.mark.parametrize("name", PROCESS_CASES)
+def test_twistd_process_refuses_bad_config(tmp_path, name):
+    """The same, starting the twistd script itself: the process exits before it listens."""
+    assert name in TWISTD_CASES
+    refuses_bad_config(tmp_path, name, run_script)
 
 
 def test_port_in_use(tmp_path):
@@ -171,7 +194,7 @@ def test_port_in_use(tmp_path):
         port = busy.getsockname()[1]
         site = MailplatServer(tmp_path / "site", BASE_CONFIG.replace('smtp = "tcp:0:', f'smtp = "tcp:{port}:', 1))
         assert f'smtp = "tcp:{port}:interface=127.0.0.1"' in site.config_path.read_text()
-        result = run(TWISTD, "-n", "--pidfile=", "mailplat", "--config", str(site.config_path), cwd=site.root)
+        result = run_script(TWISTD, "-n", "--pidfile=", "mailplat", "--config", str(site.config_path), cwd=site.root)
     output = result.stdout + result.stderr
     assert result.returncode == 1, output
     errors = [line for line in output.splitlines() if "mailplat: " in line]
@@ -281,9 +304,9 @@ def test_relative_paths_from_another_cwd(tmp_path):
     elsewhere.mkdir()
     relative_config = os.path.join("..", "site", "conf", "mailplat.toml")
 
-    added = subprocess.run(
+    added = commands.run(
         [MAILPLAT, "--config", relative_config, "user", "add", "alice@example.org", "--password-stdin"],
-        input="pw\n", capture_output=True, text=True, timeout=60, cwd=elsewhere,
+        input="pw\n", text=True, timeout=60, cwd=elsewhere,
     )
     assert added.returncode == 0, added.stderr
     assert (site / "users.passwd").is_file(), "the users file is beside the config folder, as ../users.passwd says"

@@ -1,0 +1,178 @@
+"""Running `mailplat` and `twistd` as commands, each in a process of its own,
+without paying Python's start and mailplat's imports every time.
+
+A test suite runs the admin command hundreds of times (every bad config,
+every `user` case); a fresh interpreter costs most of a second of CPU each
+time on a loaded machine.  Here one warm process per test worker imports
+mailplat once and forks a child per command: the child gets its own argv,
+environment, cwd, stdin and stdout/stderr files, runs the same entry point
+as the console script (``mailplat.cli:main``, ``twisted.scripts.twistd:run``)
+and exits with its exit status.  A crash prints its traceback to stderr and
+exits 1, as the interpreter would.  ``run`` answers as ``subprocess.run``
+does, so a test reads the same result either way; the tests that are about
+the process itself (it starts, it exits before it listens) still start the
+real console scripts.
+"""
+
+from __future__ import annotations
+
+import atexit
+import base64
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+_ENTRY_POINTS = {"mailplat": ("mailplat.cli", "main"), "twistd": ("twisted.scripts.twistd", "run")}
+
+_server: subprocess.Popen[bytes] | None = None
+
+
+def _start() -> subprocess.Popen[bytes]:
+    global _server
+    if _server is None or _server.poll() is not None:
+        _server = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=os.getcwd(),
+        )
+        atexit.register(_stop)
+    return _server
+
+
+def _stop() -> None:
+    """Closing its stdin ends the server (it exits at EOF)."""
+    global _server
+    if _server is not None:
+        assert _server.stdin is not None
+        _server.stdin.close()
+        try:
+            _server.wait(10)
+        except subprocess.TimeoutExpired:
+            _server.kill()
+            _server.wait()
+        _server = None
+
+
+def run(
+    args: Sequence[str], *, input: str | bytes | None = None, cwd: str | os.PathLike[str] | None = None,
+    env: dict[str, str] | None = None, timeout: float = 60, text: bool = False, capture_output: bool = True,
+) -> subprocess.CompletedProcess[Any]:
+    """Run ``args`` (the path of the `mailplat` or `twistd` script, then its arguments) as
+    ``subprocess.run(args, input=..., capture_output=True, text=..., timeout=..., cwd=..., env=...)`` would."""
+    assert capture_output, "output is always captured"
+    name = os.path.basename(args[0])
+    assert name in _ENTRY_POINTS, f"{name}: only {sorted(_ENTRY_POINTS)} run here"
+    data = input.encode() if isinstance(input, str) else input
+    request = {
+        "name": name, "argv": list(map(str, args)), "cwd": os.fspath(cwd) if cwd is not None else os.getcwd(),
+        "env": dict(os.environ if env is None else env), "timeout": timeout,
+        "stdin": None if data is None else base64.b64encode(data).decode(),
+    }
+    server = _start()
+    assert server.stdin is not None and server.stdout is not None
+    server.stdin.write(json.dumps(request).encode() + b"\n")
+    server.stdin.flush()
+    line = server.stdout.readline()
+    if not line:
+        raise RuntimeError(f"the command server exited with {server.wait()}")
+    reply = json.loads(line)
+    stdout, stderr = base64.b64decode(reply["stdout"]), base64.b64decode(reply["stderr"])
+    if reply["timed_out"]:
+        raise subprocess.TimeoutExpired(list(args), timeout, stdout, stderr)
+    if text:
+        return subprocess.CompletedProcess(list(args), reply["returncode"], stdout.decode(), stderr.decode())
+    return subprocess.CompletedProcess(list(args), reply["returncode"], stdout, stderr)
+
+
+# --- the server (this file run as a script) ---------------------------------------------
+
+
+def _child(request: dict[str, Any], stdin_path: str, out_fd: int, err_fd: int) -> None:
+    """In the forked child: become the command, then exit with its status."""
+    import importlib
+    import traceback
+
+    code: Any = 1
+    try:
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        for fd, target in ((os.open(stdin_path, os.O_RDONLY), 0), (out_fd, 1), (err_fd, 2)):
+            os.dup2(fd, target)
+        # The standard streams as a fresh interpreter makes them (text, "\n", the same encoding).
+        for name, fd, mode in (("stdin", 0, "r"), ("stdout", 1, "w"), ("stderr", 2, "w")):
+            old = getattr(sys, "__" + name + "__")
+            stream = open(fd, mode, encoding=old.encoding, errors=old.errors, newline="\n", closefd=False)
+            setattr(sys, name, stream)
+            setattr(sys, "__" + name + "__", stream)
+        sys.argv = request["argv"]
+        module, function = _ENTRY_POINTS[request["name"]]
+        code = getattr(importlib.import_module(module), function)()
+    except SystemExit as e:
+        code = e.code
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(code & 0xFF)
+
+
+def _serve() -> None:
+    """Read one request a line, fork a child for it, answer with its exit status and output."""
+    import select
+    import signal
+    import tempfile
+
+    # As in the console scripts: the scripts' folder first on the path, not this one.
+    sys.path[0] = os.path.dirname(sys.executable)
+    # What every command imports, imported once (a module that does not import
+    # yet is imported, and fails, in the child, as it would in a fresh process).
+    for module in ("mailplat.cli", "mailplat.config", "mailplat.service", "mailplat.passwords", "twisted.scripts.twistd"):
+        try:
+            __import__(module)
+        except Exception:
+            pass
+    requests, replies = sys.stdin.buffer, sys.stdout.buffer
+    while True:
+        line = requests.readline()
+        if not line:
+            return
+        request = json.loads(line)
+        with tempfile.TemporaryDirectory(prefix="mailplat-command-") as folder:
+            stdin_path = os.path.join(folder, "stdin")
+            with open(stdin_path, "wb") as f:
+                f.write(base64.b64decode(request["stdin"]) if request["stdin"] is not None else b"")
+            paths = [os.path.join(folder, "stdout"), os.path.join(folder, "stderr")]
+            out_fd, err_fd = (os.open(p, os.O_WRONLY | os.O_CREAT, 0o600) for p in paths)
+            pid = os.fork()
+            if pid == 0:
+                _child(request, stdin_path, out_fd, err_fd)
+            os.close(out_fd)
+            os.close(err_fd)
+            pidfd = os.pidfd_open(pid)
+            ready, _, _ = select.select([pidfd], [], [], request["timeout"])
+            timed_out = not ready
+            if timed_out:
+                os.kill(pid, signal.SIGKILL)
+            os.close(pidfd)
+            _, status = os.waitpid(pid, 0)
+            output = [open(p, "rb").read() for p in paths]
+        reply = {
+            "returncode": os.waitstatus_to_exitcode(status), "timed_out": timed_out,
+            "stdout": base64.b64encode(output[0]).decode(), "stderr": base64.b64encode(output[1]).decode(),
+        }
+        replies.write(json.dumps(reply).encode() + b"\n")
+        replies.flush()
+
+
+if __name__ == "__main__":
+    _serve()
