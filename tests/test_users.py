@@ -13,6 +13,7 @@ import pytest
 
 from twisted.logger import LogLevel, globalLogPublisher
 
+import commands
 from conftest import BASE_CONFIG, MAILPLAT, MailplatServer, wait_for
 from mailplat.backends.passwdfile import PasswdFileError, parse
 from mailplat.passwords import MalformedHash, UnsupportedScheme, hash_password, scheme_of, verify_password
@@ -53,14 +54,14 @@ def site(tmp_path: Path) -> Site:
 
 
 def user(site: Site | MailplatServer, *args: str, password: str | None = None) -> subprocess.CompletedProcess[str]:
-    """Run `mailplat --config ... user ARGS`; with ``password``, pass --password-stdin and send it."""
+    """Run `mailplat --config ... user ARGS` (in a process of its own, tests/commands.py);
+    with ``password``, pass --password-stdin and send it."""
     if password is not None:
         args = (*args, "--password-stdin")
     env = {k: v for k, v in os.environ.items() if k != "MAILPLAT_CONFIG"}
-    return subprocess.run(
+    return commands.run(
         [MAILPLAT, "--config", str(site.config_path), "user", *args],
-        input=None if password is None else password + "\n",
-        capture_output=True, text=True, timeout=60, env=env,
+        input=None if password is None else password + "\n", text=True, timeout=60, env=env,
     )
 
 
@@ -98,6 +99,7 @@ def test_add_creates_a_private_file_with_an_argon2id_hash(site):
 
 def test_password_line_ending_is_not_part_of_the_password(site):
     """--password-stdin reads one line: its CRLF or LF ending is not part of the password, spaces are."""
+    # The console script itself, with its own standard input as a fresh interpreter sets it up.
     result = subprocess.run(
         [MAILPLAT, "--config", str(site.config_path), "user", "add", "dan@example.org", "--password-stdin"],
         input=b" pw with spaces \r\nsecond line\n", capture_output=True, timeout=60,
@@ -235,10 +237,10 @@ def test_check_config_refuses_an_alias_to_no_user(site):
     site.config_path.write_text(CONFIG + '\n[aliases]\n"sales@example.org" = ["jo@example.org", "friend@elsewhere.test"]\n')
     ok(user(site, "add", "kim@example.org", password="pw"))
     check = [MAILPLAT, "--config", str(site.config_path), "check-config"]
-    line = refused(subprocess.run(check, capture_output=True, text=True, timeout=60))
+    line = refused(commands.run(check, text=True, timeout=60))
     assert line.startswith(f'mailplat: {site.config_path}: [aliases] "sales@example.org": target jo@example.org is not a user or an alias; fix: ')
     ok(user(site, "add", "jo@example.org", password="pw"))
-    ok(subprocess.run(check, capture_output=True, text=True, timeout=60))
+    ok(commands.run(check, text=True, timeout=60))
 
 
 def test_broken_users_file_is_one_line(site):
