@@ -81,7 +81,8 @@ def _parse_item(text: str) -> FetchItem:
         raise ValueError(f"missing ] in {text[:60]}")
     spec = SectionSpec.parse(inside)
     partial = _partial(after) if after else None
-    label = f"BODY[{inside}]" + (f"<{partial[0]}>" if partial else "")
+    # Labelled as Dovecot does, in upper case ("HEADER.FIELDS (FROM)"), whatever the case asked.
+    label = f"BODY[{spec}]" + (f"<{partial[0]}>" if partial else "")
     return FetchItem("BODY", spec, partial, label, sets_seen=name == "BODY")
 
 
@@ -284,16 +285,12 @@ def render(
         else:
             if source is None:
                 raise ValueError(f"{item.label} needs the message")
-            section: Section | None
             if not item.section.part and not item.section.kind:
                 section = _whole(source)
             elif parts is None:
                 raise ValueError(f"{item.label} needs the message's structure")
             else:
                 section = parts.section(item.section)
-            if section is None:
-                text(item.label, b"NIL")
-                continue
             if item.partial is not None:
                 section = section.window(*item.partial)
             attributes.append((item.label.encode("ascii"), section, source))

@@ -630,10 +630,13 @@ class MessageParts:
     # -- FETCH sections
 
     def part(self, numbers: tuple[int, ...]) -> MimePart | None:
-        """The part ``1.2.3`` names (RFC 3501 6.4.5), None if the message has none such."""
+        """The part ``1.2.3`` names (RFC 3501 6.4.5), None if the message has none such.
+
+        Part 1 of what is not a multipart is that part itself (its body), as
+        RFC 3501 says of a non-multipart message and Dovecot does of every part.
+        """
         current = self.root
-        # Whether ``current`` is a message (the whole, or an encapsulated one),
-        # whose part 1 is its body when it is not a multipart.
+        # Whether ``current`` is the whole message or one encapsulated message.
         message = True
         for number in numbers:
             if current.message is not None and not message:
@@ -644,14 +647,14 @@ class MessageParts:
                     return None
                 current = current.children[number - 1]
                 message = False
-            elif message and number == 1 and not current.is_multipart:
+            elif number == 1 and not current.is_multipart:
                 message = False
             else:
                 return None
         return current
 
-    def section(self, spec: SectionSpec) -> Section | None:
-        """The octets ``spec`` names; None for a part the message does not have (FETCH answers NIL)."""
+    def section(self, spec: SectionSpec) -> Section:
+        """The octets ``spec`` names: empty for a part the message does not have, as Dovecot answers."""
         if not spec.part:
             target = self.root
             if spec.kind == "":
@@ -659,14 +662,14 @@ class MessageParts:
         else:
             found = self.part(spec.part)
             if found is None:
-                return None
+                return Section(data=b"")
             if spec.kind == "":
                 return found.body_section()
             if spec.kind == "MIME":
                 return found.header_section()
             if found.message is None:
                 # HEADER and TEXT of a part that is no message/rfc822: none.
-                return None
+                return Section(data=b"")
             target = found.message
         if spec.kind == "TEXT":
             return target.body_section()
