@@ -238,7 +238,10 @@ def make_service(
                 quota=quota if name != "smtp" else None, send_as=submission.send_as,
             )
         elif name in ("imap", "imaps"):
-            factory = IMAPFactory(settings.imap, login_guard, tls, name == "imaps", imap_store(settings, providers["mailbox"]), settings.mailbox_quota, reactor)
+            factory = IMAPFactory(
+                settings.imap, login_guard, tls, name == "imaps", imap_store(settings, providers["mailbox"]), settings.mailbox_quota, reactor,
+                spool_dir=spool.directory, threads=threads,
+            )
         else:
             factory = POP3Factory(settings.pop3, login_guard, tls, name == "pop3s", reactor)
         if name in ("submissions", "pop3s", "imaps"):

@@ -18,15 +18,27 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailplat.addresses import AliasResolver
-from mailplat.config import POP3Settings, SMTPLimits, SubmissionSettings
+from mailplat.config import IMAPSettings, POP3Settings, SMTPLimits, SubmissionSettings
 from mailplat.cred import AuthBackendChecker, LoginGuard, MailRealm
+from mailplat.imap.server import IMAPFactory
 from mailplat.interfaces import (
+    INBOX,
+    SPECIAL_USE,
     Account,
+    Folder,
+    FolderExists,
+    FolderView,
     IAuthBackend,
     IDeliveryBackend,
     IMailboxBackend,
     IMaildrop,
+    IMessageStore,
     MaildropEntry,
+    MessageInfo,
+    NoSuchFolder,
+    PermanentFailure,
+    SpooledMessage,
+    StoreResult,
 )
 from mailplat.plugins import call
 from mailplat.pop3.server import POP3Factory
@@ -109,6 +121,173 @@ class Mailboxes:
         return Maildrop(self.stored.get(account.address, []))
 
 
+class _Box:
+    def __init__(self, uidvalidity: int) -> None:
+        self.uidvalidity = uidvalidity
+        self.uidnext = 1
+        self.modseq = 1
+        self.messages: dict[int, tuple[MessageInfo, bytes]] = {}
+        self.subscribed = True
+
+
+@implementer(IMessageStore)
+class MessageStore:
+    """An IMAP store in memory: folders of messages with UIDs, flags and modseqs.
+
+    The protocol tests' own provider of the contract (the real stores have
+    their own suite); ``watchers`` are called at each change, as a store
+    that notices other sessions' changes would.
+    """
+
+    def __init__(self) -> None:
+        self.accounts: dict[str, dict[str, _Box]] = {}
+        self.watchers: list[tuple[str, str, Any]] = []
+        self._validity = 1000
+        self.broken: Exception | None = None
+
+    def _boxes(self, account: Account) -> dict[str, _Box]:
+        boxes = self.accounts.get(account.address)
+        if boxes is None:
+            boxes = self.accounts[account.address] = {}
+            for name in (INBOX, *SPECIAL_USE):
+                boxes[name] = self._new_box()
+        return boxes
+
+    def _new_box(self) -> _Box:
+        self._validity += 1
+        return _Box(self._validity)
+
+    def _box(self, account: Account, name: str) -> _Box:
+        if self.broken is not None:
+            raise self.broken
+        box = self._boxes(account).get(INBOX if name.upper() == INBOX else name)
+        if box is None:
+            raise NoSuchFolder(f"no folder {name}")
+        return box
+
+    def _changed(self, account: Account, name: str, box: _Box) -> None:
+        box.modseq += 1
+        for address, folder, callback in list(self.watchers):
+            if address == account.address and folder == name:
+                callback()
+
+    def folders(self, account: Account) -> list[Folder]:
+        return [Folder(n, SPECIAL_USE.get(n, ""), b.subscribed) for n, b in self._boxes(account).items()]
+
+    def create_folder(self, account: Account, name: str) -> None:
+        boxes = self._boxes(account)
+        if name in boxes:
+            raise FolderExists(f"{name} exists")
+        parts = name.split("/")
+        for i in range(1, len(parts) + 1):
+            boxes.setdefault("/".join(parts[:i]), self._new_box())
+
+    def delete_folder(self, account: Account, name: str) -> None:
+        if name == INBOX:
+            raise PermanentFailure("INBOX cannot be deleted")
+        self._box(account, name)
+        del self._boxes(account)[name]
+
+    def rename_folder(self, account: Account, old: str, new: str) -> None:
+        boxes = self._boxes(account)
+        box = self._box(account, old)
+        if new in boxes:
+            raise FolderExists(f"{new} exists")
+        for name in [n for n in boxes if n == old or n.startswith(old + "/")]:
+            boxes[new + name[len(old):]] = boxes.pop(name)
+        if old == INBOX:
+            boxes[INBOX] = self._new_box()
+        del box
+
+    def subscribe(self, account: Account, name: str, subscribed: bool) -> None:
+        box = self._boxes(account).get(name)
+        if box is not None:
+            box.subscribed = subscribed
+
+    def view(self, account: Account, folder: str) -> FolderView:
+        box = self._box(account, folder)
+        return FolderView(box.uidvalidity, box.uidnext, box.modseq, tuple(box.messages[u][0] for u in sorted(box.messages)))
+
+    def read(self, account: Account, folder: str, uid: int) -> Any:
+        import io
+
+        box = self._box(account, folder)
+        if uid not in box.messages:
+            raise PermanentFailure("no such message")
+        return io.BytesIO(box.messages[uid][1])
+
+    def _add(self, account: Account, folder: str, box: _Box, content: bytes, flags: frozenset[str], date: float) -> int:
+        uid = box.uidnext
+        box.uidnext += 1
+        box.messages[uid] = (MessageInfo(uid, len(content), frozenset(flags), date, box.modseq + 1), content)
+        self._changed(account, folder, box)
+        return uid
+
+    def append(self, account: Account, folder: str, message: SpooledMessage, flags: frozenset[str], internal_date: float) -> tuple[int, int]:
+        box = self._box(account, folder)
+        with message.open() as f:
+            content = f.read()
+        return box.uidvalidity, self._add(account, folder, box, content, flags, internal_date)
+
+    def store_flags(self, account: Account, folder: str, uids: list[int], flags: frozenset[str], how: str,
+                    unchanged_since: int | None = None) -> StoreResult:
+        box = self._box(account, folder)
+        changed, modified = [], []
+        for uid in uids:
+            if uid not in box.messages:
+                continue
+            info, content = box.messages[uid]
+            if unchanged_since is not None and info.modseq > unchanged_since:
+                modified.append(uid)
+                continue
+            new = flags if how == "set" else info.flags | flags if how == "add" else info.flags - flags
+            if new != info.flags:
+                box.modseq += 1
+                info = MessageInfo(uid, info.size, frozenset(new), info.internal_date, box.modseq)
+                box.messages[uid] = (info, content)
+                changed.append(info)
+        if changed:
+            box.modseq -= 1
+            self._changed(account, folder, box)
+        return StoreResult(tuple(changed), tuple(modified))
+
+    def copy(self, account: Account, folder: str, uids: list[int], target: str) -> tuple[int, list[tuple[int, int]]]:
+        box, into = self._box(account, folder), self._box(account, target)
+        pairs = []
+        for uid in uids:
+            if uid in box.messages:
+                info, content = box.messages[uid]
+                pairs.append((uid, self._add(account, target, into, content, info.flags, info.internal_date)))
+        return into.uidvalidity, pairs
+
+    def move(self, account: Account, folder: str, uids: list[int], target: str) -> tuple[int, list[tuple[int, int]]]:
+        validity, pairs = self.copy(account, folder, uids, target)
+        box = self._box(account, folder)
+        for uid, _ in pairs:
+            del box.messages[uid]
+        if pairs:
+            self._changed(account, folder, box)
+        return validity, pairs
+
+    def expunge(self, account: Account, folder: str, uids: list[int]) -> list[int]:
+        box = self._box(account, folder)
+        removed = [u for u in uids if u in box.messages and "\\Deleted" in box.messages[u][0].flags]
+        for uid in removed:
+            del box.messages[uid]
+        if removed:
+            self._changed(account, folder, box)
+        return removed
+
+    def watch(self, account: Account, folder: str, changed: Any) -> Any:
+        entry = (account.address, folder, changed)
+        self.watchers.append(entry)
+        return lambda: self.watchers.remove(entry)
+
+    def usage(self, account: Account) -> tuple[int, int]:
+        messages = [m for b in self._boxes(account).values() for m, _ in b.messages.values()]
+        return sum(m.size for m in messages), len(messages)
+
+
 class Wire:
     """One client connection: what the server wrote, and lines to send it."""
 
@@ -144,7 +323,7 @@ class Platform:
 
     def __init__(self, failure_delay: float = 2.0, max_failures: int = 3, block_time: float = 300.0,
                  smtp: SMTPLimits | None = None, pop3: POP3Settings | None = None,
-                 submission: SubmissionSettings | None = None) -> None:
+                 submission: SubmissionSettings | None = None, imap: IMAPSettings | None = None, quota: int = 0) -> None:
         self.clock = task.Clock()
         self.users = Users()
         self.mailboxes = Mailboxes()
@@ -157,6 +336,9 @@ class Platform:
         self.pop3_settings = pop3 or POP3Settings()
         self.submission = submission or SubmissionSettings()
         # Shared by every submission session, as the service shares one.
+        self.imap_settings = imap or IMAPSettings()
+        self.store = MessageStore()
+        self.mailbox_quota = quota
         self.quota = SendingQuota(self.clock, self.submission.max_messages_per_hour, self.submission.max_recipients_per_hour)
 
     def smtp(self, listener: str = "submissions", peer: str = "192.0.2.1", spool: Any = None) -> Wire:
@@ -172,4 +354,14 @@ class Platform:
     def pop3(self, peer: str = "192.0.2.1") -> Wire:
         """A session on the pop3s listener (TLS from the start)."""
         factory = POP3Factory(self.pop3_settings, self.guard, None, True, self.clock)
+        return Wire(factory.buildProtocol(None), peer)
+
+    def imap(self, peer: str = "192.0.2.1", factory: IMAPFactory | None = None, spool_dir: str = "", implicit_tls: bool = True) -> Wire:
+        """A session on the imaps listener (TLS from the start; else a plain listener
+        without STARTTLS), over the in-memory store; pass ``factory`` for another
+        session of the same listener (its per-user counts)."""
+        if factory is None:
+            factory = IMAPFactory(
+                self.imap_settings, self.guard, None, implicit_tls, self.store, self.mailbox_quota, self.clock, spool_dir=spool_dir,
+            )
         return Wire(factory.buildProtocol(None), peer)

@@ -36,7 +36,7 @@ class FileLiteral:
     size: int
 
 
-Token = Union[str, bytes, FileLiteral, list]  # type: ignore[type-arg]  # a list holds tokens
+Token = Union[str, bytes, FileLiteral, list]  # a list holds tokens
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,386 @@
+"""IMAP sessions in-process (StringTransport + Clock, tests/inprocess.py): timers,
+error counts, the login guard, literals refused before they are read, and
+what two sessions on one folder tell each other."""
+
+from __future__ import annotations
+
+import base64
+import os
+
+from twisted.logger import globalLogPublisher
+
+from inprocess import Platform, Wire
+from mailplat.config import IMAPSettings
+
+MESSAGE = b"From: Alice <alice@example.org>\r\nTo: bob@example.org\r\nSubject: hello\r\n\r\nbody line\r\n"
+
+
+def login(wire: Wire, user: str = "alice@example.org", password: str = "alice-password") -> Wire:
+    assert wire.output().startswith("* OK [CAPABILITY IMAP4rev1")
+    wire.send(f"L LOGIN {user} {password}")
+    assert wire.lines()[-1].startswith("L OK")
+    return wire
+
+
+def append(wire: Wire, message: bytes = MESSAGE, folder: str = "INBOX") -> str:
+    wire.send(f"A APPEND {folder} {{{len(message)}+}}")
+    wire.send(message)
+    return wire.lines()[-1]
+
+
+def selected(platform: Platform, messages: int = 0, **kwargs: object) -> Wire:
+    wire = login(platform.imap(**kwargs))  # type: ignore[arg-type]
+    for _ in range(messages):
+        assert append(wire).startswith("A OK [APPENDUID")
+    wire.send("S SELECT INBOX")
+    assert wire.lines()[-1] == "S OK [READ-WRITE] SELECT completed"
+    return wire
+
+
+def capture_log() -> list[str]:
+    lines: list[str] = []
+
+    def observer(event: dict) -> None:
+        from twisted.logger import formatEvent
+
+        lines.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observer)
+    lines.append("")  # keeps the observer findable for removal
+    return lines
+
+
+def test_plain_listener_refuses_logins_before_tls():
+    """Without TLS: LOGINDISABLED and no AUTH= in CAPABILITY, and LOGIN and AUTHENTICATE get NO [PRIVACYREQUIRED]."""
+    wire = Platform().imap(implicit_tls=False)
+    greeting = wire.output()
+    assert "LOGINDISABLED" in greeting and "AUTH=" not in greeting
+    wire.send("a LOGIN alice@example.org alice-password")
+    assert wire.lines() == ["a NO [PRIVACYREQUIRED] Logins are disabled without TLS; use STARTTLS first"]
+    wire.send("b AUTHENTICATE PLAIN")
+    assert wire.lines()[0].startswith("b NO [PRIVACYREQUIRED]")
+    wire.send("c STARTTLS")
+    assert wire.lines() == ["c NO STARTTLS is not available"]
+    assert not wire.closed
+
+
+def test_wrong_password_waits_then_the_address_is_blocked():
+    """A failed LOGIN is answered NO [AUTHENTICATIONFAILED] after the delay; at the limit, NO [UNAVAILABLE] at once, for a right password too."""
+    platform = Platform(failure_delay=2.0, max_failures=2)
+    wire = platform.imap()
+    wire.output()
+    for tag in ("a", "b"):
+        wire.send(f"{tag} LOGIN alice@example.org wrong")
+        assert wire.output() == ""
+        platform.clock.advance(2.1)
+        assert wire.lines() == [f"{tag} NO [AUTHENTICATIONFAILED] Authentication failed"]
+    wire.send("c LOGIN alice@example.org alice-password")
+    assert wire.lines()[0].startswith("c NO [UNAVAILABLE] Too many failed logins")
+    platform.clock.advance(301)
+    wire.send("d LOGIN alice@example.org alice-password")
+    assert wire.lines()[0].startswith("d OK [CAPABILITY")
+
+
+def test_authenticate_plain_with_and_without_initial_response():
+    """AUTHENTICATE PLAIN works with SASL-IR and with a "+" continuation; "*" cancels with BAD and the session goes on."""
+    platform = Platform()
+    credentials = base64.b64encode(b"\0alice@example.org\0alice-password").decode()
+    wire = platform.imap()
+    wire.output()
+    wire.send("a AUTHENTICATE PLAIN")
+    assert wire.lines() == ["+ "]
+    wire.send("*")
+    assert wire.lines() == ["a BAD AUTHENTICATE cancelled"]
+    wire.send("b AUTHENTICATE PLAIN")
+    wire.output()
+    wire.send(credentials)
+    assert wire.lines()[0].startswith("b OK [CAPABILITY")
+    other = platform.imap()
+    other.output()
+    other.send(f"c AUTHENTICATE PLAIN {credentials}")
+    assert other.lines()[0].startswith("c OK [CAPABILITY")
+    other.send("d AUTHENTICATE LOGIN")
+    assert other.lines() == ["d BAD AUTHENTICATE is not valid once logged in"]
+
+
+def test_idle_timeout_says_bye_autologout():
+    """A silent session is logged out with BYE after [imap] idle_timeout, not before."""
+    platform = Platform()
+    wire = login(platform.imap())
+    platform.clock.advance(1799)
+    assert not wire.closed
+    platform.clock.advance(2)
+    assert wire.lines() == ["* BYE Autologout; idle for too long"]
+    assert wire.closed
+
+
+def test_garbage_is_bad_and_the_session_goes_on_until_the_error_limit():
+    """Malformed commands get BAD with a reason; the max_errors_before_login-th ends the session with BYE."""
+    platform = Platform(imap=IMAPSettings(max_errors_before_login=5))
+    wire = platform.imap()
+    wire.output()
+    wire.send("a1 FETCH (1")
+    assert wire.lines() == ["a1 BAD Missing ')'"]
+    wire.send('a2 LOGIN "unterminated')
+    assert wire.lines() == ["a2 BAD Missing closing quote"]
+    wire.send("\x01\x02")
+    assert wire.lines() == ["* BAD Missing or invalid tag"]
+    wire.send("a4 FROB")
+    assert wire.lines() == ["a4 BAD Unknown command FROB"]
+    wire.send("a5 NOOP")
+    assert wire.lines() == ["a5 OK NOOP completed"]
+    wire.send("a6 LOGIN")
+    assert wire.lines() == ["a6 BAD Syntax: LOGIN user password", "* BYE Too many invalid commands"]
+    assert wire.closed
+
+
+def test_oversized_literals_are_refused_before_a_byte_is_read(tmp_path):
+    """{999999999999} for APPEND is NO [TOOBIG] and for LOGIN BAD, without a "+" or a file; a non-synchronizing one ends the session."""
+    platform = Platform()
+    wire = login(platform.imap(spool_dir=str(tmp_path)))
+    wire.send("a APPEND INBOX {999999999999}")
+    assert wire.lines() == ["a NO [TOOBIG] Literal too big (limit 67108864 octets for a message)"]
+    wire.send("b LOGIN {70000}")
+    assert wire.lines() == ["b BAD Literal too big (limit 65536 octets)"]
+    wire.send("c NOOP")
+    assert wire.lines() == ["c OK NOOP completed"]
+    assert os.listdir(tmp_path) == []
+    wire.send("d APPEND INBOX {999999999999+}")
+    assert wire.lines() == ["d NO [TOOBIG] Literal too big (limit 67108864 octets for a message)", "* BYE Literal refused; closing the connection"]
+    assert wire.closed
+
+
+def test_large_append_goes_to_a_file_that_is_removed_after(tmp_path):
+    """An APPEND literal over 64 KiB is written to the spool as it arrives and removed once stored."""
+    platform = Platform()
+    wire = login(platform.imap(spool_dir=str(tmp_path)))
+    body = b"Subject: big\r\n\r\n" + b"x" * 998 + b"\r\n"
+    message = body * 200
+    wire.send(f"a APPEND INBOX (\\Seen) \"01-Jan-2024 10:00:00 +0100\" {{{len(message)}}}")
+    assert wire.lines() == ["+ Ready for literal data"]
+    wire.protocol.dataReceived(message[:100_000])
+    assert len(os.listdir(tmp_path)) == 1
+    wire.protocol.dataReceived(message[100_000:] + b"\r\n")
+    assert wire.lines() == ["a OK [APPENDUID 1001 1] APPEND completed"]
+    assert os.listdir(tmp_path) == []
+    stored = platform.store.accounts["alice@example.org"]["INBOX"].messages[1]
+    assert stored[1] == message and stored[0].flags == {"\\Seen"} and stored[0].internal_date == 1704099600.0
+
+
+def test_literal_plus_and_literals_inside_a_command():
+    """Literals ({n} and {n+}) may stand for any string of a command, and the command goes on after each."""
+    wire = Platform().imap()
+    wire.output()
+    wire.send("a LOGIN {17}")
+    assert wire.lines() == ["+ Ready for literal data"]
+    wire.protocol.dataReceived(b"alice@example.org {14+}\r\nalice-password\r\n")
+    assert wire.lines()[0].startswith("a OK [CAPABILITY")
+    wire.send('b CREATE {19+}\r\nArchive/&AOk-t&AOk-')
+    assert wire.lines() == ["b OK CREATE completed"]
+    wire.send('c LIST "" "Archive/%"')
+    assert wire.lines() == ['* LIST (\\HasNoChildren) "/" "Archive/&AOk-t&AOk-"', "c OK LIST completed"]
+
+
+def test_backend_bug_is_a_one_line_log_and_no_traceback_on_the_wire():
+    """A store that raises gets NO [SERVERBUG]; the log has one line with the session id; the session goes on."""
+    platform = Platform()
+    wire = login(platform.imap())
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        platform.store.broken = ZeroDivisionError("oops")
+        wire.send("a SELECT INBOX")
+        assert wire.lines() == ["a NO [SERVERBUG] Internal error, try again later"]
+        platform.store.broken = None
+        wire.send("b SELECT INBOX")
+        assert wire.lines()[-1] == "b OK [READ-WRITE] SELECT completed"
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    errors = [e for e in events if e.get("log_level").name == "error"]
+    assert len(errors) == 1
+    text = errors[0]["log_format"].format(**errors[0])
+    assert wire.protocol.session in text and "ZeroDivisionError: oops" in text and "\n" not in text
+
+
+def test_store_errors_map_to_response_codes():
+    """A missing folder is NO [NONEXISTENT], [TRYCREATE] as a COPY or APPEND target; an existing one NO [ALREADYEXISTS]."""
+    wire = selected(Platform(), messages=1)
+    wire.send("a SELECT Nowhere")
+    assert wire.lines()[-1].startswith("a NO [NONEXISTENT]")
+    wire.send("b SELECT INBOX")
+    wire.output()
+    wire.send("c COPY 1 Nowhere")
+    assert wire.lines() == ["c NO [TRYCREATE] No such mailbox; create it first"]
+    assert append(wire, folder="Nowhere") == "A NO [TRYCREATE] No such mailbox; create it first"
+    wire.send("d CREATE Sent")
+    assert wire.lines()[-1].startswith("d NO [ALREADYEXISTS]")
+
+
+def test_sequence_sets_on_an_empty_folder_and_bad_ones():
+    """In an empty folder FETCH 1:* is BAD (as Dovecot) and UID FETCH 1:* OK with nothing; a malformed set is BAD."""
+    wire = selected(Platform())
+    wire.send("a FETCH 1:* FLAGS")
+    assert wire.lines() == ["a BAD Invalid message set: the mailbox is empty"]
+    wire.send("b UID FETCH 1:* FLAGS")
+    assert wire.lines() == ["b OK FETCH completed"]
+    wire.send("c UID FETCH 0:x FLAGS")
+    assert wire.lines() == ["c BAD Invalid sequence set 0:x"]
+
+
+def test_per_user_and_address_session_limit():
+    """The max_connections_per_user_ip-th + 1 login of one user from one address gets NO [LIMIT]; another address may."""
+    platform = Platform(imap=IMAPSettings(max_connections_per_user_ip=2))
+    first = platform.imap()
+    factory = first.protocol.factory
+    login(first)
+    login(platform.imap(factory=factory))
+    third = platform.imap(factory=factory)
+    third.output()
+    third.send("L LOGIN alice@example.org alice-password")
+    assert third.lines() == ["L NO [LIMIT] Too many sessions for this user from your address (limit 2)"]
+    login(platform.imap(factory=factory, peer="192.0.2.9"))
+    first.transport.loseConnection()
+    first.protocol.connectionLost(None)
+    third.send("M LOGIN alice@example.org alice-password")
+    assert third.lines()[0].startswith("M OK")
+
+
+def test_flags_set_by_one_session_reach_the_other_at_its_next_command():
+    """Session B sees A's STORE as an untagged FETCH FLAGS on its next command (with MODSEQ once CONDSTORE is on)."""
+    platform = Platform()
+    a = selected(platform, messages=2)
+    b = selected(platform)
+    a.send("s STORE 2 +FLAGS (\\Flagged)")
+    assert a.lines() == ["* 2 FETCH (UID 2 FLAGS (\\Flagged))", "s OK STORE completed"]
+    b.send("n NOOP")
+    assert b.lines() == ["* 2 FETCH (UID 2 FLAGS (\\Flagged))", "n OK NOOP completed"]
+    b.send("e ENABLE CONDSTORE")
+    b.output()
+    a.send("s STORE 1 +FLAGS.SILENT (\\Seen)")
+    assert a.lines() == ["s OK STORE completed"]
+    b.send("n NOOP")
+    modseq = platform.store.accounts["alice@example.org"]["INBOX"].messages[1][0].modseq
+    assert b.lines() == [f"* 1 FETCH (UID 1 FLAGS (\\Seen) MODSEQ ({modseq}))", "n OK NOOP completed"]
+
+
+def test_expunge_by_another_session_waits_for_a_command_that_allows_it():
+    """Another session's EXPUNGE is not announced during FETCH (RFC 3501 7.4.1) but at the next NOOP."""
+    platform = Platform()
+    a = selected(platform, messages=2)
+    b = selected(platform)
+    a.send("s STORE 1 +FLAGS.SILENT (\\Deleted)")
+    a.send("x EXPUNGE")
+    assert a.lines()[-2:] == ["* 1 EXPUNGE", "x OK EXPUNGE completed"]
+    b.send("f FETCH 1:* (UID)")
+    assert b.lines() == ["* 1 FETCH (UID 1)", "* 2 FETCH (UID 2)", "f OK FETCH completed"]
+    b.send("n NOOP")
+    assert b.lines() == ["* 1 EXPUNGE", "n OK NOOP completed"]
+    b.send("f FETCH 1:* (UID)")
+    assert b.lines() == ["* 1 FETCH (UID 2)", "f OK FETCH completed"]
+
+
+def test_idle_pushes_new_mail_and_flag_changes_then_done():
+    """During IDLE a message appended elsewhere arrives as EXISTS and a flag change as FETCH; DONE ends it with OK."""
+    platform = Platform()
+    idle = selected(platform)
+    other = login(platform.imap())
+    idle.send("i IDLE")
+    assert idle.lines() == ["+ idling"]
+    assert append(other).startswith("A OK [APPENDUID")
+    assert idle.lines() == ["* 1 EXISTS"]
+    other.send("s SELECT INBOX")
+    other.send("t STORE 1 +FLAGS (\\Answered)")
+    other.output()
+    assert idle.lines() == ["* 1 FETCH (UID 1 FLAGS (\\Answered))"]
+    idle.send("DONE")
+    assert idle.lines() == ["i OK IDLE terminated"]
+    idle.send("u UNSELECT")
+    assert idle.lines() == ["u OK UNSELECT completed"]
+    assert not any(w[0] == "alice@example.org" and w[2].__self__ is idle.protocol for w in platform.store.watchers)
+
+
+def test_qresync_select_reports_vanished_and_changed():
+    """SELECT (QRESYNC (uidvalidity modseq)) sends VANISHED (EARLIER) for the gone UIDs and FETCH for the messages changed since."""
+    platform = Platform()
+    wire = selected(platform, messages=3)
+    wire.send("s STORE 1 +FLAGS.SILENT (\\Deleted)")
+    wire.send("x EXPUNGE")
+    wire.send("f STORE 2 +FLAGS (\\Flagged)")
+    wire.send("u UNSELECT")
+    wire.send("e ENABLE QRESYNC")
+    assert wire.lines()[-2:] == ["* ENABLED QRESYNC", "e OK ENABLE completed"]
+    box = platform.store.accounts["alice@example.org"]["INBOX"]
+    modseq3 = box.messages[3][0].modseq
+    wire.send(f"q SELECT INBOX (QRESYNC ({box.uidvalidity} {modseq3 - 1}))")
+    lines = wire.lines()
+    assert "* VANISHED (EARLIER) 1" in lines
+    assert f"* 2 FETCH (UID 3 FLAGS (\\Flagged) MODSEQ ({modseq3}))" in lines
+    assert not any("UID 2 " in line for line in lines)
+
+
+def test_search_and_esearch():
+    """SEARCH answers MSNs, UID SEARCH UIDs, and RETURN (MIN MAX COUNT ALL) an ESEARCH with the command's tag."""
+    platform = Platform()
+    wire = selected(platform, messages=4)
+    wire.send("s STORE 2,4 +FLAGS.SILENT (\\Seen)")
+    wire.send("s STORE 1 +FLAGS.SILENT (\\Deleted)")
+    wire.send("x EXPUNGE")
+    wire.output()
+    wire.send("a SEARCH UNSEEN")
+    assert wire.lines() == ["* SEARCH 2", "a OK SEARCH completed"]
+    wire.send("b UID SEARCH SEEN")
+    assert wire.lines() == ["* SEARCH 2 4", "b OK SEARCH completed"]
+    wire.send("c UID SEARCH RETURN (MIN MAX COUNT ALL) ALL")
+    assert wire.lines() == ['* ESEARCH (TAG "c") UID MIN 2 MAX 4 COUNT 3 ALL 2:4', "c OK SEARCH completed"]
+    wire.send('d SEARCH SUBJECT "hello" NOT SEEN')
+    assert wire.lines() == ["* SEARCH 2", "d OK SEARCH completed"]
+    wire.send("e SEARCH CHARSET KOI8-R ALL")
+    assert wire.lines()[0].startswith("e NO [BADCHARSET")
+    wire.send("f SEARCH FROBNICATE")
+    assert wire.lines()[0].startswith("f BAD Invalid SEARCH")
+
+
+def test_fetch_body_sets_seen_and_peek_does_not():
+    """FETCH BODY[] sets \\Seen and says so in the response; BODY.PEEK[] and EXAMINE leave the flags alone."""
+    platform = Platform()
+    wire = selected(platform, messages=2)
+    wire.send("a FETCH 1 BODY.PEEK[HEADER.FIELDS (SUBJECT)]")
+    assert wire.output() == "* 1 FETCH (BODY[HEADER.FIELDS (SUBJECT)] {18}\r\nSubject: hello\r\n\r\n)\r\na OK FETCH completed\r\n"
+    wire.send("b UID FETCH 2 (BODY[])")
+    assert wire.output() == f"* 2 FETCH (UID 2 BODY[] {{{len(MESSAGE)}}}\r\n".encode().decode() + MESSAGE.decode() + " FLAGS (\\Seen))\r\nb OK FETCH completed\r\n"
+    box = platform.store.accounts["alice@example.org"]["INBOX"]
+    assert box.messages[2][0].flags == {"\\Seen"} and box.messages[1][0].flags == frozenset()
+    wire.send("c EXAMINE INBOX")
+    wire.output()
+    wire.send("d FETCH 1 BODY[TEXT]<0.4>")
+    assert wire.output() == "* 1 FETCH (BODY[TEXT]<0> {4}\r\nbody)\r\nd OK FETCH completed\r\n"
+    assert box.messages[1][0].flags == frozenset()
+    wire.send("e STORE 1 +FLAGS (\\Seen)")
+    assert wire.lines() == ["e NO [READ-ONLY] The mailbox is read-only (EXAMINE)"]
+
+
+def test_conditional_store_reports_modified():
+    """STORE (UNCHANGEDSINCE n) leaves a message changed since alone and names it in [MODIFIED]."""
+    platform = Platform()
+    wire = selected(platform, messages=2)
+    box = platform.store.accounts["alice@example.org"]["INBOX"]
+    old = box.modseq
+    wire.send("a STORE 1 +FLAGS.SILENT (\\Flagged)")
+    wire.output()
+    wire.send(f"b STORE 1:2 (UNCHANGEDSINCE {old}) +FLAGS.SILENT (\\Answered)")
+    lines = wire.lines()
+    assert lines[-1] == "b OK [MODIFIED 1] Conditional STORE failed for some messages"
+    assert box.messages[1][0].flags == {"\\Flagged"} and box.messages[2][0].flags == {"\\Answered"}
+    assert lines[:-1] == [f"* 2 FETCH (UID 2 MODSEQ ({box.messages[2][0].modseq}))"]
+
+
+def test_move_sends_copyuid_then_expunge():
+    """MOVE (RFC 6851): an untagged OK [COPYUID], the EXPUNGE of the source message, then the tagged OK."""
+    platform = Platform()
+    wire = selected(platform, messages=2)
+    wire.send("m MOVE 1 Archive")
+    archive = platform.store.accounts["alice@example.org"]["Archive"]
+    assert wire.lines() == [f"* OK [COPYUID {archive.uidvalidity} 1 1] Moved", "* 1 EXPUNGE", "m OK MOVE completed"]
+    wire.send("c UID COPY 2 Trash")
+    trash = platform.store.accounts["alice@example.org"]["Trash"]
+    assert wire.lines() == [f"c OK [COPYUID {trash.uidvalidity} 2 1] COPY completed"]
