@@ -28,11 +28,13 @@ from typing import Any
 _ENTRY_POINTS = {"mailplat": ("mailplat.cli", "main"), "twistd": ("twisted.scripts.twistd", "run")}
 
 _server: subprocess.Popen[bytes] | None = None
+_server_settings: dict[str, str] = {}
 
 
 def _start() -> subprocess.Popen[bytes]:
-    global _server
+    global _server, _server_settings
     if _server is None or _server.poll() is not None:
+        _server_settings = _interpreter_settings(os.environ)
         _server = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=os.getcwd(),
         )
@@ -54,15 +56,28 @@ def _stop() -> None:
         _server = None
 
 
+def _interpreter_settings(env: dict[str, str] | os._Environ[str]) -> dict[str, str]:
+    """What an interpreter reads only as it starts (PYTHONPATH and the like)."""
+    return {k: v for k, v in env.items() if k.startswith("PYTHON")}
+
+
 def run(
     args: Sequence[str], *, input: str | bytes | None = None, cwd: str | os.PathLike[str] | None = None,
     env: dict[str, str] | None = None, timeout: float = 60, text: bool = False, capture_output: bool = True,
+    check: bool = False,
 ) -> subprocess.CompletedProcess[Any]:
     """Run ``args`` (the path of the `mailplat` or `twistd` script, then its arguments) as
-    ``subprocess.run(args, input=..., capture_output=True, text=..., timeout=..., cwd=..., env=...)`` would."""
+    ``subprocess.run(args, input=..., capture_output=True, text=..., timeout=..., cwd=..., env=..., check=...)`` would.
+
+    An ``env`` that sets up the interpreter differently (say a PYTHONPATH with
+    a third-party plugin) gets a fresh interpreter: the warm one started with ours.
+    """
     assert capture_output, "output is always captured"
     name = os.path.basename(args[0])
     assert name in _ENTRY_POINTS, f"{name}: only {sorted(_ENTRY_POINTS)} run here"
+    settings = _interpreter_settings(os.environ if env is None else env)
+    if settings != (_server_settings if _server is not None else _interpreter_settings(os.environ)):
+        return subprocess.run(args, input=input, cwd=cwd, env=env, timeout=timeout, text=text, capture_output=True, check=check)
     data = input.encode() if isinstance(input, str) else input
     request = {
         "name": name, "argv": list(map(str, args)), "cwd": os.fspath(cwd) if cwd is not None else os.getcwd(),
@@ -80,9 +95,12 @@ def run(
     stdout, stderr = base64.b64decode(reply["stdout"]), base64.b64decode(reply["stderr"])
     if reply["timed_out"]:
         raise subprocess.TimeoutExpired(list(args), timeout, stdout, stderr)
-    if text:
-        return subprocess.CompletedProcess(list(args), reply["returncode"], stdout.decode(), stderr.decode())
-    return subprocess.CompletedProcess(list(args), reply["returncode"], stdout, stderr)
+    result: subprocess.CompletedProcess[Any] = subprocess.CompletedProcess(
+        list(args), reply["returncode"], *((stdout.decode(), stderr.decode()) if text else (stdout, stderr)),
+    )
+    if check:
+        result.check_returncode()
+    return result
 
 
 # --- the server (this file run as a script) ---------------------------------------------

@@ -11,11 +11,12 @@ import subprocess
 import dkim
 import pytest
 
+import commands
 from conftest import MAILPLAT, message
 
 
 def keygen(config, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([MAILPLAT, "--config", str(config), "dkim", "keygen", *args], capture_output=True, text=True, timeout=60)
+    return commands.run([MAILPLAT, "--config", str(config), "dkim", "keygen", *args], capture_output=True, text=True, timeout=60)
 
 
 def published(output: str) -> tuple[str, bytes]:

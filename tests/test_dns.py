@@ -11,6 +11,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import commands
 from conftest import (
     BASE_CONFIG,
     MAILPLAT,
@@ -69,7 +70,7 @@ def test_parse_server_refuses(text, problem):
 def test_check_config_prints_servers_back(tmp_path: Path):
     """[dns] servers are parsed once; the effective config writes them as the config may: [::1]:53 for IPv6."""
     site = MailplatServer(tmp_path / "site", merge_toml(BASE_CONFIG, '[dns]\nservers = ["[::1]:5353", "192.0.2.53", " 127.0.0.1:53"]\n'))
-    result = subprocess.run([MAILPLAT, "--config", str(site.config_path), "check-config"], capture_output=True, text=True, timeout=60, check=False)
+    result = commands.run([MAILPLAT, "--config", str(site.config_path), "check-config"], capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr
     assert tomllib.loads(result.stdout)["dns"] == {"servers": ["[::1]:5353", "192.0.2.53:53", "127.0.0.1:53"]}
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import commands
 from conftest import MAILPLAT, write_users
 
 from mailplat.config import LoginSettings, POP3Settings, SMTPLimits
@@ -22,7 +23,7 @@ README = ROOT / "README.md"
 
 
 def check_config(path: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([MAILPLAT, "--config", str(path), "check-config"], capture_output=True, text=True, timeout=60)
+    return commands.run([MAILPLAT, "--config", str(path), "check-config"], capture_output=True, text=True, timeout=60)
 
 
 def provide_files(config: Path) -> None:

@@ -27,6 +27,7 @@ import pytest
 from twisted.internet.testing import MemoryReactor
 from zope.interface.verify import verifyObject
 
+import commands
 from conftest import BASE_CONFIG, MAILPLAT, MailplatServer, merge_toml, stop_process, wait_for
 from mailplat.config import ConfigError
 from mailplat.filters.clamd import DEFAULT_MAX_SIZE, ClamdError, build, parse_reply
@@ -208,7 +209,7 @@ def test_bad_options(options: dict[str, Any], key: str, problem: str) -> None:
 def check_config(tmp_path: Path, table: str) -> subprocess.CompletedProcess[str]:
     root = tmp_path / "site"
     MailplatServer(root, merge_toml(BASE_CONFIG, table))
-    return subprocess.run([MAILPLAT, "--config", str(root / "mailplat.toml"), "check-config"], capture_output=True, text=True)
+    return commands.run([MAILPLAT, "--config", str(root / "mailplat.toml"), "check-config"], capture_output=True, text=True)
 
 
 @pytest.mark.parametrize(

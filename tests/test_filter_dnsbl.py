@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 import smtplib
 import socket
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from twisted.names.error import DNSNameError, DNSServerError
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
+import commands
 from conftest import BASE_CONFIG, MAILPLAT, MailplatServer, merge_toml, message
 from dnsserver import DNSServer
 
@@ -370,7 +370,7 @@ def test_silent_dns_server_times_out_to_451_and_the_session_goes_on(make_server)
 def test_check_config_refuses_bad_options(tmp_path: Path, options: str, error: str):
     """check-config on a dnsbl filter with a bad option exits 1 with one line naming the file, the filter, the key and a fix."""
     site = MailplatServer(tmp_path, merge_toml(BASE_CONFIG, f'[[filter]]\nbackend = "dnsbl"\n{options}\n'))
-    result = subprocess.run([MAILPLAT, "--config", str(site.config_path), "check-config"], capture_output=True, text=True, timeout=60)
+    result = commands.run([MAILPLAT, "--config", str(site.config_path), "check-config"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 1, result
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"mailplat: {site.config_path}: "), result.stderr

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+import commands
 from conftest import BASE_CONFIG, MAILPLAT, MailplatServer, merge_toml, stop_process, wait_for
 
 HERE = Path(__file__).parent
@@ -497,7 +498,7 @@ def test_bad_option(options: dict, key: str, problem: str) -> None:
 def check_config(tmp_path: Path, table: str) -> subprocess.CompletedProcess[str]:
     server = MailplatServer(tmp_path / "site", merge_toml(BASE_CONFIG, table))
     env = {k: v for k, v in os.environ.items() if k != "MAILPLAT_CONFIG"}
-    return subprocess.run(
+    return commands.run(
         [MAILPLAT, "--config", str(server.config_path), "check-config"], capture_output=True, text=True, timeout=60, env=env,
     )
 

@@ -4,8 +4,8 @@ it once, and the queue retries the rest (the client hears 250)."""
 from __future__ import annotations
 
 import smtplib
-import subprocess
 
+import commands
 from conftest import MAILPLAT, message, wait_for
 
 
@@ -26,7 +26,7 @@ def test_one_mailbox_failing_does_not_hold_the_others(make_server):
     wait_for(lambda: "<bob@example.org> pending" in server.log(), what="bob's retry to be scheduled")
 
     blocker.unlink()
-    flushed = subprocess.run([MAILPLAT, "--config", str(server.config_path), "queue", "flush"], capture_output=True, text=True, timeout=60)
+    flushed = commands.run([MAILPLAT, "--config", str(server.config_path), "queue", "flush"], capture_output=True, text=True, timeout=60)
     assert flushed.returncode == 0, flushed.stderr
     wait_for(lambda: copies(server, "bob@example.org", "partial") == 1, what="bob's copy after the flush")
     wait_for(lambda: "removed from the queue" in server.log(), what="the queue to empty")
@@ -47,7 +47,7 @@ def test_a_queued_recipient_keeps_the_quarantine_folder(make_server, tmp_path, m
         client.sendmail("someone@remote.test", ["alice@example.org", "bob@example.org"], message("held"))
     wait_for(lambda: "<bob@example.org> pending" in server.log(), what="bob's retry to be scheduled")
     blocker.unlink()
-    subprocess.run([MAILPLAT, "--config", str(server.config_path), "queue", "flush"], capture_output=True, timeout=60, check=True)
+    commands.run([MAILPLAT, "--config", str(server.config_path), "queue", "flush"], capture_output=True, timeout=60, check=True)
     held = server.maildir("bob@example.org") / ".Quarantine" / "new"
     wait_for(lambda: held.is_dir() and len(list(held.iterdir())) == 1, what="bob's copy in his Quarantine folder")
     assert server.messages("bob@example.org") == []

@@ -16,6 +16,7 @@ import time
 import pytest
 import srslib
 
+import commands
 from conftest import BASE_CONFIG, MAILPLAT, merge_toml, message, wait_for
 from dnsserver import DNSServer
 
@@ -98,7 +99,7 @@ def submit(server, to: list[str], subject: str) -> None:
 
 
 def queue_cli(server, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([MAILPLAT, "--config", str(server.config_path), "queue", *args], capture_output=True, text=True, timeout=60)
+    return commands.run([MAILPLAT, "--config", str(server.config_path), "queue", *args], capture_output=True, text=True, timeout=60)
 
 
 def bounces(server) -> list[email.message.EmailMessage]:
