@@ -1,0 +1,195 @@
+"""IMAP and IMAPS over the wire: Python's imaplib and raw sockets against `twistd -n mailplat` with the maildir store."""
+
+from __future__ import annotations
+
+import imaplib
+import smtplib
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from conftest import BASE_CONFIG, Dialog, MailplatServer, merge_toml, wait_for
+
+ALICE = ("alice@example.org", "alice-password")
+BOB = ("bob@example.org", "bob-password")
+MESSAGE = b"From: Alice <alice@example.org>\r\nTo: bob@example.org\r\nSubject: over the wire\r\n\r\nHello, Bob.\r\n"
+
+IMAP_LISTENERS = """
+[listen]
+imap = "tcp:0:interface=127.0.0.1"
+imaps = "tcp:0:interface=127.0.0.1"
+"""
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MailplatServer]:
+    """One server with IMAP listeners for the module (the base config may already have them)."""
+    config = BASE_CONFIG if "imap =" in BASE_CONFIG else merge_toml(BASE_CONFIG, IMAP_LISTENERS)
+    s = MailplatServer(tmp_path_factory.mktemp("imap"), config)
+    s.start()
+    yield s
+    s.stop()
+
+
+def tls_context() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def connect(server: MailplatServer, user: tuple[str, str] = BOB) -> imaplib.IMAP4_SSL:
+    client = imaplib.IMAP4_SSL("127.0.0.1", server.ports["imaps"], ssl_context=tls_context(), timeout=20)
+    client.login(*user)
+    return client
+
+
+def deliver(server: MailplatServer, raw: bytes, to: str = "bob@example.org") -> None:
+    with smtplib.SMTP("127.0.0.1", server.port) as client:
+        client.sendmail("someone@remote.test", [to], raw)
+
+
+class IMAPDialog(Dialog):
+    """A raw IMAP client: exact bytes out, lines back up to the tagged reply."""
+
+    def until(self, tag: str) -> list[str]:
+        lines = []
+        while True:
+            lines.append(self.line())
+            if lines[-1].startswith(tag + " "):
+                return lines
+
+
+def rss_kib(pid: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM) of a process, in KiB."""
+    with open(f"/proc/{pid}/status") as f:
+        fields = dict(line.split(":", 1) for line in f.read().splitlines() if ":" in line)
+    return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
+
+
+def test_starttls_port_refuses_logins_in_clear_then_works_with_imaplib(server):
+    """On 143: LOGINDISABLED and STARTTLS, LOGIN refused in clear; after STARTTLS imaplib logs in, appends, selects, fetches, stores, searches, expunges."""
+    client = imaplib.IMAP4("127.0.0.1", server.ports["imap"], timeout=20)
+    try:
+        assert "LOGINDISABLED" in client.capabilities and "STARTTLS" in client.capabilities
+        assert not any(c.startswith("AUTH=") for c in client.capabilities)
+        with pytest.raises(imaplib.IMAP4.error, match="PRIVACYREQUIRED"):
+            client.login(*BOB)
+        client.starttls(ssl_context=tls_context())
+        assert "AUTH=PLAIN" in client.capabilities and "LOGINDISABLED" not in client.capabilities
+        assert client.login(*BOB)[0] == "OK"
+        typ, folders = client.list()
+        names = [f.decode() for f in folders]
+        assert any(n.endswith('"INBOX"') for n in names) and any("\\Sent" in n and '"Sent"' in n for n in names)
+        typ, data = client.append("INBOX", "(\\Flagged)", imaplib.Time2Internaldate(1700000000), MESSAGE)
+        assert typ == "OK" and b"APPENDUID" in data[0]
+        typ, data = client.select("INBOX")
+        assert typ == "OK" and int(data[0]) == 1
+        typ, data = client.uid("FETCH", "1:*", "(UID FLAGS RFC822.SIZE BODY.PEEK[])")
+        assert data[0][1] == MESSAGE and b"\\Flagged" in data[0][0] and f"RFC822.SIZE {len(MESSAGE)}".encode() in data[0][0]
+        typ, data = client.fetch("1", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)] ENVELOPE)")
+        assert data[0][1] == b"Subject: over the wire\r\n\r\n"
+        assert client.search(None, "UNSEEN")[1] == [b"1"]
+        client.store("1", "+FLAGS", "(\\Seen \\Deleted)")
+        assert client.search(None, "SEEN", "SUBJECT", '"over the wire"')[1] == [b"1"]
+        typ, data = client.expunge()
+        assert data == [b"1"]
+        assert client.select("INBOX")[1] == [b"0"]
+        assert client.logout()[0] == "BYE"
+    finally:
+        try:
+            client.shutdown()
+        except OSError:
+            pass
+
+
+def test_imaps_idle_gets_an_smtp_delivery_within_a_second(server):
+    """A session in IDLE on imaps hears "* n EXISTS" less than a second after SMTP delivers to the inbox."""
+    client = connect(server)
+    try:
+        client.select("INBOX")
+        exists = int(client.select("INBOX")[1][0])
+        tag = client._new_tag().decode()
+        client.send(f"{tag} IDLE\r\n".encode())
+        assert client.readline().startswith(b"+ ")
+        started = time.monotonic()
+        deliver(server, MESSAGE)
+        delivered = time.monotonic()
+        client.sock.settimeout(5)
+        line = client.readline()
+        assert line == f"* {exists + 1} EXISTS\r\n".encode()
+        assert time.monotonic() - delivered < 1.0, time.monotonic() - started
+        client.send(b"DONE\r\n")
+        assert client.readline().startswith(f"{tag} OK".encode())
+    finally:
+        client.logout()
+
+
+def test_two_sessions_see_each_others_flags(server):
+    """A flag set by one device is seen by the other's next command, and the other's EXPUNGE at its NOOP."""
+    deliver(server, MESSAGE, to="alice@example.org")
+    phone, laptop = connect(server, ALICE), connect(server, ALICE)
+    try:
+        count = int(phone.select("INBOX")[1][0])
+        laptop.select("INBOX")
+        phone.store(str(count), "+FLAGS", "(\\Answered)")
+        laptop.noop()
+        flags = laptop.untagged_responses.pop("FETCH", [])
+        assert any(b"\\Answered" in f for f in flags), flags
+        laptop.store(str(count), "+FLAGS", "(\\Deleted)")
+        laptop.expunge()
+        phone.noop()
+        assert phone.untagged_responses.pop("EXPUNGE", []) == [str(count).encode()]
+    finally:
+        phone.logout()
+        laptop.logout()
+
+
+def test_bad_input_gets_bad_and_oversized_literals_are_refused_unread(server):
+    """Garbage gets BAD and the session goes on; {999999999999} is NO [TOOBIG] for APPEND (no "+"), BAD elsewhere."""
+    d = IMAPDialog(server.ports["imaps"])
+    d.start_tls()
+    try:
+        assert d.line().startswith("* OK [CAPABILITY IMAP4rev1")
+        d.send(b"a1 LOGIN bob@example.org bob-password\r\n")
+        assert d.until("a1")[-1].startswith("a1 OK")
+        d.send(b"a2 APPEND INBOX {999999999999}\r\n")
+        assert d.until("a2") == ["a2 NO [TOOBIG] Literal too big (limit 67108864 octets for a message)"]
+        d.send(b"a3 SEARCH {999999999999}\r\n")
+        assert d.until("a3") == ["a3 BAD Literal too big (limit 65536 octets)"]
+        d.send(b"a4 FETCH (((\r\n\x00\xff\r\na5 SELECT INBOX\r\na6 FETCH 1:x FLAGS\r\n")
+        assert d.until("a4") == ["a4 BAD Missing ')'"]
+        assert d.line() == "* BAD NUL character in the command"
+        assert d.until("a5")[-1] == "a5 OK [READ-WRITE] SELECT completed"
+        assert d.until("a6") == ["a6 BAD Invalid sequence set 1:x"]
+        d.send(b"a7 NOOP\r\n")
+        assert d.until("a7")[-1] == "a7 OK NOOP completed"
+    finally:
+        d.close()
+    assert "Traceback" not in server.log()
+
+
+def test_fifty_megabyte_append_keeps_the_server_small(server):
+    """A 50 MB APPEND streams to disk: the server's peak RSS grows by far less than the message, and it is stored byte for byte."""
+    assert server.process is not None
+    pid = server.process.pid
+    line = b"x" * 998 + b"\r\n"
+    body = b"Subject: big\r\n\r\n" + line * (50 * 1024 * 1024 // len(line))
+    client = connect(server)
+    try:
+        client.select("INBOX")  # warm up what a session costs
+        _, peak_before = rss_kib(pid)
+        typ, data = client.append("INBOX", None, None, body)
+        assert typ == "OK"
+        _, peak_after = rss_kib(pid)
+        assert peak_after - peak_before < 20 * 1024, (peak_before, peak_after)
+        uid = data[0].split()[2].rstrip(b"]").decode()
+        typ, data = client.uid("FETCH", uid, "(RFC822.SIZE BODY.PEEK[HEADER])")
+        assert f"RFC822.SIZE {len(body)}".encode() in data[0][0] and data[0][1] == b"Subject: big\r\n\r\n"
+        client.uid("STORE", uid, "+FLAGS", "(\\Deleted)")
+        client.expunge()
+    finally:
+        client.logout()
