@@ -379,9 +379,12 @@ class _Reader:
     def run(self, source: IO[bytes]) -> MimePart:
         source.seek(0)
         while True:
-            if not self.in_header and not self.boundaries:
-                self._rest_in_chunks(source)
-                break
+            if not self.in_header:
+                if not self.boundaries:
+                    self._rest_in_chunks(source)
+                    break
+                if not self._skim(source):
+                    break
             line = source.readline(CHUNK)
             if not line:
                 break
@@ -398,6 +401,39 @@ class _Reader:
             self.lines += data.count(b"\n")
             self.at_line_start = data.endswith(b"\n")
             self.offset += len(data)
+
+    def _skim(self, source: IO[bytes]) -> bool:
+        """Pass over body lines in whole reads up to the next that starts with "--" (a boundary, perhaps).
+
+        Leaves ``source`` at that line's start and returns True, or False at
+        the end of the file: a body is not split into lines in Python unless
+        it holds candidates.
+        """
+        while True:
+            source.seek(self.offset)
+            data = source.read(CHUNK)
+            if not data:
+                return False
+            if self.at_line_start and data.startswith(b"--"):
+                source.seek(self.offset)
+                return True
+            found = data.find(b"\n--")
+            if found >= 0:
+                self._consume(data[: found + 1])
+                source.seek(self.offset)
+                return True
+            last = data.rfind(b"\n")
+            # Up to the last line break only: the next read starts a line, so
+            # a "--" split across two reads is still seen.
+            self._consume(data if last < 0 else data[: last + 1])
+
+    def _consume(self, data: bytes) -> None:
+        if not data:
+            return
+        self.offset += len(data)
+        self.lines += data.count(b"\n")
+        self.at_line_start = data.endswith(b"\n")
+        self.previous_break = 2 if data.endswith(b"\r\n") else 1 if self.at_line_start else 0
 
     def _line(self, line: bytes) -> None:
         start = self.at_line_start
