@@ -230,7 +230,7 @@ def test_schema_is_created_once(schema: Schema, tmp_path: Path) -> None:
     versions = list(range(1, len(postgres.MIGRATIONS) + 1))
     assert schema.query("SELECT version FROM {s}.schema_version ORDER BY version") == [(v,) for v in versions]
     tables = {row[0] for row in schema.query("SELECT tablename FROM pg_tables WHERE schemaname = %s", (schema.name,))}
-    assert tables == {"schema_version", "users", "aliases", "messages", "message_chunks"}
+    assert tables == {"schema_version", "users", "aliases", "messages", "message_chunks", "mail_accounts", "folders"}
 
     schema.query("INSERT INTO {s}.schema_version (version) VALUES (99)")
     postgres._migrated.clear()
@@ -304,7 +304,8 @@ def test_mailplat_user_edits_the_table(schema: Schema, tmp_path: Path) -> None:
     missing = admin(config, "del", "dave@example.org")
     assert missing.returncode == 1 and "no such user" in missing.stderr
     assert admin(config, "passwd", "dave@example.org", password="x").returncode == 1
-    assert admin(config, "list").stdout.split() == ["carol@example.org"]
+    listed = admin(config, "list")
+    assert listed.stdout.split() == ["carol@example.org"], listed.stderr
 
 
 # --- the backends in a reactor ---------------------------------------------------------

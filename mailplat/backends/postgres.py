@@ -54,11 +54,14 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import re
+import socket
 import tempfile
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import IO, Any, TypeVar
 
@@ -72,16 +75,30 @@ from zope.interface import implementer
 from mailplat.addresses import AddressError, validate_address
 from mailplat.config import ConfigError
 from mailplat.interfaces import (
+    FLAG_ANSWERED,
+    FLAG_DELETED,
+    FLAG_DRAFT,
+    FLAG_FLAGGED,
+    FLAG_SEEN,
+    INBOX,
+    SPECIAL_USE,
     Account,
     BackendContext,
+    Folder,
+    FolderExists,
+    FolderView,
     IAuthBackend,
     IMailboxBackend,
     IMaildrop,
+    IMessageStore,
     IUserManager,
     MaildropEntry,
     MaildropInUse,
+    MessageInfo,
+    NoSuchFolder,
     PermanentFailure,
     SpooledMessage,
+    StoreResult,
     TemporaryFailure,
 )
 from mailplat.options import OptionReader, toml_value
@@ -89,6 +106,7 @@ from mailplat.passwords import hash_password, verify_password
 
 try:
     import psycopg
+    import psycopg.errors
     from psycopg import sql
     from psycopg.conninfo import conninfo_to_dict, make_conninfo
     from psycopg_pool import ConnectionPool
@@ -147,6 +165,55 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # per MiB stored (0.3 ms per 100 KB chunk uncompressed), and mail is
         # mostly base64 of already compressed attachments.
         "ALTER TABLE {schema}.message_chunks ALTER COLUMN data SET STORAGE EXTERNAL",
+    ),
+    (
+        # IMAP.  Per account: the highest UIDVALIDITY it ever had (a folder
+        # made again gets a higher one), and whether its special-use
+        # folders were made (once: a user may delete Junk for good).
+        """CREATE TABLE {schema}.mail_accounts (
+            address text PRIMARY KEY,
+            last_uidvalidity bigint NOT NULL,
+            special_use_made boolean NOT NULL DEFAULT false
+        )""",
+        # One row per folder; name '' is INBOX, as messages.folder has it.
+        # expunged_modseq: the highest_modseq of the last removal.
+        """CREATE TABLE {schema}.folders (
+            address text NOT NULL,
+            name text NOT NULL,
+            uidvalidity bigint NOT NULL,
+            uidnext bigint NOT NULL DEFAULT 1,
+            highest_modseq bigint NOT NULL DEFAULT 1,
+            expunged_modseq bigint NOT NULL DEFAULT 0,
+            subscribed boolean NOT NULL DEFAULT true,
+            special_use text NOT NULL DEFAULT '',
+            PRIMARY KEY (address, name),
+            UNIQUE (address, uidvalidity)
+        )""",
+        # Flags in an array on the message row: a STORE rewrites one row
+        # per message (it rewrites it anyway, for the modseq), where a flag
+        # table would add or delete a row per flag besides.  received is
+        # the internal date.
+        "ALTER TABLE {schema}.messages ADD COLUMN imap_uid bigint, ADD COLUMN flags text[] NOT NULL DEFAULT ARRAY[]::text[],"
+        " ADD COLUMN modseq bigint NOT NULL DEFAULT 1",
+        # The mail delivered before: a folder for each (address, folder)
+        # with its messages numbered in delivery order, \Seen from seen.
+        """INSERT INTO {schema}.folders (address, name, uidvalidity, uidnext, special_use)
+            SELECT address, folder, extract(epoch FROM now())::bigint + row_number() OVER (PARTITION BY address ORDER BY folder) - 1,
+                count(*) + 1, CASE WHEN folder = 'Trash' THEN '\\Trash' ELSE '' END
+            FROM {schema}.messages GROUP BY address, folder""",
+        "INSERT INTO {schema}.mail_accounts (address, last_uidvalidity) SELECT address, max(uidvalidity) FROM {schema}.folders GROUP BY address",
+        """UPDATE {schema}.messages m SET imap_uid = r.n, flags = CASE WHEN m.seen THEN ARRAY['\\Seen'] ELSE ARRAY[]::text[] END
+            FROM (SELECT id, row_number() OVER (PARTITION BY address, folder ORDER BY id) AS n FROM {schema}.messages) r
+            WHERE m.id = r.id""",
+        # imap_uid is NULL only inside a delivery's transaction, until it
+        # takes its UID just before committing.
+        "CREATE UNIQUE INDEX messages_by_uid ON {schema}.messages (address, folder, imap_uid)",
+        # view(): the messages changed since the modseq a process last saw.
+        "CREATE INDEX messages_by_modseq ON {schema}.messages (address, folder, modseq)",
+        "DROP INDEX {schema}.messages_by_folder",
+        # A folder's messages go with it; a rename carries them.
+        """ALTER TABLE {schema}.messages ADD CONSTRAINT messages_folder_fkey FOREIGN KEY (address, folder)
+            REFERENCES {schema}.folders (address, name) ON UPDATE CASCADE ON DELETE CASCADE""",
     ),
 )
 
@@ -425,12 +492,67 @@ class PostgresAuth(_Pooled):
 
 # --- mailbox ------------------------------------------------------------------
 
+_SYSTEM_FLAGS = {flag.lower(): flag for flag in (FLAG_SEEN, FLAG_ANSWERED, FLAG_FLAGGED, FLAG_DELETED, FLAG_DRAFT)}
+# Characters of a folder name; 500 keeps a NOTIFY payload far below its 8000 bytes.
+MAX_FOLDER_NAME = 500
+# Folder views kept by the process for view()'s cheap answer; sessions hold their own.
+CACHED_VIEWS = 512
+
 
 def _mailbox_address(account: Account) -> str:
     try:
         return validate_address(account.address.lower())
     except AddressError as e:
         raise PermanentFailure(f"invalid mailbox name: {e}")
+
+
+def _folder_key(name: str) -> str:
+    """The ``folders.name`` of an IMAP folder name: "" for INBOX (any case),
+    as ``messages.folder`` has always held the inbox, so POP3's queries and
+    the rows delivered before IMAP stay as they are."""
+    if name.upper() == INBOX:
+        return ""
+    if name[:6].upper() == INBOX + "/":
+        name = INBOX + name[5:]
+    if not name or len(name) > MAX_FOLDER_NAME:
+        raise PermanentFailure(f"a folder name has 1 to {MAX_FOLDER_NAME} characters")
+    if "" in name.split("/"):
+        raise PermanentFailure('a folder name has no empty level (no "//", no "/" at either end)')
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in name):
+        raise PermanentFailure("a folder name has no control characters")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PermanentFailure("a folder name must be valid Unicode")
+    return name
+
+
+def _folder_name(key: str) -> str:
+    return key or INBOX
+
+
+def _flag_list(flags: frozenset[str] | set[str] | list[str]) -> list[str]:
+    """Flags as stored: system flags spelled as RFC 3501 does, each once."""
+    return sorted({_SYSTEM_FLAGS.get(flag.lower(), flag) for flag in flags})
+
+
+_flag_sets: dict[tuple[str, ...], frozenset[str]] = {}
+
+
+def _flag_set(flags: list[str]) -> frozenset[str]:
+    """One frozenset per combination of flags: 10,000 messages share a few."""
+    key = tuple(flags)
+    found = _flag_sets.get(key)
+    if found is None:
+        if len(_flag_sets) > 4096:
+            _flag_sets.clear()
+        found = _flag_sets[key] = frozenset(flags)
+    return found
+
+
+def _payload(address: str, key: str) -> str:
+    """What a NOTIFY says: the account and the folder that changed."""
+    return f"{address}\n{key}"
 
 
 def _chunks(head: bytes, source: IO[bytes]) -> Iterator[bytes]:
@@ -448,42 +570,383 @@ def _chunks(head: bytes, source: IO[bytes]) -> Iterator[bytes]:
         yield bytes(buffer)
 
 
-@implementer(IMailboxBackend)
+def _repeatable_read(conn: Any) -> None:
+    """The transaction sees one snapshot: a message expunged (by IMAP, POP3,
+    another node) while it is copied out is still read whole."""
+    conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+
+
+def _copy_out(conn: Any, message_id: int) -> IO[bytes]:
+    """A message's chunks copied into a spooled file, one chunk query at a
+    time (in a transaction the caller opened with :func:`_repeatable_read`)."""
+    out = tempfile.SpooledTemporaryFile(max_size=READ_MEMORY)
+    try:
+        # One query per chunk: one chunk in memory at a time, and
+        # statement_timeout bounds each MiB rather than a whole message.
+        with conn.cursor(binary=True) as cursor:
+            for seq in itertools.count():
+                row = cursor.execute("SELECT data FROM message_chunks WHERE message_id = %s AND seq = %s", (message_id, seq)).fetchone()
+                if row is None:
+                    break
+                out.write(row[0])
+        if seq == 0:
+            raise TemporaryFailure("the message is no longer in the mailbox")
+        out.seek(0)
+        return out
+    except BaseException:
+        out.close()
+        raise
+
+
+# How every change to a folder is made, so that UIDs, modseqs and
+# notifications cannot disagree:
+# - the folder rows are locked first (FOR UPDATE, in name order), then its
+#   messages: nobody holds a message row while waiting for a folder, so two
+#   sessions cannot deadlock; a delivery takes its folder row last, just
+#   before it commits, so a big message does not hold up the folder while
+#   its chunks are written;
+# - each change raises the folder's highest_modseq by one; the messages it
+#   changed get that modseq.  The folder row stays locked until the commit,
+#   so modseqs are committed in order: a snapshot showing highest_modseq H
+#   shows every message with a modseq up to H;
+# - removing messages also sets expunged_modseq, which tells view() that
+#   the messages changed since its cached modseq are not the whole story;
+# - pg_notify in the same statement: sent at the commit, never for a change
+#   rolled back.
+
+_CREATE_FOLDER = """
+WITH v AS (
+    INSERT INTO mail_accounts (address, last_uidvalidity) VALUES (%(a)s, extract(epoch FROM now())::bigint)
+    ON CONFLICT (address) DO UPDATE SET last_uidvalidity = greatest(mail_accounts.last_uidvalidity + 1, excluded.last_uidvalidity)
+    RETURNING last_uidvalidity
+)
+INSERT INTO folders (address, name, uidvalidity, special_use)
+SELECT %(a)s, %(f)s, last_uidvalidity, %(u)s FROM v
+ON CONFLICT (address, name) DO NOTHING
+RETURNING pg_notify(%(c)s, %(p)s)
+"""
+
+
+def _create_folder(conn: Any, channel: str, address: str, key: str, special_use: str = "") -> bool:
+    """Make a folder row unless it exists; True when it was made.
+
+    UIDVALIDITY is the time in seconds, as Dovecot's, but above every value
+    the account ever had (``mail_accounts`` remembers it, and its row lock
+    serializes two creations): a folder deleted and made again within a
+    second still gets a new one, and clients drop their cached UIDs.
+    """
+    made = conn.execute(_CREATE_FOLDER, {"a": address, "f": key, "u": special_use, "c": channel, "p": _payload(address, key)}).fetchone()
+    if made is None and special_use:
+        # A Trash that POP3 made before IMAP came: it gets its attribute.
+        conn.execute("UPDATE folders SET special_use = %s WHERE address = %s AND name = %s AND special_use = ''", (special_use, address, key))
+    return made is not None
+
+
+def _create_parents(conn: Any, channel: str, address: str, key: str) -> None:
+    levels = key.split("/")
+    for n in range(1, len(levels)):
+        parent = "/".join(levels[:n])
+        _create_folder(conn, channel, address, "" if parent == INBOX else parent)
+
+
+def _lock(conn: Any, address: str, keys: list[str]) -> dict[str, tuple[int, int, int]]:
+    """Lock the folders' rows, in name order; (uidvalidity, uidnext, highest_modseq) of those that exist."""
+    rows = conn.execute(
+        "SELECT name, uidvalidity, uidnext, highest_modseq FROM folders WHERE address = %s AND name = ANY(%s::text[]) ORDER BY name FOR UPDATE",
+        (address, sorted(set(keys))),
+    ).fetchall()
+    return {row[0]: (row[1], row[2], row[3]) for row in rows}
+
+
+def _bump(conn: Any, channel: str, address: str, key: str, expunged: bool = False) -> int:
+    """Raise the folder's highest_modseq (and notify); the new value."""
+    also = ", expunged_modseq = highest_modseq + 1" if expunged else ""
+    row = conn.execute(
+        f"UPDATE folders SET highest_modseq = highest_modseq + 1{also} WHERE address = %s AND name = %s RETURNING highest_modseq, pg_notify(%s, %s)",
+        (address, key, channel, _payload(address, key)),
+    ).fetchone()
+    if row is None:
+        raise NoSuchFolder(f"there is no folder {_folder_name(key)}")
+    return int(row[0])
+
+
+def _reserve(conn: Any, channel: str, address: str, key: str, count: int) -> tuple[int, int]:
+    """Take ``count`` UIDs of the folder (and a modseq); (first uid, modseq)."""
+    row = conn.execute(
+        "UPDATE folders SET uidnext = uidnext + %(n)s, highest_modseq = highest_modseq + 1 WHERE address = %(a)s AND name = %(f)s"
+        " RETURNING uidnext - %(n)s, highest_modseq, pg_notify(%(c)s, %(p)s)",
+        {"n": count, "a": address, "f": key, "c": channel, "p": _payload(address, key)},
+    ).fetchone()
+    if row is None:
+        raise NoSuchFolder(f"there is no folder {_folder_name(key)}")
+    return int(row[0]), int(row[1])
+
+
+def _move_rows(conn: Any, channel: str, address: str, source: str, target: str, column: str, values: list[int]) -> list[tuple[int, int]]:
+    """Move the messages whose ``column`` ("id" or "imap_uid") is in ``values``
+    to ``target`` with new UIDs (both folders locked); [(old uid, new uid)]."""
+    assert column in ("id", "imap_uid")
+    rows = conn.execute(
+        f"SELECT id, imap_uid FROM messages WHERE address = %s AND folder = %s AND {column} = ANY(%s::bigint[]) ORDER BY imap_uid",
+        (address, source, values),
+    ).fetchall()
+    if not rows:
+        return []
+    first, modseq = _reserve(conn, channel, address, target, len(rows))
+    # POP3's trash_days purge goes by trashed_at: what IMAP moves to Trash
+    # is purged as what POP3 put there is.
+    conn.execute(
+        "UPDATE messages m SET folder = %(t)s, imap_uid = %(first)s + s.n - 1, modseq = %(m)s, trashed_at = CASE WHEN %(trash)s THEN now() END"
+        " FROM unnest(%(ids)s::bigint[]) WITH ORDINALITY AS s(id, n) WHERE m.id = s.id",
+        {"t": target, "first": first, "m": modseq, "trash": target == TRASH, "ids": [row[0] for row in rows]},
+    )
+    _bump(conn, channel, address, source, expunged=True)
+    return [(row[1], first + n) for n, row in enumerate(rows)]
+
+
+def _copy_rows(conn: Any, channel: str, address: str, source: str, target: str, uids: list[int]) -> list[tuple[int, int]]:
+    """Copy messages with their flags into ``target`` (both folders locked),
+    their chunks copied by the database; [(old uid, new uid)]."""
+    rows = conn.execute(
+        "SELECT id, imap_uid FROM messages WHERE address = %s AND folder = %s AND imap_uid = ANY(%s::bigint[]) ORDER BY imap_uid",
+        (address, source, uids),
+    ).fetchall()
+    if not rows:
+        return []
+    first, modseq = _reserve(conn, channel, address, target, len(rows))
+    old_ids = [row[0] for row in rows]
+    made = conn.execute(
+        "INSERT INTO messages (address, folder, uid, size, received, flags, modseq, imap_uid, trashed_at)"
+        " SELECT m.address, %(t)s, replace(gen_random_uuid()::text, '-', ''), m.size, m.received, m.flags, %(m)s, %(first)s + s.n - 1,"
+        " CASE WHEN %(trash)s THEN now() END"
+        " FROM unnest(%(ids)s::bigint[]) WITH ORDINALITY AS s(id, n) JOIN messages m ON m.id = s.id"
+        " RETURNING imap_uid, id",
+        {"t": target, "m": modseq, "first": first, "trash": target == TRASH, "ids": old_ids},
+    ).fetchall()
+    by_uid = dict(made)
+    new_ids = [by_uid[first + n] for n in range(len(rows))]
+    conn.execute(
+        "INSERT INTO message_chunks (message_id, seq, data)"
+        " SELECT p.new, c.seq, c.data FROM unnest(%s::bigint[], %s::bigint[]) AS p(new, old) JOIN message_chunks c ON c.message_id = p.old",
+        (new_ids, old_ids),
+    )
+    return [(row[1], first + n) for n, row in enumerate(rows)]
+
+
+_ASSIGN_UID = """
+WITH f AS (
+    UPDATE folders SET uidnext = uidnext + 1, highest_modseq = highest_modseq + 1
+    WHERE address = %(a)s AND name = %(f)s
+    RETURNING uidvalidity, uidnext - 1 AS uid, highest_modseq, pg_notify(%(c)s, %(p)s)
+)
+UPDATE messages m SET imap_uid = f.uid, modseq = f.highest_modseq, size = %(size)s FROM f WHERE m.id = %(id)s
+RETURNING f.uidvalidity, f.uid
+"""
+
+# The folder, and its messages changed after %(since)s, in one statement:
+# one snapshot, so the modseq it reports covers exactly the rows it returns.
+_VIEW = """
+SELECT f.uidvalidity, f.uidnext, f.highest_modseq, f.expunged_modseq,
+       m.imap_uid, m.size, m.flags, extract(epoch FROM m.received)::float8, m.modseq
+FROM folders f LEFT JOIN messages m ON m.address = f.address AND m.folder = f.name AND m.modseq > %(since)s
+WHERE f.address = %(a)s AND f.name = %(f)s
+ORDER BY m.imap_uid
+"""
+
+_STORE = {
+    # (the new flags, which rows they change)
+    "set": ("%(flags)s::text[]", "NOT (flags @> %(flags)s::text[] AND flags <@ %(flags)s::text[])"),
+    "add": ("ARRAY(SELECT DISTINCT unnest(flags || %(flags)s::text[]))", "NOT flags @> %(flags)s::text[]"),
+    "remove": ("ARRAY(SELECT unnest(flags) EXCEPT SELECT unnest(%(flags)s::text[]))", "flags && %(flags)s::text[]"),
+}
+
+
+class _Notifications:
+    """LISTEN on one connection of this process, in a thread of its own, for
+    the changes of every session, process and node; each watcher is called
+    on the reactor thread.
+
+    NOTIFY rather than polling: the database is the one place every node
+    writes through, a notification is sent at the commit of the change it
+    reports (never for one rolled back), and listening costs one connection
+    per process and nothing while idle.  A dropped connection is made again
+    (with back-off); since what was sent meanwhile is lost, every watcher is
+    called once it listens again (a spurious call is harmless: IMAP asks
+    ``view``, which is cheap when nothing changed).  Bursts (a STORE over
+    10,000 messages from another session) reach each watcher once per
+    reactor turn.
+    """
+
+    def __init__(self, db: Database, reactor: Any, pool: ThreadPool) -> None:
+        self.db = db
+        self.reactor = reactor
+        self.pool = pool
+        self._watchers: dict[tuple[str, str], list[Callable[[], None]]] = {}
+        self._lock = threading.Lock()
+        self._pending: set[tuple[str, str]] = set()
+        self._stopping = threading.Event()
+        self._conn: Any = None
+        self._started = False
+
+    def watch(self, key: tuple[str, str], changed: Callable[[], None]) -> Callable[[], None]:
+        """On the reactor thread: call ``changed`` for each change of ``key``'s folder."""
+        watchers = self._watchers.setdefault(key, [])
+        watchers.append(changed)
+        if not self._started:
+            self._started = True
+            self.pool.callInThread(self._listen)
+
+        def stop() -> None:
+            found = self._watchers.get(key)
+            if found is not None and changed in found:
+                found.remove(changed)
+                if not found:
+                    del self._watchers[key]
+
+        return stop
+
+    def stop(self) -> None:
+        """Make the listening thread end: its wait is woken by shutting its socket."""
+        with self._lock:
+            self._stopping.set()
+            conn = self._conn
+        if conn is not None:
+            try:
+                with socket.socket(fileno=os.dup(conn.pgconn.socket)) as sock:
+                    sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _listen(self) -> None:
+        delay = 0.1
+        while not self._stopping.is_set():
+            try:
+                conn = psycopg.connect(self.db.conninfo, autocommit=True)
+            except psycopg.Error as e:
+                self._warn(e)
+                self._stopping.wait(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            with self._lock:
+                if self._stopping.is_set():
+                    conn.close()
+                    return
+                self._conn = conn
+            try:
+                conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.db.schema)))
+                delay = 0.1
+                self.reactor.callFromThread(self._deliver_all)
+                for notify in conn.notifies():
+                    address, _, key = notify.payload.partition("\n")
+                    self._queue((address, key))
+            except psycopg.Error as e:
+                if not self._stopping.is_set():
+                    self._warn(e)
+            finally:
+                with self._lock:
+                    self._conn = None
+                conn.close()
+            self._stopping.wait(delay)
+
+    def _warn(self, error: BaseException) -> None:
+        text = " ".join(f"{type(error).__name__}: {error}".split())
+        self.reactor.callFromThread(log.warn, "postgres: change notifications: {error}; listening again", error=text)
+
+    def _queue(self, key: tuple[str, str]) -> None:
+        with self._lock:
+            first = not self._pending
+            self._pending.add(key)
+        if first:
+            self.reactor.callFromThread(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            keys, self._pending = self._pending, set()
+        for key in keys:
+            self._call(self._watchers.get(key, ()))
+
+    def _deliver_all(self) -> None:
+        for watchers in list(self._watchers.values()):
+            self._call(watchers)
+
+    def _call(self, watchers: Any) -> None:
+        for changed in list(watchers):
+            try:
+                changed()
+            except Exception:
+                log.failure("postgres: a change watcher failed")
+
+
+@implementer(IMailboxBackend, IMessageStore)
 class PostgresMailbox(_Pooled):
-    """Messages in ``messages`` and ``message_chunks``, one folder column."""
+    """Messages in ``messages`` and ``message_chunks``, folders in ``folders``."""
 
     def __init__(self, db: Database, reactor: Any, threads: Any) -> None:
         super().__init__(db, reactor, threads, "mailbox")
+        # NOTIFY's channel: the schema, so that installations sharing a database stay apart.
+        self.channel = db.schema
+        # The last view of each folder this process was asked for, by (address, folder key).
+        self._views: OrderedDict[tuple[str, str], FolderView] = OrderedDict()
+        self._notifications: _Notifications | None = None
+
+    def stopService(self) -> Any:
+        if self._notifications is not None:
+            self._notifications.stop()
+        return super().stopService()
+
+    # -- delivery and POP3 --
 
     def deliver(self, account: Account, message: SpooledMessage, folder: str = "") -> Deferred[str]:  # type: ignore[override]
-        """Store the message; committed when the Deferred fires.  Returns its uid
-        (more than IMailboxBackend asks: the tests read it)."""
+        """Store the message with the folder's next UID; committed when the
+        Deferred fires.  Returns its POP3 uid (more than IMailboxBackend asks:
+        the tests read it)."""
         address = _mailbox_address(account)
+        if folder.upper() == INBOX:
+            folder = ""
         if folder and not _FOLDER_NAME.fullmatch(folder):
             raise PermanentFailure(f"invalid folder name {folder!r}")
-        return self._in_thread(self._deliver, address, message, folder)
-
-    def _deliver(self, address: str, message: SpooledMessage, folder: str) -> str:
         # RFC 5321 4.4: the final delivery records the envelope sender.
         head = f"Return-Path: <{message.sender}>\r\n".encode("utf-8")
+        return self._in_thread(lambda: self._add(address, folder, message, head, [], None, True)[2])
+
+    def _add(
+        self, address: str, key: str, message: SpooledMessage, head: bytes, flags: list[str], received: float | None, create: bool
+    ) -> tuple[int, int, str]:
+        """Store a message; (uidvalidity, uid, POP3 uid).  A missing folder is made when ``create`` (INBOX always)."""
+        for attempt in range(2):
+            try:
+                with self._connection() as conn:
+                    return self._insert(conn, address, key, message, head, flags, received)
+            except psycopg.errors.ForeignKeyViolation:
+                # The message row names its folder's: it is missing.
+                if attempt or not (create or key == ""):
+                    raise NoSuchFolder(f"there is no folder {_folder_name(key)}")
+                with self._connection() as conn:
+                    _create_parents(conn, self.channel, address, key)
+                    _create_folder(conn, self.channel, address, key)
+        raise AssertionError("unreachable")
+
+    def _insert(
+        self, conn: Any, address: str, key: str, message: SpooledMessage, head: bytes, flags: list[str], received: float | None
+    ) -> tuple[int, int, str]:
         expected = len(head) + message.size
         uid = uuid.uuid4().hex
-        with self._connection() as conn:
-            row = conn.execute(
-                "INSERT INTO messages (address, folder, uid, size) VALUES (%s, %s, %s, %s) RETURNING id",
-                (address, folder, uid, expected),
-            ).fetchone()
-            message_id = row[0]
-            total = 0
-            with message.open() as source:
-                for seq, chunk in enumerate(_chunks(head, source)):
-                    conn.execute(
-                        "INSERT INTO message_chunks (message_id, seq, data) VALUES (%s, %s, %b)", (message_id, seq, chunk)
-                    )
-                    total += len(chunk)
-            if total != expected:
-                conn.execute("UPDATE messages SET size = %s WHERE id = %s", (total, message_id))
-        return uid
+        row = conn.execute(
+            "INSERT INTO messages (address, folder, uid, size, flags, received)"
+            " VALUES (%s, %s, %s, %s, %s::text[], coalesce(to_timestamp(%s::float8), now())) RETURNING id",
+            (address, key, uid, expected, flags, received),
+        ).fetchone()
+        message_id = row[0]
+        total = 0
+        with message.open() as source:
+            for seq, chunk in enumerate(_chunks(head, source)):
+                conn.execute("INSERT INTO message_chunks (message_id, seq, data) VALUES (%s, %s, %b)", (message_id, seq, chunk))
+                total += len(chunk)
+        # The UID last: the folder's row is locked from here to the commit only.
+        assigned = conn.execute(
+            _ASSIGN_UID, {"a": address, "f": key, "c": self.channel, "p": _payload(address, key), "size": total, "id": message_id}
+        ).fetchone()
+        return int(assigned[0]), int(assigned[1]), uid
 
     def open(self, account: Account) -> Deferred[PostgresMaildrop]:
         address = _mailbox_address(account)
@@ -497,6 +960,280 @@ class PostgresMailbox(_Pooled):
 
         return deferToThreadPool(self.reactor, pool, opening)
 
+    # -- IMessageStore: folders --
+
+    def folders(self, account: Account) -> Deferred[list[Folder]]:
+        address = _mailbox_address(account)
+
+        def listing() -> list[Folder]:
+            with self._connection() as conn:
+                made = conn.execute("SELECT special_use_made FROM mail_accounts WHERE address = %s", (address,)).fetchone()
+                if made is None or not made[0]:
+                    _create_folder(conn, self.channel, address, "")
+                    for name, attribute in SPECIAL_USE.items():
+                        _create_folder(conn, self.channel, address, name, attribute)
+                    conn.execute("UPDATE mail_accounts SET special_use_made = true WHERE address = %s", (address,))
+                rows = conn.execute("SELECT name, special_use, subscribed FROM folders WHERE address = %s", (address,)).fetchall()
+            found = [Folder(_folder_name(key), special_use, subscribed) for key, special_use, subscribed in rows]
+            return sorted(found, key=lambda folder: (folder.name != INBOX, folder.name))
+
+        return self._in_thread(listing)
+
+    def create_folder(self, account: Account, name: str) -> Deferred[None]:
+        address, key = _mailbox_address(account), _folder_key(name)
+
+        def create() -> None:
+            if key == "":
+                raise FolderExists("INBOX always exists")
+            with self._connection() as conn:
+                _create_parents(conn, self.channel, address, key)
+                if not _create_folder(conn, self.channel, address, key):
+                    raise FolderExists(f"there is already a folder {name}")
+
+        return self._in_thread(create)
+
+    def delete_folder(self, account: Account, name: str) -> Deferred[None]:
+        address, key = _mailbox_address(account), _folder_key(name)
+
+        def delete() -> None:
+            if key == "":
+                raise PermanentFailure("INBOX cannot be deleted")
+            # Its messages and their chunks go with it (ON DELETE CASCADE).
+            with self._connection() as conn:
+                gone = conn.execute(
+                    "DELETE FROM folders WHERE address = %s AND name = %s RETURNING pg_notify(%s, %s)",
+                    (address, key, self.channel, _payload(address, key)),
+                ).fetchone()
+            if gone is None:
+                raise NoSuchFolder(f"there is no folder {name}")
+
+        return self._in_thread(delete)
+
+    def rename_folder(self, account: Account, old: str, new: str) -> Deferred[None]:
+        address, old_key, new_key = _mailbox_address(account), _folder_key(old), _folder_key(new)
+
+        def rename() -> None:
+            if new_key == "":
+                raise FolderExists("INBOX always exists")
+            if old_key and (new_key == old_key or new_key.startswith(old_key + "/")):
+                raise PermanentFailure("a folder cannot be renamed into itself")
+            try:
+                with self._connection() as conn:
+                    if old_key == "":
+                        self._rename_inbox(conn, address, new_key)
+                        return
+                    _create_parents(conn, self.channel, address, new_key)
+                    # Children too; their messages follow (ON UPDATE CASCADE),
+                    # keeping UIDVALIDITY and UIDs, as Dovecot does.
+                    renamed = conn.execute(
+                        "UPDATE folders SET name = %(new)s::text || substr(name, length(%(old)s::text) + 1), highest_modseq = highest_modseq + 1"
+                        " WHERE address = %(a)s AND (name = %(old)s::text OR left(name, length(%(old)s::text) + 1) = %(old)s::text || '/')"
+                        " RETURNING pg_notify(%(c)s, %(a)s::text || chr(10) || %(old)s::text || substr(name, length(%(new)s::text) + 1)),"
+                        " pg_notify(%(c)s, %(a)s::text || chr(10) || name)",
+                        {"a": address, "old": old_key, "new": new_key, "c": self.channel},
+                    ).fetchall()
+                    if not renamed:
+                        raise NoSuchFolder(f"there is no folder {old}")
+            except psycopg.errors.UniqueViolation:
+                raise FolderExists(f"there is already a folder {new} (or one of its children)")
+
+        return self._in_thread(rename)
+
+    def _rename_inbox(self, conn: Any, address: str, new_key: str) -> None:
+        """RFC 3501 6.3.5: INBOX's messages move to a new folder; INBOX stays, empty."""
+        _create_folder(conn, self.channel, address, "")
+        _create_parents(conn, self.channel, address, new_key)
+        if not _create_folder(conn, self.channel, address, new_key):
+            raise FolderExists(f"there is already a folder {_folder_name(new_key)}")
+        _lock(conn, address, ["", new_key])
+        ids = [row[0] for row in conn.execute("SELECT id FROM messages WHERE address = %s AND folder = ''", (address,)).fetchall()]
+        _move_rows(conn, self.channel, address, "", new_key, "id", ids)
+
+    def subscribe(self, account: Account, name: str, subscribed: bool) -> Deferred[None]:
+        """A folder that does not exist has nothing to record: folders are made subscribed."""
+        address, key = _mailbox_address(account), _folder_key(name)
+
+        def change() -> None:
+            with self._connection() as conn:
+                conn.execute("UPDATE folders SET subscribed = %s WHERE address = %s AND name = %s", (subscribed, address, key))
+
+        return self._in_thread(change)
+
+    # -- IMessageStore: messages --
+
+    def view(self, account: Account, folder: str) -> Deferred[FolderView]:
+        """One query when nothing changed (the folder row, and no message
+        with a higher modseq); the changed messages only after a flag
+        change or a delivery; the whole list after an expunge."""
+        address, key = _mailbox_address(account), _folder_key(folder)
+        cache_key = (address, key)
+        cached = self._views.get(cache_key)
+
+        def done(view: FolderView) -> FolderView:
+            self._views[cache_key] = view
+            self._views.move_to_end(cache_key)
+            while len(self._views) > CACHED_VIEWS:
+                self._views.popitem(last=False)
+            return view
+
+        def gone(failure: Any) -> Any:
+            if failure.check(NoSuchFolder):
+                self._views.pop(cache_key, None)
+            return failure
+
+        return self._in_thread(self._view, address, key, cached).addCallbacks(done, gone)
+
+    def _view(self, address: str, key: str, cached: FolderView | None) -> FolderView:
+        with self._connection() as conn:
+            since = cached.highest_modseq if cached is not None else 0
+            rows = conn.execute(_VIEW, {"a": address, "f": key, "since": since}).fetchall()
+            if not rows and key == "":
+                _create_folder(conn, self.channel, address, "")
+                rows = conn.execute(_VIEW, {"a": address, "f": key, "since": since}).fetchall()
+            if not rows:
+                raise NoSuchFolder(f"there is no folder {_folder_name(key)}")
+            uidvalidity, uidnext, highest_modseq, expunged_modseq = rows[0][:4]
+            if cached is not None and (uidvalidity != cached.uidvalidity or expunged_modseq > since):
+                cached = None
+                rows = conn.execute(_VIEW, {"a": address, "f": key, "since": 0}).fetchall()
+                if not rows:
+                    raise NoSuchFolder(f"there is no folder {_folder_name(key)}")
+                uidvalidity, uidnext, highest_modseq, expunged_modseq = rows[0][:4]
+        if cached is not None and highest_modseq == cached.highest_modseq:
+            return cached
+        fresh = [MessageInfo(row[4], row[5], _flag_set(row[6]), row[7], row[8]) for row in rows if row[4] is not None]
+        if cached is None:
+            messages = tuple(fresh)
+        else:
+            changed = {info.uid: info for info in fresh}
+            kept = [changed.pop(info.uid, info) for info in cached.messages]
+            added = sorted(changed.values(), key=lambda info: info.uid)
+            if added and kept and added[0].uid < kept[-1].uid:  # not seen to happen; kept correct
+                messages = tuple(sorted(kept + added, key=lambda info: info.uid))
+            else:
+                messages = tuple(kept + added)
+        return FolderView(uidvalidity, uidnext, highest_modseq, messages)
+
+    def read(self, account: Account, folder: str, uid: int) -> Deferred[IO[bytes]]:
+        """The message copied into a spooled file by a thread (as POP3's read)."""
+        address, key = _mailbox_address(account), _folder_key(folder)
+
+        def fetch() -> IO[bytes]:
+            with self._connection() as conn:
+                _repeatable_read(conn)
+                row = conn.execute("SELECT id FROM messages WHERE address = %s AND folder = %s AND imap_uid = %s", (address, key, uid)).fetchone()
+                if row is None:
+                    if conn.execute("SELECT 1 FROM folders WHERE address = %s AND name = %s", (address, key)).fetchone() is None:
+                        raise NoSuchFolder(f"there is no folder {folder}")
+                    raise PermanentFailure("the message is no longer in the folder")
+                return _copy_out(conn, row[0])
+
+        return self._in_thread(fetch)
+
+    def append(self, account: Account, folder: str, message: SpooledMessage, flags: frozenset[str], internal_date: float) -> Deferred[tuple[int, int]]:
+        address, key = _mailbox_address(account), _folder_key(folder)
+        stored = _flag_list(flags)
+
+        def add() -> tuple[int, int]:
+            uidvalidity, uid, _ = self._add(address, key, message, b"", stored, float(internal_date), False)
+            return uidvalidity, uid
+
+        return self._in_thread(add)
+
+    def store_flags(
+        self, account: Account, folder: str, uids: list[int], flags: frozenset[str], how: str, unchanged_since: int | None = None,
+    ) -> Deferred[StoreResult]:
+        address, key = _mailbox_address(account), _folder_key(folder)
+        if how not in _STORE:
+            raise ValueError(f"how is set, add or remove, not {how!r}")
+        new, differs = _STORE[how]
+        guard = " AND modseq <= %(since)s" if unchanged_since is not None else ""
+        # One statement changes the messages and, only if some changed,
+        # raises the folder's modseq (and notifies).
+        query = (
+            f"WITH u AS (UPDATE messages SET flags = {new}, modseq = %(m)s"
+            f" WHERE address = %(a)s AND folder = %(f)s AND imap_uid = ANY(%(uids)s::bigint[]) AND {differs}{guard}"
+            " RETURNING imap_uid, size, flags, extract(epoch FROM received)::float8, modseq),"
+            " b AS (UPDATE folders SET highest_modseq = %(m)s WHERE address = %(a)s AND name = %(f)s AND EXISTS (SELECT 1 FROM u)"
+            " RETURNING pg_notify(%(c)s, %(p)s))"
+            " SELECT * FROM u ORDER BY imap_uid"
+        )
+        params = {"a": address, "f": key, "uids": list(uids), "flags": _flag_list(flags), "since": unchanged_since,
+                  "c": self.channel, "p": _payload(address, key)}
+
+        def store() -> StoreResult:
+            with self._connection() as conn:
+                locked = _lock(conn, address, [key])
+                if key not in locked:
+                    raise NoSuchFolder(f"there is no folder {folder}")
+                modified: tuple[int, ...] = ()
+                if unchanged_since is not None:
+                    modified = tuple(row[0] for row in conn.execute(
+                        "SELECT imap_uid FROM messages WHERE address = %s AND folder = %s AND imap_uid = ANY(%s::bigint[]) AND modseq > %s"
+                        " ORDER BY imap_uid", (address, key, params["uids"], unchanged_since),
+                    ).fetchall())
+                rows = conn.execute(query, {**params, "m": locked[key][2] + 1}).fetchall()
+            return StoreResult(tuple(MessageInfo(row[0], row[1], _flag_set(row[2]), row[3], row[4]) for row in rows), modified)
+
+        return self._in_thread(store)
+
+    def copy(self, account: Account, folder: str, uids: list[int], target: str) -> Deferred[tuple[int, list[tuple[int, int]]]]:
+        return self._transfer(account, folder, uids, target, False)
+
+    def move(self, account: Account, folder: str, uids: list[int], target: str) -> Deferred[tuple[int, list[tuple[int, int]]]]:
+        return self._transfer(account, folder, uids, target, True)
+
+    def _transfer(self, account: Account, folder: str, uids: list[int], target: str, move: bool) -> Deferred[tuple[int, list[tuple[int, int]]]]:
+        address, key, target_key = _mailbox_address(account), _folder_key(folder), _folder_key(target)
+
+        def transfer() -> tuple[int, list[tuple[int, int]]]:
+            with self._connection() as conn:
+                locked = _lock(conn, address, [key, target_key])
+                if key not in locked:
+                    raise NoSuchFolder(f"there is no folder {folder}")
+                if target_key not in locked:
+                    raise NoSuchFolder(f"there is no folder {target}")
+                if move:
+                    pairs = _move_rows(conn, self.channel, address, key, target_key, "imap_uid", list(uids))
+                else:
+                    pairs = _copy_rows(conn, self.channel, address, key, target_key, list(uids))
+            return locked[target_key][0], pairs
+
+        return self._in_thread(transfer)
+
+    def expunge(self, account: Account, folder: str, uids: list[int]) -> Deferred[list[int]]:
+        address, key = _mailbox_address(account), _folder_key(folder)
+
+        def expunge() -> list[int]:
+            with self._connection() as conn:
+                if key not in _lock(conn, address, [key]):
+                    raise NoSuchFolder(f"there is no folder {folder}")
+                rows = conn.execute(
+                    "DELETE FROM messages WHERE address = %s AND folder = %s AND imap_uid = ANY(%s::bigint[]) AND %s = ANY(flags) RETURNING imap_uid",
+                    (address, key, list(uids), FLAG_DELETED),
+                ).fetchall()
+                if rows:
+                    _bump(conn, self.channel, address, key, expunged=True)
+            return sorted(row[0] for row in rows)
+
+        return self._in_thread(expunge)
+
+    def watch(self, account: Account, folder: str, changed: Callable[[], None]) -> Callable[[], None]:
+        address, key = _mailbox_address(account), _folder_key(folder)
+        if self._notifications is None:
+            self._notifications = _Notifications(self.db, self.reactor, self.threads.pool("pg-notify", 1))
+        return self._notifications.watch((address, key), changed)
+
+    def usage(self, account: Account) -> Deferred[tuple[int, int]]:
+        address = _mailbox_address(account)
+
+        def count() -> tuple[int, int]:
+            with self._connection() as conn:
+                row = conn.execute("SELECT coalesce(sum(size), 0)::bigint, count(*) FROM messages WHERE address = %s", (address,)).fetchone()
+            return int(row[0]), int(row[1])
+
+        return self._in_thread(count)
+
 
 @implementer(IMaildrop)
 class PostgresMaildrop:
@@ -505,7 +1242,10 @@ class PostgresMaildrop:
     The connection holds the advisory lock; every query of the session runs
     on it, in the service's blocking pool, one at a time.  If the connection
     dies, the lock is gone with it and so is the session: commit fails
-    rather than apply deletions unlocked.
+    rather than apply deletions unlocked.  The lock keeps other POP3
+    sessions out, not IMAP: commit and expire change only what is still in
+    the inbox, as IMAP changes are made (folder row first, new modseq,
+    NOTIFY), so IMAP sessions see a POP3 DELE+QUIT as an expunge.
     """
 
     def __init__(self, conn: Any, db: Database, address: str, reactor: Any, pool: ThreadPool) -> None:
@@ -535,8 +1275,9 @@ class PostgresMaildrop:
             raise
 
     def _scan(self) -> None:
+        # In UID order: POP3's message numbers follow IMAP's sequence numbers.
         rows = self._conn.execute(
-            "SELECT id, uid, size FROM messages WHERE address = %s AND folder = '' ORDER BY id", (self.address,)
+            "SELECT id, uid, size FROM messages WHERE address = %s AND folder = '' ORDER BY imap_uid", (self.address,)
         ).fetchall()
         self._ids = {uid: message_id for message_id, uid, _ in rows}
         self._entries = [MaildropEntry(uid, size) for _, uid, size in rows]
@@ -560,65 +1301,70 @@ class PostgresMaildrop:
         return self._thread(self._fetch, self._ids[uid])
 
     def _fetch(self, message_id: int) -> IO[bytes]:
-        out = tempfile.SpooledTemporaryFile(max_size=READ_MEMORY)
-        try:
-            # One query per chunk: one chunk in memory at a time, and
-            # statement_timeout bounds each MiB rather than a whole message.
-            with self._conn.cursor(binary=True) as cursor:
-                for seq in itertools.count():
-                    row = cursor.execute(
-                        "SELECT data FROM message_chunks WHERE message_id = %s AND seq = %s", (message_id, seq)
-                    ).fetchone()
-                    if row is None:
-                        break
-                    out.write(row[0])
-            if seq == 0:
-                raise TemporaryFailure("the message is no longer in the mailbox")
-            out.seek(0)
-            return out
-        except BaseException:
-            out.close()
-            raise
+        with self._conn.transaction():
+            _repeatable_read(self._conn)
+            return _copy_out(self._conn, message_id)
 
     def commit(self, deleted: list[str], retrieved: list[str], trash: bool) -> Deferred[None]:
         self._closed = True
         return self._thread(self._commit, deleted, retrieved, trash)
 
     def _commit(self, deleted: list[str], retrieved: list[str], trash: bool) -> None:
+        conn, address, channel = self._conn, self.address, self.db.schema
         try:
             gone = [self._ids[uid] for uid in deleted if uid in self._ids]
             seen = [self._ids[uid] for uid in set(retrieved) - set(deleted) if uid in self._ids]
-            with self._conn.transaction():
+            # Even with nothing to change: a session whose connection (and
+            # so its lock) is gone is told its QUIT failed.
+            with conn.transaction():
                 if gone and trash:
-                    self._conn.execute(
-                        "UPDATE messages SET folder = %s, trashed_at = now() WHERE address = %s AND id = ANY(%s)",
-                        (TRASH, self.address, gone),
-                    )
+                    _create_folder(conn, channel, address, TRASH, SPECIAL_USE.get(TRASH, ""))
+                if not _lock(conn, address, ["", TRASH] if gone and trash else [""]):
+                    return  # no inbox row: nothing was ever delivered
+                if gone and trash:
+                    _move_rows(conn, channel, address, "", TRASH, "id", gone)
                 elif gone:
-                    self._conn.execute("DELETE FROM messages WHERE address = %s AND id = ANY(%s)", (self.address, gone))
+                    removed = conn.execute(
+                        "DELETE FROM messages WHERE address = %s AND folder = '' AND id = ANY(%s::bigint[])", (address, gone)
+                    ).rowcount
+                    if removed:
+                        _bump(conn, channel, address, "", expunged=True)
                 if seen:
-                    self._conn.execute(
-                        "UPDATE messages SET seen = true, seen_at = now() WHERE address = %s AND id = ANY(%s) AND NOT seen",
-                        (self.address, seen),
+                    # seen/seen_at record POP3's retrieval (what expire's
+                    # retrieved_days goes by); \Seen is the flag IMAP shows.
+                    modseq = _bump(conn, channel, address, "")
+                    conn.execute(
+                        "UPDATE messages SET seen = true, seen_at = now(),"
+                        " modseq = CASE WHEN flags @> ARRAY[%(s)s] THEN modseq ELSE %(m)s END,"
+                        " flags = CASE WHEN flags @> ARRAY[%(s)s] THEN flags ELSE flags || ARRAY[%(s)s] END"
+                        " WHERE address = %(a)s AND folder = '' AND id = ANY(%(ids)s::bigint[]) AND NOT seen",
+                        {"s": FLAG_SEEN, "m": modseq, "a": address, "ids": seen},
                     )
         finally:
-            self._conn.close()
+            conn.close()
 
     def expire(self, retrieved_days: float | None, trash_days: float) -> Deferred[None]:
         return self._thread(self._expire, retrieved_days, trash_days)
 
     def _expire(self, retrieved_days: float | None, trash_days: float) -> None:
+        conn, address, channel = self._conn, self.address, self.db.schema
         removed = 0
-        with self._conn.transaction():
-            if retrieved_days is not None:
-                removed = self._conn.execute(
+        with conn.transaction():
+            locked = _lock(conn, address, ["", TRASH])
+            if retrieved_days is not None and "" in locked:
+                removed = conn.execute(
                     "DELETE FROM messages WHERE address = %s AND folder = '' AND seen AND seen_at < now() - %s * interval '1 day'",
-                    (self.address, float(retrieved_days)),
+                    (address, float(retrieved_days)),
                 ).rowcount
-            self._conn.execute(
-                "DELETE FROM messages WHERE address = %s AND folder = %s AND trashed_at < now() - %s * interval '1 day'",
-                (self.address, TRASH, float(trash_days)),
-            )
+                if removed:
+                    _bump(conn, channel, address, "", expunged=True)
+            if TRASH in locked:
+                purged = conn.execute(
+                    "DELETE FROM messages WHERE address = %s AND folder = %s AND trashed_at < now() - %s * interval '1 day'",
+                    (address, TRASH, float(trash_days)),
+                ).rowcount
+                if purged:
+                    _bump(conn, channel, address, TRASH, expunged=True)
         if removed:
             self._scan()
 
