@@ -172,8 +172,8 @@ def test_bad_input_gets_bad_and_oversized_literals_are_refused_unread(server):
     assert "Traceback" not in server.log()
 
 
-def test_fifty_megabyte_append_keeps_the_server_small(server):
-    """A 50 MB APPEND streams to disk: the server's peak RSS grows by far less than the message, and it is stored byte for byte."""
+def test_fifty_megabyte_append_and_fetch_keep_the_server_small(server):
+    """A 50 MB APPEND streams to disk and its FETCH streams from it, only as fast as the client reads: the server's peak RSS grows by far less than the message."""
     assert server.process is not None
     pid = server.process.pid
     line = b"x" * 998 + b"\r\n"
@@ -189,6 +189,21 @@ def test_fifty_megabyte_append_keeps_the_server_small(server):
         uid = data[0].split()[2].rstrip(b"]").decode()
         typ, data = client.uid("FETCH", uid, "(RFC822.SIZE BODY.PEEK[HEADER])")
         assert f"RFC822.SIZE {len(body)}".encode() in data[0][0] and data[0][1] == b"Subject: big\r\n\r\n"
+        # A client that stops reading in the middle stops the server reading the file.
+        d = IMAPDialog(server.ports["imaps"])
+        d.start_tls()
+        d.send(b"a LOGIN bob@example.org bob-password\r\nb SELECT INBOX\r\n")
+        d.until("b")
+        d.send(f"c UID FETCH {uid} BODY.PEEK[]\r\n".encode())
+        assert d.line() == f"* {int(client.select('INBOX')[1][0])} FETCH (UID {uid} BODY[] {{{len(body)}}}"
+        time.sleep(0.5)  # the client reads nothing for a while
+        _, peak_stalled = rss_kib(pid)
+        assert d.file.read(len(body)) == body
+        assert d.line() == ")"
+        assert d.until("c") == ["c OK FETCH completed"]
+        _, peak_read = rss_kib(pid)
+        d.close()
+        assert peak_read - peak_before < 20 * 1024, (peak_before, peak_stalled, peak_read)
         client.uid("STORE", uid, "+FLAGS", "(\\Deleted)")
         client.expunge()
     finally:

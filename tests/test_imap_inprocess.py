@@ -384,3 +384,43 @@ def test_move_sends_copyuid_then_expunge():
     wire.send("c UID COPY 2 Trash")
     trash = platform.store.accounts["alice@example.org"]["Trash"]
     assert wire.lines() == [f"c OK [COPYUID {trash.uidvalidity} 2 1] COPY completed"]
+
+
+def test_connection_limits_and_cross_protocol_requests():
+    """Past max_connections_per_ip a client gets BYE [UNAVAILABLE]; an HTTP request line ends the session with BYE."""
+    platform = Platform(imap=IMAPSettings(max_connections_per_ip=1))
+    first = platform.imap()
+    factory = first.protocol.factory
+    second = platform.imap(factory=factory)
+    assert second.lines() == ["* BYE [UNAVAILABLE] too many connections from 192.0.2.1, try again later"]
+    assert second.closed
+    first.output()
+    first.send("GET / HTTP/1.1")
+    assert first.lines() == ["* BYE This is an IMAP server, not an HTTP one"]
+    assert first.closed
+    first.protocol.connectionLost(None)
+    assert not platform.imap(factory=factory).closed
+
+
+def test_quota_refuses_an_append_over_it_and_getquotaroot_reports_it():
+    """With [mailbox] quota, GETQUOTAROOT reports STORAGE in KiB and an APPEND that would go over gets NO [OVERQUOTA]."""
+    platform = Platform(quota=10 * 1024)
+    wire = login(platform.imap())
+    assert append(wire, b"Subject: a\r\n\r\n" + b"x" * 5000 + b"\r\n").startswith("A OK [APPENDUID")
+    wire.send("q GETQUOTAROOT INBOX")
+    assert wire.lines() == ['* QUOTAROOT "INBOX" ""', '* QUOTA "" (STORAGE 5 10)', "q OK GETQUOTAROOT completed"]
+    assert append(wire, b"Subject: b\r\n\r\n" + b"x" * 6000 + b"\r\n").startswith("A NO [OVERQUOTA]")
+    wire.send("s SETQUOTA \"\" (STORAGE 100)")
+    assert wire.lines()[0].startswith("s NO [NOPERM]")
+
+
+def test_tags_and_names_that_are_not_imap():
+    """A tag with "+" or a command name with digits is BAD; an unknown command in the right shape is BAD and names it."""
+    wire = Platform().imap()
+    wire.output()
+    wire.send("a+b NOOP")
+    assert wire.lines() == ["* BAD Missing or invalid tag"]
+    wire.send("a NO0P")
+    assert wire.lines() == ["a BAD Missing or invalid command name"]
+    wire.send("a XYZZY")
+    assert wire.lines() == ["a BAD Unknown command XYZZY"]

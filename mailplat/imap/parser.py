@@ -68,7 +68,7 @@ class ParseError(ValueError):
 # no size anyone sends: refused as malformed rather than turned into an int.
 _ANNOUNCEMENT = re.compile(rb"(~?)\{([0-9]{1,20})(\+?)\}\Z")
 # RFC 3501 9: tag = 1*<any ASTRING-CHAR except "+">.
-_TAG = re.compile(rb"[!#$&'+,\-./0-9:;<=>?@A-Z\[^_`a-z|}~]+")
+_TAG = re.compile(rb"[!#$&',\-./0-9:;<=>?@A-Z\[\]^_`a-z|}~]+")
 # What ends an atom: space, controls, list and quoting characters.  "[" is
 # taken up to its "]" with whatever is inside (fetch attributes).
 _ATOM_END = frozenset(b' (){"\x7f') | frozenset(range(0x20))
