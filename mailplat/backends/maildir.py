@@ -3,7 +3,10 @@
 Delivery follows the maildir protocol: write into ``tmp/``, fsync the file,
 rename into ``new/``, fsync the folder.  Messages are stored with CRLF line
 ends exactly as received, so the size in the name (``,S=``) is also the size
-a POP3 client is told.  All disk work runs in the reactor's thread pool.
+a POP3 client is told.  Other folders are Maildir++ (``.Sent``,
+``.Archive.2024``), and the same files serve IMAP (IMessageStore, in
+:mod:`mailplat.backends.maildirplus`).  All disk work runs in the service's
+thread pool.
 """
 
 from __future__ import annotations
@@ -15,24 +18,31 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Callable
 from typing import IO, Any
 
 from twisted.application import service
+from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from zope.interface import implementer
 
 from mailplat.addresses import AddressError, validate_address
 from mailplat.config import ConfigError
 from mailplat.fsutil import GroupCommit, fsync_directory, makedirs_durable
+from mailplat.backends.maildirplus import MaildirPlus, Watcher, folder_path
 from mailplat.interfaces import (
     Account,
     BackendContext,
+    Folder,
+    FolderView,
     IMailboxBackend,
     IMaildrop,
+    IMessageStore,
     MaildropEntry,
     MaildropInUse,
     PermanentFailure,
     SpooledMessage,
+    StoreResult,
     TemporaryFailure,
 )
 from mailplat.numerals import is_digits
@@ -73,17 +83,23 @@ def _temporary(error: OSError) -> TemporaryFailure:
     return TemporaryFailure(f"cannot write to the mailbox: {error.strerror}")
 
 
-@implementer(IMailboxBackend)
+@implementer(IMailboxBackend, IMessageStore)
 class Maildir(service.Service):
-    """One folder per account under ``root``, created on first delivery."""
+    """One folder per account under ``root``, created on first delivery.
 
-    def __init__(self, root: str, reactor: Any, threads: Any) -> None:
+    ``use_inotify=False`` makes ``watch`` poll, as it does where inotify is
+    not available.
+    """
+
+    def __init__(self, root: str, reactor: Any, threads: Any, use_inotify: bool = True) -> None:
         super().__init__()
         self.root = os.path.abspath(root)
         self.reactor = reactor
         self.threads = threads
         self._host = _safe_hostname()
         self.committer = GroupCommit(reactor)
+        self.store = MaildirPlus(self.unique_name)
+        self.watcher = Watcher(reactor, threads.blocking if threads is not None else None, use_inotify)
 
     def folder(self, account: Account) -> str:
         """The account's maildir; only validated addresses ever become paths."""
@@ -100,11 +116,7 @@ class Maildir(service.Service):
     @staticmethod
     def _subfolder(maildir: str, name: str) -> str:
         """A Maildir++ folder ("Quarantine" is ``.Quarantine``); "" is the inbox."""
-        if not name:
-            return maildir
-        if not all(c.isalnum() or c in "-_" for c in name):
-            raise PermanentFailure(f"invalid folder name {name!r}")
-        return os.path.join(maildir, "." + name)
+        return folder_path(maildir, name)
 
     def _thread(self, f: Any, *args: Any) -> Any:
         return deferToThreadPool(self.reactor, self.threads.blocking, f, *args)
@@ -112,6 +124,7 @@ class Maildir(service.Service):
     def stopService(self) -> Any:
         """The group commit's thread ends after the last listener has closed."""
         super().stopService()
+        self.watcher.stop()
         return self.committer.stop()
 
     def unique_name(self, size: int) -> str:
@@ -144,6 +157,10 @@ class Maildir(service.Service):
             if not os.path.isdir(os.path.join(folder, "cur")):
                 for sub in ("tmp", "new", "cur"):
                     makedirs_durable(os.path.join(folder, sub))
+                if os.path.basename(folder).startswith("."):
+                    # Dovecot's mark of a Maildir++ folder.
+                    with open(os.path.join(folder, "maildirfolder"), "ab"):
+                        pass
             header = _return_path(message)
             name = self.unique_name(len(header) + message.size)
             tmp = os.path.join(folder, "tmp", name)
@@ -170,6 +187,53 @@ class Maildir(service.Service):
     def open(self, account: Account) -> Any:
         folder = self.folder(account)
         return self._thread(MaildirDrop.open, folder, self.reactor, self.threads)
+
+    # --- IMessageStore: the disk work is MaildirPlus's, in the thread pool ---
+
+    def folders(self, account: Account) -> Deferred[list[Folder]]:
+        return self._thread(self.store.folders, self.folder(account))
+
+    def create_folder(self, account: Account, name: str) -> Deferred[None]:
+        return self._thread(self.store.create_folder, self.folder(account), name)
+
+    def delete_folder(self, account: Account, name: str) -> Deferred[None]:
+        return self._thread(self.store.delete_folder, self.folder(account), name)
+
+    def rename_folder(self, account: Account, old: str, new: str) -> Deferred[None]:
+        return self._thread(self.store.rename_folder, self.folder(account), old, new)
+
+    def subscribe(self, account: Account, name: str, subscribed: bool) -> Deferred[None]:
+        return self._thread(self.store.subscribe, self.folder(account), name, subscribed)
+
+    def view(self, account: Account, folder: str) -> Deferred[FolderView]:
+        return self._thread(self.store.view, self.folder(account), folder)
+
+    def read(self, account: Account, folder: str, uid: int) -> Deferred[IO[bytes]]:
+        """An open local file: reading it on the reactor thread is the accepted cost (as POP3's)."""
+        return self._thread(self.store.open_message, self.folder(account), folder, uid)
+
+    def append(self, account: Account, folder: str, message: SpooledMessage, flags: frozenset[str], internal_date: float) -> Deferred[tuple[int, int]]:
+        return self._thread(self.store.append, self.folder(account), folder, message, frozenset(flags), internal_date)
+
+    def store_flags(
+        self, account: Account, folder: str, uids: list[int], flags: frozenset[str], how: str, unchanged_since: int | None = None,
+    ) -> Deferred[StoreResult]:
+        return self._thread(self.store.store_flags, self.folder(account), folder, list(uids), frozenset(flags), how, unchanged_since)
+
+    def copy(self, account: Account, folder: str, uids: list[int], target: str) -> Deferred[tuple[int, list[tuple[int, int]]]]:
+        return self._thread(self.store.copy, self.folder(account), folder, list(uids), target)
+
+    def move(self, account: Account, folder: str, uids: list[int], target: str) -> Deferred[tuple[int, list[tuple[int, int]]]]:
+        return self._thread(self.store.move, self.folder(account), folder, list(uids), target)
+
+    def expunge(self, account: Account, folder: str, uids: list[int]) -> Deferred[list[int]]:
+        return self._thread(self.store.expunge, self.folder(account), folder, list(uids))
+
+    def watch(self, account: Account, folder: str, changed: Callable[[], None]) -> Callable[[], None]:
+        return self.watcher.watch(folder_path(self.folder(account), folder), changed)
+
+    def usage(self, account: Account) -> Deferred[tuple[int, int]]:
+        return self._thread(self.store.usage, self.folder(account))
 
 
 @implementer(IMaildrop)
@@ -229,7 +293,30 @@ class MaildirDrop:
         return list(self._entries)
 
     def read(self, uid: str) -> IO[bytes]:
-        return open(self._files[uid], "rb")
+        try:
+            return open(self._files[uid], "rb")
+        except FileNotFoundError:
+            return open(self._locate(uid), "rb")
+
+    def _locate(self, uid: str) -> str:
+        """Where a message is now: IMAP sessions move files to cur/ and rename
+        them when flags change while this maildrop is open (FileNotFoundError: gone)."""
+        for sub in ("cur", "new"):
+            for entry in os.scandir(os.path.join(self.folder, sub)):
+                if not entry.name.startswith(".") and _uidl(entry.name.split(":", 1)[0]) == uid:
+                    self._files[uid] = entry.path
+                    return entry.path
+        raise FileNotFoundError(f"message {uid} is gone")
+
+    def _apply(self, uid: str, change: Callable[[str], None]) -> None:
+        """``change(path)`` on a message, found again if it was renamed meanwhile; nothing if it is gone."""
+        try:
+            change(self._files[uid])
+        except FileNotFoundError:
+            try:
+                change(self._locate(uid))
+            except FileNotFoundError:
+                pass
 
     def _thread(self, f: Any, *args: Any) -> Any:
         return deferToThreadPool(self.reactor, self.threads.blocking, f, *args)
@@ -247,29 +334,26 @@ class MaildirDrop:
                     for sub in ("tmp", "new", "cur"):
                         makedirs_durable(os.path.join(self.folder, ".Trash", sub))
                 touched.add(trash_cur)
-            for uid in deleted:
-                path = self._files[uid]
-                try:
-                    if trash:
-                        os.utime(path, (now, now))
-                        os.rename(path, os.path.join(self.folder, ".Trash", "cur", os.path.basename(path)))
-                    else:
-                        os.unlink(path)
-                except FileNotFoundError:
-                    pass
-            for uid in set(retrieved) - set(deleted):
-                path = self._files[uid]
+            def remove(path: str) -> None:
+                if trash:
+                    os.utime(path, (now, now))
+                    os.rename(path, os.path.join(self.folder, ".Trash", "cur", os.path.basename(path)))
+                else:
+                    os.unlink(path)
+
+            def mark_seen(path: str) -> None:
                 name = os.path.basename(path)
                 flags = name.split(":2,", 1)[1] if ":2," in name else ""
                 if "S" in flags:
-                    continue
+                    return
                 base = name.split(":", 1)[0]
-                seen = os.path.join(self.folder, "cur", f"{base}:2,{''.join(sorted(flags + 'S'))}")
-                try:
-                    os.utime(path, (now, now))
-                    os.rename(path, seen)
-                except FileNotFoundError:
-                    pass
+                os.utime(path, (now, now))
+                os.rename(path, os.path.join(self.folder, "cur", f"{base}:2,{''.join(sorted(flags + 'S'))}"))
+
+            for uid in deleted:
+                self._apply(uid, remove)
+            for uid in set(retrieved) - set(deleted):
+                self._apply(uid, mark_seen)
             for folder in touched:
                 fsync_directory(folder)
         finally:
