@@ -539,3 +539,23 @@ def test_bare_lf_and_deep_nesting_do_not_break_the_walk():
     deep = b"".join(b"Content-Type: multipart/mixed; boundary=b%d\r\n\r\n--b%d\r\n" % (i, i) for i in range(200))
     parts = parse(deep + b"\r\nleaf\r\n")
     assert parts.bodystructure(True).startswith(b"(((((")
+
+
+def test_encoded_or_too_deep_messages_are_not_read_but_keep_the_grammar():
+    """A base64 message/rfc822 gets an empty envelope and body, as Dovecot's; message/global stays a basic part;
+    1,200 nested messages stop at MAX_DEPTH instead of recursing without end."""
+    data = (
+        b"From: a@b.c\r\nContent-Type: multipart/mixed; boundary=q\r\n\r\n--q\r\nContent-Type: message/rfc822\r\n"
+        b"Content-Transfer-Encoding: base64\r\n\r\nU3ViamVjdDogeA0KDQpib2R5DQo=\r\n--q\r\nContent-Type: message/global\r\n\r\n"
+        b"Subject: g\r\n\r\nbody\r\n--q--\r\n"
+    )
+    # Dovecot says 30 octets and 1 line for the first part, counting the line break that belongs to the boundary.
+    assert parse(data).bodystructure(True) == (
+        b'(("message" "rfc822" NIL NIL NIL "base64" 28 (NIL NIL NIL NIL NIL NIL NIL NIL NIL NIL) '
+        b'("text" "plain" ("charset" "us-ascii") NIL NIL "7bit" 0 0 NIL NIL NIL NIL) 0 NIL NIL NIL NIL)'
+        b'("message" "global" NIL NIL NIL "7bit" 18 NIL NIL NIL NIL) "mixed" ("boundary" "q") NIL NIL NIL)'
+    )
+    deep = b"Content-Type: message/rfc822\r\n\r\n" * 1200 + b"Subject: x\r\n\r\nbody\r\n"
+    parts = parse(deep)
+    assert parts.bodystructure(False).count(b'"rfc822"') == 65
+    assert fetch(deep, "BODY.PEEK[" + ".".join(["1"] * 70) + "]").endswith(b"Subject: x\r\n\r\nbody\r\n)\r\n")

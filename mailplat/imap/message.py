@@ -52,6 +52,8 @@ MAX_PARTS = 1000
 MAX_DEPTH = 64
 # The largest read from the file, and so the largest chunk of a FETCH literal.
 CHUNK = 64 * 1024
+# The part of an address field that ENVELOPE parses.
+MAX_ADDRESSES = 64 * 1024
 # A quoted string longer than this is sent as a literal.
 MAX_QUOTED = 1024
 
@@ -237,6 +239,8 @@ class MimePart:
 
     start: int
     parent: MimePart | None = None
+    # Parts above this one (multiparts and encapsulated messages alike).
+    depth: int = 0
     # The header block, with the blank line that ends it, up to MAX_HEADER.
     header: bytes = b""
     header_end: int = -1
@@ -296,7 +300,7 @@ class MimePart:
 
     @property
     def is_message(self) -> bool:
-        """Whether this part encapsulates a message (message/rfc822 or message/global), read as one."""
+        """Whether this part encapsulates a message (message/rfc822), read as one."""
         return self.message is not None
 
     @property
@@ -468,19 +472,22 @@ class _Reader:
         part._body_first_line = self.lines
         self.in_header = False
         maintype, subtype, params = part.content_type
-        depth = len(self.boundaries)
+        # Deeper parts stay text: every walk over the tree recurses once per level.
+        depth = part.depth
         if maintype == "multipart" and depth < MAX_DEPTH:
             boundary = dict(params).get("boundary")
             if boundary:
                 self.boundaries.append((b"--" + boundary.encode("utf-8", "replace"), part))
         elif (
             maintype == "message"
-            and subtype in ("rfc822", "global")
+            # message/global stays a basic part, as Dovecot has it: an IMAP4rev1
+            # client expects an envelope only after MESSAGE RFC822.
+            and subtype == "rfc822"
             and part.encoding in ("7bit", "8bit", "binary")
             and self.count < MAX_PARTS
             and depth < MAX_DEPTH
         ):
-            child = MimePart(end, parent=part)
+            child = MimePart(end, parent=part, depth=depth + 1)
             self.count += 1
             part.message = child
             self.current = child
@@ -506,7 +513,7 @@ class _Reader:
             self.current = multipart
             self.in_header = False
             if not closing:
-                child = MimePart(self.offset + len(line), parent=multipart)
+                child = MimePart(self.offset + len(line), parent=multipart, depth=multipart.depth + 1)
                 if multipart.content_type[1] == "digest":
                     child.default_type = ("message", "rfc822")
                 multipart.children.append(child)
@@ -543,7 +550,9 @@ def _address_list(value: bytes | None) -> bytes:
     """An ENVELOPE address list (RFC 3501 7.4.2), NIL when there are none; groups as RFC 3501 writes them."""
     if not value:
         return b"NIL"
-    hidden, text = _hide_encoded_words(_text(value))
+    # headerregistry's parser is not linear on every input: a field longer
+    # than any real address list is cut.
+    hidden, text = _hide_encoded_words(_text(value[:MAX_ADDRESSES]))
     header = _structured("to", text.encode("utf-8"))
     if not isinstance(header, headerregistry.AddressHeader):
         return b"NIL"
@@ -767,6 +776,10 @@ def _extension(part: MimePart) -> list[bytes]:
     return [disposition, language, nstring(part.raw_value("content-location"))]
 
 
+def _empty_text(extended: bool) -> bytes:
+    return b'("text" "plain" ("charset" "us-ascii") NIL NIL "7bit" 0 0' + (b" NIL NIL NIL NIL)" if extended else b")")
+
+
 def _structure(part: MimePart, extended: bool) -> bytes:
     maintype, subtype, params = part.content_type
     if part.children:
@@ -778,8 +791,7 @@ def _structure(part: MimePart, extended: bool) -> bytes:
     if maintype == "multipart":
         # A multipart whose boundary never came: one empty text part, as
         # Dovecot shows it (RFC 3501's body-type-mpart needs one at least).
-        empty = b'("text" "plain" ("charset" "us-ascii") NIL NIL "7bit" 0 0' + (b" NIL NIL NIL NIL)" if extended else b")")
-        items = [empty, imap_string(subtype)]
+        items = [_empty_text(extended), imap_string(subtype)]
         if extended:
             items.append(_param_list(params))
             items.extend(_extension(part))
@@ -795,6 +807,10 @@ def _structure(part: MimePart, extended: bool) -> bytes:
     ]
     if part.message is not None:
         items += [_envelope(part.message), _structure(part.message, extended), b"%d" % part.body_lines]
+    elif (maintype, subtype) == ("message", "rfc822"):
+        # Not read (encoded, or nested too deep): RFC 3501's grammar still
+        # wants an envelope and a body; Dovecot's are empty too.
+        items += [b"(" + b" ".join([b"NIL"] * 10) + b")", _empty_text(extended), b"%d" % part.body_lines]
     elif maintype == "text":
         items.append(b"%d" % part.body_lines)
     if extended:
