@@ -34,6 +34,8 @@ submission = "tcp:0:interface=127.0.0.1"
 submissions = "tcp:0:interface=127.0.0.1"
 pop3 = "tcp:0:interface=127.0.0.1"
 pop3s = "tcp:0:interface=127.0.0.1"
+imap = "tcp:0:interface=127.0.0.1"
+imaps = "tcp:0:interface=127.0.0.1"
 
 [tls]
 certificate = "tls/cert.pem"
