@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import imaplib
+import poplib
 import smtplib
 import ssl
-import threading
 import time
 from collections.abc import Iterator
 
 import pytest
 
-from conftest import BASE_CONFIG, Dialog, MailplatServer, merge_toml, wait_for
+from conftest import BASE_CONFIG, USERS, Dialog, MailplatServer, merge_toml
 
 ALICE = ("alice@example.org", "alice-password")
 BOB = ("bob@example.org", "bob-password")
+# Whose inbox only the POP3 test touches.
+CAROL = ("carol@example.org", "carol-password")
 MESSAGE = b"From: Alice <alice@example.org>\r\nTo: bob@example.org\r\nSubject: over the wire\r\n\r\nHello, Bob.\r\n"
 
 IMAP_LISTENERS = """
@@ -28,7 +30,7 @@ imaps = "tcp:0:interface=127.0.0.1"
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MailplatServer]:
     """One server with IMAP listeners for the module (the base config may already have them)."""
     config = BASE_CONFIG if "imap =" in BASE_CONFIG else merge_toml(BASE_CONFIG, IMAP_LISTENERS)
-    s = MailplatServer(tmp_path_factory.mktemp("imap"), config)
+    s = MailplatServer(tmp_path_factory.mktemp("imap"), config, {**USERS, CAROL[0]: CAROL[1]})
     s.start()
     yield s
     s.stop()
@@ -206,5 +208,45 @@ def test_fifty_megabyte_append_and_fetch_keep_the_server_small(server):
         assert peak_read - peak_before < 20 * 1024, (peak_before, peak_stalled, peak_read)
         client.uid("STORE", uid, "+FLAGS", "(\\Deleted)")
         client.expunge()
+    finally:
+        client.logout()
+
+
+def test_starttls_discards_pipelined_plaintext(server):
+    """A command sent in clear right after STARTTLS is never run inside TLS (RFC 3501 6.2.1)."""
+    d = IMAPDialog(server.ports["imap"])
+    try:
+        d.line()
+        d.send(b"a STARTTLS\r\nb LOGIN bob@example.org bob-password\r\n")
+        assert d.until("a") == ["a OK Begin TLS negotiation now"]
+        d.start_tls()
+        d.send(b"c NOOP\r\n")
+        assert d.until("c") == ["c OK NOOP completed"]
+    finally:
+        d.close()
+
+
+def test_pop3_and_imap_agree_on_the_inbox(server):
+    """POP3 DELE + QUIT is an EXPUNGE for an IMAP session, and IMAP \\Deleted + EXPUNGE is gone for the next POP3 session."""
+    user = CAROL
+    for subject in (b"one", b"two"):
+        deliver(server, MESSAGE.replace(b"over the wire", subject), to=user[0])
+    client = connect(server, user)
+    try:
+        assert client.select("INBOX")[1] == [b"2"]
+        pop = poplib.POP3_SSL("127.0.0.1", server.ports["pop3s"], context=tls_context(), timeout=20)
+        pop.user(user[0])
+        pop.pass_(user[1])
+        pop.dele(1)
+        pop.quit()
+        client.noop()
+        assert client.untagged_responses.pop("EXPUNGE", []) == [b"1"]
+        client.store("1", "+FLAGS", "(\\Deleted)")
+        client.expunge()
+        pop = poplib.POP3_SSL("127.0.0.1", server.ports["pop3s"], context=tls_context(), timeout=20)
+        pop.user(user[0])
+        pop.pass_(user[1])
+        assert pop.stat()[0] == 0
+        pop.quit()
     finally:
         client.logout()

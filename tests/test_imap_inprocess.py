@@ -37,19 +37,6 @@ def selected(platform: Platform, messages: int = 0, **kwargs: object) -> Wire:
     return wire
 
 
-def capture_log() -> list[str]:
-    lines: list[str] = []
-
-    def observer(event: dict) -> None:
-        from twisted.logger import formatEvent
-
-        lines.append(formatEvent(event))
-
-    globalLogPublisher.addObserver(observer)
-    lines.append("")  # keeps the observer findable for removal
-    return lines
-
-
 def test_plain_listener_refuses_logins_before_tls():
     """Without TLS: LOGINDISABLED and no AUTH= in CAPABILITY, and LOGIN and AUTHENTICATE get NO [PRIVACYREQUIRED]."""
     wire = Platform().imap(implicit_tls=False)
