@@ -706,7 +706,7 @@ def _quota(table: OptionReader) -> int:
         if value < 0:
             raise table.error("quota", f"{value} is negative", 'e.g. quota = "2G", or 0 for no limit')
         return value
-    match = re.fullmatch(r"\s*([0-9]{1,15})\s*([KMGT]?)i?B?\s*", value.upper())
+    match = re.fullmatch(r"\s*([0-9]{1,15})\s*([KMGT]?)I?B?\s*", value.upper())
     if not match:
         raise table.error("quota", f"{value!r} is not a size", 'e.g. quota = "500M" or "2G" (K, M, G, T are powers of 1024)')
     return int(match.group(1)) * _SIZE_UNITS[match.group(2)]
