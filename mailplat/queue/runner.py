@@ -33,6 +33,7 @@ from mailplat.queue.store import DONE, FAILED, Queue, QueuedMessage, QueuedRecip
 from mailplat.ids import new_id
 from mailplat.numerals import is_digits
 from mailplat.queue.relay import Reply, SessionCache, addresses_of, find_hosts
+from mailplat.routing import smtp_status
 
 __all__ = ["QueueRunner"]
 
@@ -327,7 +328,8 @@ class QueueRunner(service.Service):
                 log.info("{queue_id}: delivered to <{rcpt}>", queue_id=message.id, rcpt=r.address)
                 continue
             permanent = isinstance(failure, PermanentFailure)
-            r.last_error, r.status = failure.text, "5.2.0" if permanent else "4.2.0"
+            # The bounce and `queue list` say what the SMTP client would have been told.
+            r.last_error, r.status = failure.text, smtp_status(failure)[1]
             self._failed(message, r, permanent, now)
 
     async def _hosts(self, domain: str) -> list[tuple[str, str, int]]:
