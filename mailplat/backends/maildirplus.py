@@ -327,6 +327,8 @@ class _State:
     view: FolderView | None = None
     # info letters -> flags, for the current keyword table.
     flag_cache: dict[str, frozenset[str]] = field(default_factory=dict)
+    # Read from Dovecot's uidlist: set aside once ours is written.
+    imported: bool = False
 
     def trusted(self, stamp: Any) -> bool:
         if self.view is None or stamp != self.stamp:
@@ -546,6 +548,15 @@ class MaildirPlus:
         if records:
             state.uidnext = max(state.uidnext, max(records) + 1)
         if not ours:
+            # Dovecot's modseqs are in its index, which we do not read: start
+            # above any it can have reached (a count of changes), so that a
+            # CONDSTORE client's cached HIGHESTMODSEQ is lower and it resyncs
+            # every message's flags once rather than missing changes.
+            start = time.time_ns() // 1000
+            for record in records.values():
+                record.modseq = start
+            state.highest = start
+            state.imported = True
             log.info("maildir: {path}: took UIDVALIDITY {v} and {n} UIDs over from dovecot-uidlist", path=path, v=state.uidvalidity, n=len(state.records))
         return state
 
@@ -592,6 +603,16 @@ class MaildirPlus:
         state.names = found
         if changed or not os.path.exists(os.path.join(path, UIDLIST)):
             self._save(state)
+        if state.imported:
+            # Set aside, so that neither we (were our uidlist lost) nor Dovecot
+            # (started again on this maildir without the README's steps) go on
+            # from UIDs that no longer tell the whole story.
+            try:
+                os.rename(os.path.join(path, DOVECOT_UIDLIST), os.path.join(path, DOVECOT_UIDLIST + ".imported"))
+                fsync_directory(path)
+            except FileNotFoundError:
+                pass
+            state.imported = False
         if changed or state.view is None:
             state.build_view()
         state.stamp, state.checked_ns = stamp, checked
