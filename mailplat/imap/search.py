@@ -279,8 +279,10 @@ class _Parser:
             relation = word[4:]
 
             def sent(ctx: _Context, parts: MessageParts) -> bool:
-                day = parts.sent_date()
-                return day is not None and _compare(day, relation, wanted)
+                # Without a readable Date: the internal date, as RFC 5256 3 has SORT do
+                # (Dovecot takes 1970 instead, so that SENTBEFORE finds every such message).
+                day = parts.sent_date() or _date_of(ctx.info)
+                return _compare(day, relation, wanted)
 
             return _with_message(sent), i + 2
         if word == "LARGER":
