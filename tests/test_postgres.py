@@ -460,6 +460,215 @@ def test_backends_in_a_reactor(schema: Schema, tmp_path: Path) -> None:
     assert done.returncode == 0 and done.stdout.strip().endswith("OK"), done.stdout + done.stderr
 
 
+# --- IMAP's store on the database --------------------------------------------------------
+
+
+def test_migration_numbers_mail_delivered_before(schema: Schema) -> None:
+    """Rows delivered before the IMAP migration get folders (Trash with its attribute), UIDs in delivery order and \\Seen from seen."""
+    from psycopg import sql as psql
+
+    from mailplat.backends import postgres
+
+    with psycopg.connect(schema.admin_dsn, autocommit=True) as conn:
+        conn.execute(psql.SQL("CREATE SCHEMA {}").format(psql.Identifier(schema.name)))
+        conn.execute(psql.SQL("CREATE TABLE {}.schema_version (version integer PRIMARY KEY, applied timestamptz NOT NULL DEFAULT now())").format(
+            psql.Identifier(schema.name)))
+        for version in (1, 2):
+            for statement in postgres.MIGRATIONS[version - 1]:
+                conn.execute(psql.SQL(statement).format(schema=psql.Identifier(schema.name)))
+            conn.execute(psql.SQL("INSERT INTO {}.schema_version (version) VALUES (%s)").format(psql.Identifier(schema.name)), (version,))
+    rows = [  # (address, folder, uid, seen), in delivery order
+        ("alice@example.org", "", "a1", True), ("alice@example.org", "Trash", "a2", False), ("alice@example.org", "", "a3", False),
+        ("alice@example.org", "Quarantine", "a4", False), ("alice@example.org", "", "a5", True), ("bob@example.org", "", "b1", False),
+    ]
+    for address, folder, uid, seen in rows:
+        schema.query("INSERT INTO {s}.messages (address, folder, uid, size, seen, seen_at) VALUES (%s, %s, %s, 10, %s, CASE WHEN %s THEN now() END)",
+                     (address, folder, uid, seen, seen))
+    assert postgres.migrate(postgres.Database(schema.dsn, schema.name)) == len(postgres.MIGRATIONS)
+
+    folders = schema.query("SELECT address, name, uidnext, highest_modseq, special_use, uidvalidity FROM {s}.folders ORDER BY address, name")
+    assert [f[:5] for f in folders] == [
+        ("alice@example.org", "", 4, 1, ""), ("alice@example.org", "Quarantine", 2, 1, ""), ("alice@example.org", "Trash", 2, 1, "\\Trash"),
+        ("bob@example.org", "", 2, 1, ""),
+    ]
+    alice = [f[5] for f in folders if f[0] == "alice@example.org"]
+    assert len(set(alice)) == 3 and all(0 < v < 2**32 for v in alice), alice
+    assert schema.query("SELECT address, last_uidvalidity FROM {s}.mail_accounts ORDER BY address") == [
+        ("alice@example.org", max(alice)), ("bob@example.org", folders[3][5])]
+    messages = schema.query("SELECT uid, imap_uid, flags, modseq FROM {s}.messages ORDER BY id")
+    assert messages == [
+        ("a1", 1, ["\\Seen"], 1), ("a2", 1, [], 1), ("a3", 2, [], 1), ("a4", 1, [], 1), ("a5", 3, ["\\Seen"], 1), ("b1", 1, [], 1)]
+
+
+IMAP_STORE = r'''
+import os, sys, time
+from twisted.internet import defer, task
+from mailplat.backends import postgres
+from mailplat.interfaces import (Account, BackendContext, FolderExists, NoSuchFolder, PermanentFailure, SpooledMessage,
+    FLAG_DELETED, FLAG_FLAGGED, FLAG_SEEN)
+from mailplat.threads import Threads
+import psycopg
+
+DSN, SCHEMA, WORK, ADMIN = sys.argv[1:5]
+ALICE = Account("alice@example.org")
+
+def q(query, params=()):
+    with psycopg.connect(ADMIN, autocommit=True) as conn:
+        cursor = conn.execute(query.replace("{s}", SCHEMA), params)
+        return cursor.fetchall() if cursor.description else cursor.rowcount
+
+async def raises(d, kind):
+    try:
+        await d
+    except kind as e:
+        return e
+    raise AssertionError(f"expected {kind.__name__}")
+
+def message(subject, body=b"hi\r\n"):
+    content = b"Subject: " + subject.encode() + b"\r\n\r\n" + body
+    return SpooledMessage("", len(content), "someone@remote.test", content=content)
+
+class Node:
+    """A mailbox with pools of its own: another node, as far as the database can tell."""
+    def __init__(self, reactor):
+        self.threads = Threads(reactor)
+        ctx = BackendContext("mail.example.org", ("example.org",), WORK, WORK, reactor, threads=self.threads)
+        self.mailbox = postgres.build_mailbox({"dsn": DSN, "schema": SCHEMA, "pool_size": 4, "timeout": 5}, ctx)
+        self.threads.startService()
+        self.mailbox.startService()
+    async def stop(self):
+        await self.mailbox.stopService()
+        await self.threads.stopService()
+
+async def until(reactor, condition, what, timeout=1.0):
+    """Wait for condition() on the reactor; the time it took."""
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < timeout, f"{what}: not within {timeout} s"
+        await task.deferLater(reactor, 0.005, lambda: None)
+    return time.monotonic() - started
+
+async def main(reactor):
+    one, two = Node(reactor), Node(reactor)
+    a, b = one.mailbox, two.mailbox
+    try:
+        # -- deliveries at once through both nodes never share a UID --
+        await a.deliver(ALICE, message("first"))
+        await defer.gatherResults([(a, b)[i % 2].deliver(ALICE, message(f"burst {i}")) for i in range(40)])
+        view = await b.view(ALICE, "INBOX")
+        assert [m.uid for m in view.messages] == list(range(1, 42)) and view.uidnext == 42, [m.uid for m in view.messages]
+        assert len({m.modseq for m in view.messages}) == 41, "each delivery is a change of its own"
+        assert view.highest_modseq == max(m.modseq for m in view.messages)
+        assert await b.view(ALICE, "INBOX") is view, "unchanged: the cached view, one query"
+
+        # -- a change through one node reaches the other's watcher within 1 s --
+        seen_by_two = []
+        stop = b.watch(ALICE, "INBOX", lambda: seen_by_two.append(time.monotonic()))
+        await until(reactor, lambda: seen_by_two, "the first call once listening")
+        seen_by_two.clear()
+        stored = await a.store_flags(ALICE, "INBOX", [3], frozenset({FLAG_FLAGGED}), "add")
+        latency = await until(reactor, lambda: seen_by_two, "a STORE on node one seen by node two")
+        after = await b.view(ALICE, "INBOX")
+        assert after.messages[2].flags == frozenset({FLAG_FLAGGED}) and after.messages[2].modseq == stored.changed[0].modseq
+        assert after.highest_modseq == stored.changed[0].modseq and after.messages[3] is view.messages[3], "only the change was read"
+
+        # -- the listening connection killed: made again, and watchers called --
+        killed = q("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s AND query LIKE 'LISTEN%%'", (SCHEMA,))
+        assert len(killed) == 1, killed
+        seen_by_two.clear()
+        await until(reactor, lambda: seen_by_two, "the call after listening again", timeout=5)
+        seen_by_two.clear()
+        await a.deliver(ALICE, message("after the reconnection"))
+        await until(reactor, lambda: seen_by_two, "a delivery after the reconnection")
+
+        # -- POP3 and IMAP on one inbox --
+        drop = await a.open(ALICE)
+        entries = drop.entries()
+        assert len(entries) == 42
+        (await drop.read(entries[0].uid)).close()
+        before = await b.view(ALICE, "INBOX")
+        seen_by_two.clear()
+        await drop.commit([entries[1].uid, entries[2].uid], [entries[0].uid], False)  # DELE 2, DELE 3, RETR 1, QUIT
+        await until(reactor, lambda: seen_by_two, "POP3's QUIT seen by an IMAP watcher")
+        now = await b.view(ALICE, "INBOX")
+        assert [m.uid for m in now.messages][:3] == [1, 4, 5], "DELE+QUIT is an expunge"
+        assert now.messages[0].flags == frozenset({FLAG_SEEN}) and now.messages[0].modseq > before.highest_modseq, "RETR is \\Seen, a new modseq"
+        assert q("SELECT seen, seen_at IS NOT NULL FROM {s}.messages WHERE imap_uid = 1 AND folder = ''") == [(True, True)]
+        assert now.highest_modseq > before.highest_modseq
+        await a.store_flags(ALICE, "INBOX", [4, 5], frozenset({FLAG_DELETED}), "add")
+        assert await a.expunge(ALICE, "INBOX", [4, 5, 6]) == [4, 5]
+        drop = await a.open(ALICE)
+        assert len(drop.entries()) == 38 and entries[3].uid not in [e.uid for e in drop.entries()], "IMAP's expunge is gone for POP3"
+        await drop.commit([drop.entries()[0].uid], [], True)  # POP3 DELE to Trash: a move IMAP sees
+        await b.folders(ALICE)
+        trash = await b.view(ALICE, "Trash")
+        assert [m.uid for m in trash.messages] == [1] and trash.messages[0].flags == frozenset({FLAG_SEEN}), trash
+
+        # -- copy: the chunks copied by the database; move: new UIDs, the same rows --
+        big = os.path.join(WORK, "big.eml")
+        with open(big, "wb") as f:
+            f.write(b"Subject: big\r\n\r\n" + b"".join(b"line %07d of a message of several chunks\r\n" % i for i in range(60000)))
+        uidvalidity, uid = await a.append(ALICE, "Archive", SpooledMessage(big, os.path.getsize(big), ""), frozenset({"$Big"}), 1.5e9)
+        target, pairs = await a.copy(ALICE, "Archive", [uid], "Trash")
+        assert target == trash.uidvalidity and pairs == [(uid, 2)], pairs
+        assert q("SELECT count(*) FROM {s}.message_chunks c JOIN {s}.messages m ON m.id = c.message_id WHERE m.folder = 'Trash' AND m.imap_uid = 2") == [(3,)]
+        copied = await b.read(ALICE, "Trash", 2)
+        with open(big, "rb") as f:
+            assert copied.read() == f.read()
+        copied.close()
+        trash = await b.view(ALICE, "Trash")
+        assert (trash.messages[1].flags, trash.messages[1].internal_date) == (frozenset({"$Big"}), 1.5e9)
+        ids = q("SELECT id FROM {s}.messages WHERE folder = 'Archive'")
+        target, pairs = await b.move(ALICE, "Archive", [uid], "INBOX")
+        assert pairs == [(uid, 43)] and q("SELECT id, imap_uid FROM {s}.messages WHERE folder = '' AND imap_uid = 43") == [(ids[0][0], 43)]
+        await raises(b.read(ALICE, "Archive", uid), PermanentFailure)
+        assert (await b.usage(ALICE))[1] == 40
+
+        # -- UIDVALIDITY: the same on every node and after a restart; new for a folder made again --
+        await a.create_folder(ALICE, "Projects/2026")
+        first = await a.view(ALICE, "Projects/2026")
+        assert (await b.view(ALICE, "Projects/2026")).uidvalidity == first.uidvalidity
+        await b.delete_folder(ALICE, "Projects/2026")
+        await b.create_folder(ALICE, "Projects/2026")
+        again = await a.view(ALICE, "Projects/2026")
+        assert again.uidvalidity > first.uidvalidity, "made again within the second: a new UIDVALIDITY"
+        await a.rename_folder(ALICE, "Projects", "Work")
+        await raises(a.view(ALICE, "Projects/2026"), NoSuchFolder)
+        assert (await b.view(ALICE, "Work/2026")).uidvalidity == again.uidvalidity, "a rename keeps UIDVALIDITY"
+        inbox = await a.view(ALICE, "INBOX")
+        await one.stop()
+        one = Node(reactor)
+        a = one.mailbox
+        restarted = await a.view(ALICE, "INBOX")
+        assert (restarted.uidvalidity, restarted.uidnext, restarted.messages) == (inbox.uidvalidity, inbox.uidnext, inbox.messages)
+
+        # -- renaming INBOX: its messages move, it stays with its UIDVALIDITY --
+        await a.rename_folder(ALICE, "INBOX", "Old")
+        empty, old = await a.view(ALICE, "INBOX"), await a.view(ALICE, "Old")
+        assert empty.messages == () and empty.uidvalidity == inbox.uidvalidity and empty.uidnext == inbox.uidnext
+        assert [m.uid for m in old.messages] == list(range(1, len(inbox.messages) + 1))
+        await a.deliver(ALICE, message("next"))
+        assert [m.uid for m in (await b.view(ALICE, "INBOX")).messages] == [inbox.uidnext]
+        stop()
+    finally:
+        await one.stop()
+        await two.stop()
+    print(f"OK notify latency {latency * 1000:.0f} ms")
+
+task.react(lambda reactor: defer.Deferred.fromCoroutine(main(reactor)))
+'''
+
+
+def test_imap_store_across_nodes(schema: Schema, tmp_path: Path) -> None:
+    """Two nodes on one database: UIDs never shared, a change pushed within 1 s (after a reconnection too), POP3 and IMAP agree."""
+    script = tmp_path / "imap_store.py"
+    script.write_text(IMAP_STORE)
+    done = subprocess.run(
+        [sys.executable, str(script), schema.dsn, schema.name, str(tmp_path), schema.admin_dsn], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0 and "OK" in done.stdout, done.stdout + done.stderr
+
+
 # --- over the wire: real nodes ---------------------------------------------------------
 
 
