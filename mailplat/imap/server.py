@@ -36,6 +36,7 @@ STATUS=SIZE, CONDSTORE, QRESYNC, ESEARCH and QUOTA.
 from __future__ import annotations
 
 import base64
+import bisect
 import calendar
 import os
 import re
@@ -1210,7 +1211,14 @@ class IMAPServer(CommandReader, TLSHandshakeDeadline, TimeoutMixin, protocol.Pro
     # -- the selected folder's numbering -------------------------------------------
 
     async def _sync(self, expunges: bool) -> None:
-        """Tell the client what others changed (RFC 3501 7): EXISTS, EXPUNGE or VANISHED, FETCH FLAGS."""
+        """Tell the client what others changed (RFC 3501 7): EXISTS, EXPUNGE or VANISHED, FETCH FLAGS.
+
+        Run before most tagged replies, so it costs little when nothing
+        changed: UIDs only grow, so the messages the client knows are
+        all there when the view holds as many UIDs up to the last known one
+        as the session numbers; and a message whose flags changed has a
+        modseq above the folder's highest when last compared.
+        """
         if self.folder is None:
             return
         folder = self.folder
@@ -1219,20 +1227,27 @@ class IMAPServer(CommandReader, TLSHandshakeDeadline, TimeoutMixin, protocol.Pro
             return
         if view.highest_modseq == self._modseq and view.uidnext == self._uidnext and not self._stale:
             return
-        present = {m.uid: m for m in view.messages}
-        gone = [u for u in self.uids if u not in present]
-        if gone and expunges:
-            self._announce_expunged(gone)
-        self._stale = bool(gone) and not expunges
-        for msn, u in enumerate(self.uids, 1):
-            m = present.get(u)
-            if m is None:
-                continue
-            old = self.known[u]
-            if m.flags != old.flags or (self.condstore and m.modseq != old.modseq):
-                self.known[u] = m
-                self._send(self._flags_line(msn, m))
-        new = [m for m in view.messages if m.uid not in self.known]
+        messages = view.messages
+        last_known = self.uids[-1] if self.uids else 0
+        old = bisect.bisect_right(messages, last_known, key=lambda m: m.uid)
+        if old != len(self.uids):
+            present = {m.uid for m in messages[:old]}
+            gone = [u for u in self.uids if u not in present]
+            if expunges:
+                self._announce_expunged(gone)
+            self._stale = not expunges
+        else:
+            self._stale = False
+        if view.highest_modseq != self._modseq:
+            since = self._modseq
+            for m in messages[:old]:
+                if m.modseq <= since:
+                    continue
+                told = self.known.get(m.uid)
+                if told is not None and (m.flags != told.flags or (self.condstore and m.modseq != told.modseq)):
+                    self.known[m.uid] = m
+                    self._send(self._flags_line(bisect.bisect_left(self.uids, m.uid) + 1, m))
+        new = messages[old:]
         if new:
             for m in new:
                 self.uids.append(m.uid)
@@ -1272,7 +1287,8 @@ class IMAPServer(CommandReader, TLSHandshakeDeadline, TimeoutMixin, protocol.Pro
         if not self.uids:
             # As Dovecot: message numbers in an empty mailbox name nothing that can exist.
             raise BAD("Invalid message set: the mailbox is empty")
-        return [(msn, self.uids[msn - 1]) for msn in numbers.select(range(1, len(self.uids) + 1), len(self.uids))]
+        # At most as many numbers as messages: resolve drops those above.
+        return [(msn, self.uids[msn - 1]) for msn in numbers.resolve(len(self.uids))]
 
     def _require_writable(self) -> None:
         if self.readonly:
