@@ -9,7 +9,12 @@ failed, so the command can run from a monitoring job.
 
 Per hosted domain: MX, SPF, DKIM and DMARC.  Once: the hostname's A/AAAA
 records, the ``[tls]`` certificate (dates, name) and whether each ``[listen]``
-endpoint accepts a connection on this machine.  SPF is judged as receivers
+endpoint accepts a connection on this machine; a retrieval listener (pop3,
+pop3s, imap, imaps) must also speak its protocol as a mail client expects:
+the greeting, TLS at once on pop3s and imaps, and on pop3 and imap STLS or
+STARTTLS offered with no login before it and login after it, and the
+certificate served the one in [tls] (a renewed file is served only after a
+restart).  SPF is judged as receivers
 judge it, by the evaluator the authentication filter uses
 (:mod:`mailplat.mailauth.spf`), for mail from the domain's postmaster sent
 from each of the hostname's addresses; the row names the term that decided.
@@ -36,7 +41,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TextIO
 
+from twisted.internet import protocol
+
 from mailplat.config import Settings
+from mailplat.wire.lines import printable
 
 if TYPE_CHECKING:
     from twisted.python.failure import Failure
@@ -519,7 +527,7 @@ class _Doctor:
             endpoint = endpoints.TCP4ClientEndpoint(self.reactor, target, port, timeout=CONNECT_TIMEOUT)
             where = f"{target}:{port}"
         try:
-            connected = await endpoint.connect(protocol.Factory.forProtocol(protocol.Protocol))
+            connected = await endpoint.connect(protocol.Factory.forProtocol(_Conversation))
         except Exception as e:  # noqa: BLE001 - any failure to connect is the row's detail
             reason = getattr(e, "osError", None) or e.__class__.__name__
             text = os.strerror(reason) if isinstance(reason, int) else str(e) or str(reason)
@@ -527,8 +535,213 @@ class _Doctor:
                 "listener", subject, FAIL, f"cannot connect to {where}: {text.strip().rstrip('.')}: is mailplat running?",
                 f"start it (systemctl start mailplat, or twistd -n mailplat --config {self.settings.path}) and read its log",
             )
-        connected.transport.loseConnection()
-        return Row("listener", subject, OK, f"{where} accepts connections")
+        probe = _PROBES.get(name)
+        if probe is None:
+            connected.transport.loseConnection()
+            return Row("listener", subject, OK, f"{where} accepts connections")
+        speaks, implicit_tls = probe
+        fix = f"see which program listens there (ss -ltnp 'sport = :{port}'): [listen] {name} must be mailplat's own {name} listener"
+        try:
+            result, detail = await speaks(connected, implicit_tls, self.reactor)
+            if result == OK:
+                result, detail, fix = self._served_certificate(connected, detail)
+        except _Silent as e:
+            result, detail = FAIL, str(e)
+        finally:
+            connected.transport.abortConnection()
+        return Row("listener", subject, result, f"{where}: {detail}", fix)
+
+    def _served_certificate(self, connected: _Conversation, detail: str) -> tuple[str, str, str]:
+        """Whether a listener serves the [tls] certificate (after a renewal, until a restart, it serves the old one)."""
+        from cryptography.hazmat.primitives.serialization import Encoding
+
+        if self.settings.tls is None:
+            return OK, detail, ""
+        try:
+            expected = self._leaf().public_bytes(Encoding.DER)
+        except Exception:  # noqa: BLE001 - the TLS dates row says why the file does not load
+            return OK, detail, ""
+        served = connected.tls().getPeerCertificate()
+        if served is None or served.to_cryptography().public_bytes(Encoding.DER) != expected:
+            return (
+                WARN, f"{detail}, but it serves another certificate than {_short_path(self.settings.tls.certificate, self.settings)}",
+                "restart mailplat so that it loads the certificate file (a renewed certificate is read at start)",
+            )
+        return OK, detail, ""
+
+
+# --- what a retrieval listener says ------------------------------------------------------
+
+# Bytes kept of one line from a listener, and how many lines of one reply.
+PROBE_LINE_MAX = 4096
+PROBE_LINES_MAX = 100
+
+
+class _Silent(Exception):
+    """The listener sent nothing (more) in time, or closed the connection: the row's detail."""
+
+
+class _Conversation(protocol.Protocol):
+    """A client's side of a line protocol: send lines, read lines, turn on TLS."""
+
+    def __init__(self) -> None:
+        from twisted.internet import defer
+
+        self.buffer = b""
+        self.lines: defer.DeferredQueue[bytes] = defer.DeferredQueue()
+        self.closed = ""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        while b"\n" in self.buffer:
+            line, self.buffer = self.buffer.split(b"\n", 1)
+            self.lines.put(line.rstrip(b"\r")[:PROBE_LINE_MAX])
+        if len(self.buffer) > PROBE_LINE_MAX:
+            self.lines.put(self.buffer[:PROBE_LINE_MAX])
+            self.buffer = b""
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        from twisted.internet import error
+
+        from OpenSSL import SSL
+
+        if reason.check(error.ConnectionDone):
+            self.closed = "the listener closed the connection"
+        elif reason.check(SSL.Error):
+            # pyOpenSSL's error is a list of (library, function, reason).
+            args = getattr(reason.value, "args", ())
+            found = args[0] if args and isinstance(args[0], list) else []
+            why = ", ".join(str(item[-1]) for item in found if isinstance(item, tuple) and item and item[-1])
+            self.closed = f"the TLS handshake failed ({why or reason.getErrorMessage()})"
+        else:
+            self.closed = f"the connection broke: {reason.getErrorMessage()}"
+        # Wake a waiting reader with an empty line; it then reads self.closed.
+        self.lines.put(b"")
+
+    def tls(self) -> Any:
+        """The transport, as the ITLSTransport a TCP connection is."""
+        return self.transport
+
+    def send(self, line: bytes) -> None:
+        self.tls().write(line + b"\r\n")
+
+    def start_tls(self) -> None:
+        """TLS from here on.  The certificate is not judged here: the TLS rows and _served_certificate do that."""
+        from twisted.internet import ssl
+
+        self.tls().startTLS(ssl.CertificateOptions())
+
+    async def line(self, reactor: Any, waiting_for: str) -> bytes:
+        from twisted.internet import defer
+
+        if self.closed and not self.lines.pending:
+            raise _Silent(f"{self.closed}, waiting for the {waiting_for}")
+        try:
+            line = await self.lines.get().addTimeout(CONNECT_TIMEOUT, reactor)
+        except defer.TimeoutError:
+            raise _Silent(f"no {waiting_for} within {CONNECT_TIMEOUT:g} s") from None
+        if not line and self.closed:
+            raise _Silent(f"{self.closed}, waiting for the {waiting_for}")
+        return line
+
+
+def _quoted(line: bytes) -> str:
+    """A listener's line, made printable and short, for a detail."""
+    return '"' + " ".join(printable(word, 40) for word in line.split()[:12]) + '"'
+
+
+async def _imap(talk: _Conversation, implicit_tls: bool, reactor: Any) -> tuple[str, str]:
+    """RFC 3501 6.2.1/6.2.3 and RFC 8314: the greeting, then what CAPABILITY offers before and after TLS."""
+    if implicit_tls:
+        talk.start_tls()
+    greeting = await talk.line(reactor, "TLS handshake and greeting" if implicit_tls else "greeting")
+    if not greeting.startswith(b"* OK"):
+        what = "a TLS server" if implicit_tls else "an IMAP server"
+        return FAIL, f"greets with {_quoted(greeting)}, not as {what} (* OK ...)"
+
+    async def capabilities(tag: bytes) -> set[str]:
+        talk.send(tag + b" CAPABILITY")
+        found: set[str] = set()
+        for _ in range(PROBE_LINES_MAX):
+            line = await talk.line(reactor, "the CAPABILITY reply")
+            if line.upper().startswith(b"* CAPABILITY "):
+                found |= {word.decode("ascii", "replace").upper() for word in line.split()[2:]}
+            elif line.startswith(tag + b" "):
+                return found if line[len(tag) + 1:].upper().startswith(b"OK") else set()
+        return set()
+
+    caps = await capabilities(b"a")
+    if "IMAP4REV1" not in caps and "IMAP4REV2" not in caps:
+        return FAIL, "CAPABILITY does not answer IMAP4rev1"
+    logins = sorted(c for c in caps if c.startswith("AUTH=")) + (["LOGIN"] if "LOGINDISABLED" not in caps else [])
+    if implicit_tls:
+        if not logins:
+            return FAIL, "TLS, but CAPABILITY offers no login (LOGINDISABLED and no AUTH=)"
+        talk.send(b"z LOGOUT")
+        return OK, "TLS at once (RFC 8314), IMAP greeting, login offered"
+    if "STARTTLS" not in caps:
+        return FAIL, "CAPABILITY has no STARTTLS: clients cannot protect their password here"
+    if logins:
+        return FAIL, f"CAPABILITY offers {', '.join(logins)} before TLS: a client may send its password in clear (RFC 3501 6.2.3)"
+    talk.send(b"b STARTTLS")
+    answer = await talk.line(reactor, "the STARTTLS reply")
+    if not answer.upper().startswith(b"B OK"):
+        return FAIL, f"STARTTLS is refused: {_quoted(answer)}"
+    talk.start_tls()
+    after = await capabilities(b"c")
+    if "LOGINDISABLED" in after or not any(c.startswith("AUTH=") for c in after):
+        return FAIL, "after STARTTLS, CAPABILITY still offers no login"
+    talk.send(b"z LOGOUT")
+    return OK, "STARTTLS, LOGINDISABLED before it, login after it"
+
+
+async def _pop3(talk: _Conversation, implicit_tls: bool, reactor: Any) -> tuple[str, str]:
+    """RFC 1939 and RFC 2595: the greeting, then what CAPA offers before and after STLS."""
+    if implicit_tls:
+        talk.start_tls()
+    greeting = await talk.line(reactor, "TLS handshake and greeting" if implicit_tls else "greeting")
+    if not greeting.startswith(b"+OK"):
+        what = "a TLS server" if implicit_tls else "a POP3 server"
+        return FAIL, f"greets with {_quoted(greeting)}, not as {what} (+OK ...)"
+
+    async def capabilities() -> set[str]:
+        talk.send(b"CAPA")
+        if not (await talk.line(reactor, "the CAPA reply")).startswith(b"+OK"):
+            return set()
+        found: set[str] = set()
+        for _ in range(PROBE_LINES_MAX):
+            line = await talk.line(reactor, "the end of the CAPA reply")
+            if line == b".":
+                return found
+            found.add(line.split(b" ", 1)[0].decode("ascii", "replace").upper())
+        return found
+
+    caps = await capabilities()
+    logins = sorted(caps & {"USER", "SASL"})
+    if implicit_tls:
+        if not logins:
+            return FAIL, "TLS, but CAPA offers no login (neither USER nor SASL)"
+        talk.send(b"QUIT")
+        return OK, "TLS at once (RFC 8314), POP3 greeting, login offered"
+    if "STLS" not in caps:
+        return FAIL, "CAPA has no STLS: clients cannot protect their password here"
+    if logins:
+        return FAIL, f"CAPA offers {', '.join(logins)} before TLS: a client may send its password in clear"
+    talk.send(b"STLS")
+    answer = await talk.line(reactor, "the STLS reply")
+    if not answer.startswith(b"+OK"):
+        return FAIL, f"STLS is refused: {_quoted(answer)}"
+    talk.start_tls()
+    if not (await capabilities()) & {"USER", "SASL"}:
+        return FAIL, "after STLS, CAPA still offers no login"
+    talk.send(b"QUIT")
+    return OK, "STLS, no login before it, login after it"
+
+
+# Each retrieval listener: how to talk to it, and whether TLS comes first.
+_PROBES: dict[str, tuple[Callable[[_Conversation, bool, Any], Awaitable[tuple[str, str]]], bool]] = {
+    "pop3": (_pop3, False), "pop3s": (_pop3, True), "imap": (_imap, False), "imaps": (_imap, True),
+}
 
 
 # --- helpers -------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -187,7 +188,7 @@ def dns(keys: dict[str, Any]) -> Iterator[DNSServer]:
 
 
 def test_correct_deployment_passes_every_row(make_server, dns: DNSServer, keys: dict[str, Any]):
-    """MX, A/AAAA, SPF, DKIM (Ed25519), DMARC published, the server's certificate, all five listeners up:
+    """MX, A/AAAA, SPF, DKIM (Ed25519), DMARC published, the server's certificate, all seven listeners up:
     exit 0 and every row ok, with DNS asked through [dns] servers."""
     server: MailplatServer = make_server()
     config = write_config(
@@ -213,7 +214,7 @@ def test_correct_deployment_passes_every_row(make_server, dns: DNSServer, keys: 
     assert report.row("TLS name", HOST)["detail"] == f"covered by {HOST}"
     assert f"DNS answers from 127.0.0.1:{dns.port} ([dns] servers)" in report.output
     assert f"all {len(report.rows)} checks passed" in report.output
-    assert server.ports["smtp"] == server.port and len(server.ports) == 5
+    assert server.ports["smtp"] == server.port and len(server.ports) == 7
 
 
 # --- broken DNS -------------------------------------------------------------------------------
@@ -378,6 +379,118 @@ def test_listener_not_running(tmp_path: Path, dns: DNSServer):
     assert smtp["detail"].startswith(f"cannot connect to 127.0.0.1:{port}: ") and smtp["detail"].endswith("is mailplat running?"), report
     assert smtp["fix"] == f"start it (systemctl start mailplat, or twistd -n mailplat --config {config}) and read its log"
     assert report.row("listener", "submission tcp:0:interface=127.0.0.1")["result"] == "warn", report
+
+
+class ScriptedServer:
+    """A line server on 127.0.0.1 that greets, then answers each command line with its script's reply (impostors for the doctor)."""
+
+    def __init__(self, greeting: bytes, replies: dict[bytes, bytes]) -> None:
+        self.greeting = greeting
+        self.replies = replies
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.talk, args=(client,), daemon=True).start()
+
+    def talk(self, client: socket.socket) -> None:
+        with client, client.makefile("rb") as lines:
+            client.settimeout(10)
+            try:
+                client.sendall(self.greeting + b"\r\n")
+                for line in lines:
+                    command = line.rstrip(b"\r\n")
+                    reply = self.replies.get(command.split(b" ", 1)[-1].upper() if command.startswith(b"a ") else command.upper())
+                    if reply is None:
+                        return
+                    client.sendall(reply)
+            except OSError:
+                pass
+
+    def stop(self) -> None:
+        # shutdown() wakes the accept() that close() alone would leave blocked.
+        self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        self.thread.join(10)
+
+
+def test_retrieval_listeners_speak_their_protocol(make_server, dns: DNSServer):
+    """pop3, pop3s, imap and imaps are checked as a mail client sees them: greeting, STLS/STARTTLS with no login before it
+    (LOGINDISABLED), TLS at once on the implicit ones, and the [tls] certificate served."""
+    server: MailplatServer = make_server()
+    names = ("pop3", "pop3s", "imap", "imaps")
+    config = write_config(
+        server.root / "doctor", ["example.org"], dns_port=dns.port,
+        listen={name: f"tcp:{server.ports[name]}:interface=127.0.0.1" for name in names},
+        tls=(server.root / "tls" / "cert.pem", server.root / "tls" / "key.pem"),
+    )
+    report = doctor(config)
+    details = {name: report.row("listener", f"{name} tcp:{server.ports[name]}:interface=127.0.0.1") for name in names}
+    assert all(row["result"] == "ok" and not row["fix"] for row in details.values()), report
+    where = {name: f"127.0.0.1:{server.ports[name]}: " for name in names}
+    assert details["pop3"]["detail"] == where["pop3"] + "STLS, no login before it, login after it"
+    assert details["pop3s"]["detail"] == where["pop3s"] + "TLS at once (RFC 8314), POP3 greeting, login offered"
+    assert details["imap"]["detail"] == where["imap"] + "STARTTLS, LOGINDISABLED before it, login after it"
+    assert details["imaps"]["detail"] == where["imaps"] + "TLS at once (RFC 8314), IMAP greeting, login offered"
+
+
+def test_retrieval_listener_that_is_not_what_it_says(make_server, dns: DNSServer, tmp_path: Path):
+    """A listener that greets in another protocol, offers login before TLS, has no TLS, or serves an old certificate
+    is a FAIL (a warning for the certificate) naming what a client would meet."""
+    server: MailplatServer = make_server()
+    loose_imap = ScriptedServer(
+        b"* OK ready", {b"CAPABILITY": b"* CAPABILITY IMAP4rev1 STARTTLS AUTH=PLAIN\r\na OK done\r\n", b"LOGOUT": b"* BYE\r\na OK\r\n"},
+    )
+    loose_pop3 = ScriptedServer(b"+OK ready", {b"CAPA": b"+OK\r\nUSER\r\nSTLS\r\n.\r\n"})
+    try:
+        cert, key = write_certificate(tmp_path / "renewed", [HOST], -DAY, 90 * DAY)
+        config = write_config(
+            tmp_path, ["example.org"], dns_port=dns.port, tls=(cert, key),
+            listen={
+                "imap": f"tcp:{server.ports['pop3']}:interface=127.0.0.1",   # a POP3 server
+                "imaps": f"tcp:{loose_imap.port}:interface=127.0.0.1",       # no TLS at all
+                "pop3": f"tcp:{loose_pop3.port}:interface=127.0.0.1",        # USER before STLS
+                "pop3s": f"tcp:{server.ports['pop3s']}:interface=127.0.0.1",  # not the [tls] certificate
+                "submission": f"tcp:{loose_imap.port}:interface=127.0.0.1",  # only connected to
+            },
+        )
+        report = doctor(config)
+        loose = doctor(write_config(
+            tmp_path / "loose", ["example.org"], dns_port=dns.port, tls=(cert, key),
+            listen={"imap": f"tcp:{loose_imap.port}:interface=127.0.0.1"},
+        ))
+    finally:
+        loose_imap.stop()
+        loose_pop3.stop()
+    assert report.status == 1, report
+
+    def row(report: Report, name: str, port: int) -> dict[str, str]:
+        return report.row("listener", f"{name} tcp:{port}:interface=127.0.0.1")
+
+    imap = row(report, "imap", server.ports["pop3"])
+    assert imap["result"] == "FAIL" and imap["detail"].startswith(f"127.0.0.1:{server.ports['pop3']}: greets with \"+OK"), report
+    assert imap["detail"].endswith("not as an IMAP server (* OK ...)"), report
+    assert imap["fix"] == f"see which program listens there (ss -ltnp 'sport = :{server.ports['pop3']}'): [listen] imap must be mailplat's own imap listener"
+    imaps = row(report, "imaps", loose_imap.port)
+    assert imaps["result"] == "FAIL" and imaps["detail"].endswith(
+        "the TLS handshake failed (wrong version number), waiting for the TLS handshake and greeting"
+    ), report
+    pop3 = row(report, "pop3", loose_pop3.port)
+    assert pop3["result"] == "FAIL" and pop3["detail"].endswith("CAPA offers USER before TLS: a client may send its password in clear"), report
+    pop3s = row(report, "pop3s", server.ports["pop3s"])
+    assert pop3s["result"] == "warn" and pop3s["detail"].endswith("but it serves another certificate than renewed/cert.pem"), report
+    assert pop3s["fix"].startswith("restart mailplat"), report
+    assert row(report, "submission", loose_imap.port)["result"] == "ok", report
+    assert row(loose, "imap", loose_imap.port)["detail"].endswith(
+        "CAPABILITY offers AUTH=PLAIN, LOGIN before TLS: a client may send its password in clear (RFC 3501 6.2.3)"
+    ), loose
 
 
 # --- SPF, term by term ---------------------------------------------------------------------------
