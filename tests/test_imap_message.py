@@ -396,6 +396,9 @@ def test_section_spec_round_trip():
     assert (spec.part, spec.kind, spec.fields) == ((1, 2), "HEADER.FIELDS.NOT", ("A", "B"))
     assert str(spec) == "1.2.HEADER.FIELDS.NOT (A B)"
     assert str(SectionSpec.parse("")) == ""
+    assert SectionSpec.parse('HEADER.FIELDS ("Subject" from)').fields == ("SUBJECT", "FROM")
+    with pytest.raises(ValueError):
+        SectionSpec.parse('HEADER.FIELDS ("a b")')
 
 
 def test_imap_strings():

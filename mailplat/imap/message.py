@@ -21,6 +21,7 @@ from __future__ import annotations
 import binascii
 import codecs
 import datetime
+import re
 import email.errors
 import email.header
 import email.message
@@ -83,6 +84,7 @@ def nstring(value: bytes | str | None) -> bytes:
 # --- sections -------------------------------------------------------------
 
 _KINDS = ("HEADER", "HEADER.FIELDS", "HEADER.FIELDS.NOT", "TEXT", "MIME")
+_FIELD_NAME = re.compile(r'"([^"\\]+)"|([^\s"]+)')
 
 
 @dataclass(frozen=True)
@@ -116,11 +118,13 @@ class SectionSpec:
             rest = rest.strip()
             if not (space and rest.startswith("(") and rest.endswith(")")):
                 raise ValueError(f"{kind} needs a parenthesized list of field names")
-            names = rest[1:-1].split()
+            # header-fld-name is an astring: an atom or a quoted string.
+            names = [quoted or atom for quoted, atom in _FIELD_NAME.findall(rest[1:-1])]
             if not names:
                 raise ValueError(f"{kind} needs at least one field name")
             for name in names:
-                if not name.isascii() or any(c in name for c in '():"\\{}[]%*') or not name.isprintable():
+                # RFC 5322 ftext, less what would confuse the response's own syntax.
+                if not all("!" <= c <= "~" and c not in ':()"\\{}[]' for c in name):
                     raise ValueError(f"invalid field name in {kind}: {name[:40]}")
             fields = tuple(name.upper() for name in names)
         elif space:
