@@ -9,6 +9,16 @@ thread), whether it must set ``\\Seen`` first (:attr:`~FetchRequest.sets_seen`).
 :func:`render` then builds the ``* n FETCH (...)`` response, whose
 :meth:`FetchResponse.chunks` stream the literals from the file in reads of
 at most 64 KiB: a 100 MB BODY[] never sits in memory.
+
+For each FETCH the server does, in order::
+
+    request = FetchRequest.parse(tokens)                  # ValueError -> BAD
+    if request.sets_seen: store \Seen on the unseen ones   # then flags_changed=True
+    for each message:
+        source = await store.read(...)   if request.needs_message
+        parts = await in_thread(MessageParts.read, source)   if request.needs_structure
+        response = render(request, msn, info, source, parts, add_uid=..., add_modseq=...)
+        send response.chunks(), then close source
 """
 
 from __future__ import annotations

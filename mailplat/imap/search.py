@@ -6,6 +6,11 @@ first evaluates every message from its MessageInfo alone (a flag search
 over 10,000 messages is one loop, no Deferred per message), and opens,
 parses (in a thread) and evaluates again only the messages whose answer
 is still open: ``UNSEEN FROM x`` reads only the unseen ones.
+
+The server calls :func:`parse_search_args` on the command's tokens
+(ValueError -> BAD, :class:`BadCharset` -> ``NO [BADCHARSET ...]``), then
+:func:`run`, then answers ``* SEARCH`` with the numbers, or
+:func:`format_esearch` when RETURN was given.
 """
 
 from __future__ import annotations
