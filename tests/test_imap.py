@@ -109,7 +109,7 @@ def test_starttls_port_refuses_logins_in_clear_then_works_with_imaplib(server):
 
 
 def test_imaps_idle_gets_an_smtp_delivery_within_a_second(server):
-    """A session in IDLE on imaps hears "* n EXISTS" less than a second after SMTP delivers to the inbox."""
+    """A session in IDLE on imaps hears "* n EXISTS" less than a second after SMTP delivers to the inbox, then another session's flag."""
     client = connect(server)
     try:
         client.select("INBOX")
@@ -124,6 +124,13 @@ def test_imaps_idle_gets_an_smtp_delivery_within_a_second(server):
         line = client.readline()
         assert line == f"* {exists + 1} EXISTS\r\n".encode()
         assert time.monotonic() - delivered < 1.0, time.monotonic() - started
+        # A flag set by another session is pushed too.
+        other = connect(server)
+        other.select("INBOX")
+        other.store(str(exists + 1), "+FLAGS", "(\\Flagged)")
+        other.logout()
+        pushed = client.readline()
+        assert pushed.startswith(f"* {exists + 1} FETCH (UID ".encode()) and b"\\Flagged" in pushed, pushed
         client.send(b"DONE\r\n")
         assert client.readline().startswith(f"{tag} OK".encode())
     finally:
