@@ -438,9 +438,14 @@ def test_body_search_decodes_base64_quoted_printable_and_charsets():
     assert not parts.text_contains(source, "absent")
     nested_data = nested()
     nested_parts = parse(nested_data)
-    # The encapsulated message's header is body text of the outer one.
-    assert nested_parts.body_contains(io.BytesIO(nested_data), "inner übject")
+    # As Dovecot: BODY searches no header, TEXT every one (MIME parts', the encapsulated message's).
+    assert not nested_parts.body_contains(io.BytesIO(nested_data), "inner übject")
+    assert nested_parts.text_contains(io.BytesIO(nested_data), "inner übject")
+    assert not nested_parts.body_contains(io.BytesIO(nested_data), "a.png")
+    assert nested_parts.text_contains(io.BytesIO(nested_data), "a.png")
+    assert nested_parts.body_contains(io.BytesIO(nested_data), "LINE TWO")
     assert not nested_parts.body_contains(io.BytesIO(nested_data), "PNGDATA")
+    assert not nested_parts.text_contains(io.BytesIO(nested_data), "PNGDATA")
 
 
 def test_body_search_finds_text_across_read_boundaries(tmp_path):

@@ -13,7 +13,7 @@ at most 64 KiB: a 100 MB BODY[] never sits in memory.
 For each FETCH the server does, in order::
 
     request = FetchRequest.parse(tokens)                  # ValueError -> BAD
-    if request.sets_seen: store \Seen on the unseen ones   # then flags_changed=True
+    if request.sets_seen: store \\Seen on the unseen ones   # then flags_changed=True
     for each message:
         source = await store.read(...)   if request.needs_message
         parts = await in_thread(MessageParts.read, source)   if request.needs_structure

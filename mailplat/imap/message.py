@@ -633,12 +633,6 @@ class MessageParts:
         key = name.lower()
         return [_decode_words(_text(_field_value(raw))) for fname, raw in self.root.fields if fname == key]
 
-    def header_text(self) -> str:
-        """The whole message header, each field decoded, one per line: what SEARCH TEXT compares with."""
-        return "\n".join(
-            f"{_text(raw.partition(b':')[0])}: {_decode_words(_text(_field_value(raw)))}" for _, raw in self.root.fields
-        )
-
     def sent_date(self) -> datetime.date | None:
         """The Date: field's day, in its own time zone (RFC 3501 SENTBEFORE/SENTON/SENTSINCE); None if unreadable."""
         value = self.root.raw_value("date")
@@ -650,19 +644,16 @@ class MessageParts:
             return None
 
     def body_contains(self, source: IO[bytes], needle: str) -> bool:
-        """Whether the text of the body holds ``needle`` (case-insensitive). Blocking.
+        """SEARCH BODY: whether the text of the body holds ``needle`` (case-insensitive). Blocking.
 
-        Text parts are searched decoded (base64, quoted-printable, their
-        charset); the header of an encapsulated message is searched too;
-        other parts (images, archives) are not searched.
+        As Dovecot searches: text parts decoded (base64, quoted-printable,
+        their charset); no header, not even an encapsulated message's; no
+        other part (images, archives).
         """
         wanted = needle.casefold()
         if not wanted:
             return True
         for part in self.root.walk():
-            if part is not self.root and part.parent is not None and part.parent.message is part:
-                if wanted in _decode_words(_text(part.header)).casefold():
-                    return True
             if part.children or part.message is not None or part.header_end < 0:
                 continue
             # (A multipart whose boundary never came is text, as BODYSTRUCTURE shows it.)
@@ -673,8 +664,13 @@ class MessageParts:
         return False
 
     def text_contains(self, source: IO[bytes], needle: str) -> bool:
-        """SEARCH TEXT: ``needle`` in the header or the body (case-insensitive). Blocking."""
-        return needle.casefold() in self.header_text().casefold() or self.body_contains(source, needle)
+        """SEARCH TEXT: ``needle`` in any header (the message's, each part's, each encapsulated message's) or the body. Blocking."""
+        wanted = needle.casefold()
+        for part in self.root.walk():
+            text = "\n".join(f"{_text(raw.partition(b':')[0])}: {_decode_words(_text(_field_value(raw)))}" for _, raw in part.fields)
+            if wanted in text.casefold():
+                return True
+        return self.body_contains(source, needle)
 
     # -- FETCH sections
 
