@@ -274,10 +274,6 @@ class OutputPump:
             self._pump()
         return done
 
-    @property
-    def paused(self) -> bool:
-        return self._paused
-
     def _pump(self) -> None:
         self._call = None
         written = 0
@@ -659,7 +655,14 @@ class IMAPServer(CommandReader, TLSHandshakeDeadline, TimeoutMixin, protocol.Pro
                 handler = self._handler(name)
             text = await handler(tag, args, uid)
             if self.folder is not None and self._idle_tag is None and not self.transport.disconnecting:
-                await self._sync(expunges=uid or name not in _NO_EXPUNGE_DURING)
+                try:
+                    await self._sync(expunges=uid or name not in _NO_EXPUNGE_DURING)
+                except Exception:
+                    # The command itself is done (an APPEND stored): its OK
+                    # must not turn into a NO the client would retry; the
+                    # updates come with the next command.
+                    log.error("{session} imap update after {command} failed: {error}",
+                              session=self.session, command=name, error=describe_failure(Failure()))
         except BAD as e:
             return self._invalid(tag, e.text)
         except NO as e:
