@@ -446,3 +446,392 @@ def test_lock_is_released_when_commit_fails(filled, monkeypatch):
     monkeypatch.undo()
     with open(os.path.join(folder, "mailplat.lock"), "ab") as f:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+# --- the IMAP store's files (the contract itself is tests/test_mailstore.py) -------------
+
+from mailplat.backends import maildirplus  # noqa: E402
+from mailplat.backends.maildirplus import MaildirPlus  # noqa: E402
+from mailplat.interfaces import (  # noqa: E402
+    FLAG_DELETED,
+    FLAG_FLAGGED,
+    FLAG_SEEN,
+    INBOX,
+    FolderExists,
+    NoSuchFolder,
+)
+
+DATE = 1_700_000_000
+
+
+@pytest.fixture
+def store(maildir: Maildir) -> MaildirPlus:
+    """The blocking half of the IMAP store (what the backend runs in its threads)."""
+    return maildir.store
+
+
+@pytest.fixture
+def alice(maildir: Maildir) -> str:
+    return maildir.folder(ALICE)
+
+
+def append(store: MaildirPlus, alice: str, folder: str = INBOX, flags: frozenset[str] = frozenset(), text: bytes = b"x") -> int:
+    content = b"Subject: t\r\n\r\n" + text + b"\r\n"
+    return store.append(alice, folder, SpooledMessage("", len(content), "", content), flags, DATE)[1]
+
+
+def cur_names(folder: str) -> list[str]:
+    return sorted(os.listdir(os.path.join(folder, "cur")))
+
+
+def test_folders_are_maildirplus_directories_in_modified_utf7(store, alice):
+    """"A/B" is the directory .A.B and "Entwürfe" is .Entw&APw-rfe, each a maildir marked with Dovecot's maildirfolder file."""
+    store.create_folder(alice, "A/B")
+    store.create_folder(alice, "Entwürfe")
+    store.create_folder(alice, "R&D")
+    for disk in (".A", ".A.B", ".Entw&APw-rfe", ".R&-D"):
+        assert sorted(os.listdir(os.path.join(alice, disk))) == ["cur", "maildirfolder", "new", "tmp"]
+    assert {"A", "A/B", "Entwürfe", "R&D"} <= {f.name for f in store.folders(alice)}
+    assert not [n for n in os.listdir(alice) if n.startswith("mailplat-new.")], "no scratch directory is left"
+
+
+@pytest.mark.parametrize("name", ["dot.ted", "a/.hidden", "Archive/v1.2"])
+def test_a_dot_in_a_folder_name_is_refused_with_the_reason(store, alice, name):
+    """A '.' cannot be kept in a Maildir++ folder name (it separates levels on disk): refused, saying so."""
+    with pytest.raises(PermanentFailure, match="'.'"):
+        store.create_folder(alice, name)
+
+
+def test_flags_and_keywords_are_letters_in_the_file_name(store, alice):
+    """System flags are the letters D F P R S T and keywords a-z through dovecot-keywords ("0 $Junk"), sorted after ":2,"."""
+    uid = append(store, alice, flags=frozenset({"\\Draft", FLAG_FLAGGED, "$Forwarded", "\\Answered", FLAG_SEEN, FLAG_DELETED, "$Junk"}))
+    [name] = cur_names(alice)
+    assert name.endswith(":2,DFPRSTa")
+    assert Path(alice, "dovecot-keywords").read_text() == "0 $Junk\n"
+    store.store_flags(alice, INBOX, [uid], frozenset({"NonJunk", FLAG_SEEN}), "set")
+    [name] = cur_names(alice)
+    assert name.endswith(":2,Sb")
+    assert Path(alice, "dovecot-keywords").read_text() == "0 $Junk\n1 NonJunk\n"
+    assert store.view(alice, INBOX).messages[0].flags == frozenset({"NonJunk", FLAG_SEEN})
+
+
+def test_a_27th_keyword_is_refused_with_the_reason(store, alice):
+    """A folder holds at most 26 keywords (a-z): the next new one is refused saying why, and the message is unchanged."""
+    uid = append(store, alice)
+    store.store_flags(alice, INBOX, [uid], frozenset(f"kw{i}" for i in range(26)), "add")
+    before = store.view(alice, INBOX)
+    with pytest.raises(PermanentFailure, match="26 keywords"):
+        store.store_flags(alice, INBOX, [uid], frozenset({"one-too-many"}), "add")
+    assert store.view(alice, INBOX).messages == before.messages
+    # A known keyword still works.
+    store.store_flags(alice, INBOX, [uid], frozenset({"kw3"}), "remove")
+    assert "kw3" not in store.view(alice, INBOX).messages[0].flags
+
+
+def test_a_delivered_message_moves_to_cur_and_gets_a_uid_at_the_next_view(maildir, reactor, store, alice):
+    """deliver writes into new/; the next view moves it to cur/ with ":2,", gives it the next UID, and its mtime is its INTERNALDATE."""
+    first = append(store, alice)
+    reactor.wait(maildir.deliver(ALICE, in_memory()))
+    [name] = os.listdir(os.path.join(alice, "new"))
+    os.utime(os.path.join(alice, "new", name), (DATE + 5, DATE + 5))
+    view = store.view(alice, INBOX)
+    assert os.listdir(os.path.join(alice, "new")) == []
+    assert name + ":2," in cur_names(alice)
+    assert view.messages[-1].uid == first + 1 and view.messages[-1].internal_date == DATE + 5
+    # Other programs' files, with no ,S= in their names, are measured.
+    Path(alice, "cur", "foreign-file:2,S").write_bytes(b"Subject: other\r\n\r\n")
+    view = store.view(alice, INBOX)
+    assert view.messages[-1].size == len(b"Subject: other\r\n\r\n") and view.messages[-1].flags == frozenset({FLAG_SEEN})
+
+
+def test_a_flag_changed_behind_our_back_gets_a_new_modseq(store, alice, maildir):
+    """A file renamed with other flags (POP3, another program) is a flag change at the next view, with a higher modseq, in every process."""
+    uid = append(store, alice)
+    other = MaildirPlus(maildir.unique_name)
+    before = other.view(alice, INBOX)
+    [name] = cur_names(alice)
+    os.rename(os.path.join(alice, "cur", name), os.path.join(alice, "cur", name.split(":")[0] + ":2,FS"))
+    for instance in (store, other):
+        view = instance.view(alice, INBOX)
+        assert view.messages[0].flags == frozenset({FLAG_SEEN, FLAG_FLAGGED})
+        assert view.messages[0].modseq > before.highest_modseq and view.highest_modseq == view.messages[0].modseq
+    assert store.view(alice, INBOX).messages[0].uid == uid
+
+
+def test_the_uidlist_is_dovecots_format_with_modseqs(store, alice):
+    """mailplat-uidlist is "3 V<uidvalidity> N<uidnext> M<highestmodseq>", then "<uid> M<modseq> S<size> T<date> :<file name>" per message."""
+    a = append(store, alice)
+    b = append(store, alice, flags=frozenset({FLAG_SEEN}))
+    view = store.view(alice, INBOX)
+    lines = Path(alice, "mailplat-uidlist").read_text().splitlines()
+    assert lines[0] == f"3 V{view.uidvalidity} N{view.uidnext} M{view.highest_modseq}"
+    names = {n.split(":")[0]: n for n in cur_names(alice)}
+    for line, info in zip(lines[1:], view.messages):
+        fields, _, name = line.partition(" :")
+        assert fields == f"{info.uid} M{info.modseq} S{info.size} T{DATE}"
+        assert names[name.split(":")[0]] == name
+    assert [m.uid for m in view.messages] == [a, b]
+
+
+DOVECOT_UIDLIST = """3 V1234567 N43 G3085f01b7f11094c501100008c4a11c1
+7 :1600000000.M1P1.old,S=20:2,S
+12 W30 :1600000001.M2P1.old,S=21:2,Fa
+40 :gone-file:2,
+"""
+
+
+def test_dovecots_uidlist_is_taken_over(store, alice):
+    """On first use a folder with only dovecot-uidlist keeps its UIDVALIDITY, UIDs and keywords; new mail gets N; Dovecot's file is set aside."""
+    for sub in ("tmp", "new", "cur"):
+        os.makedirs(os.path.join(alice, sub))
+    Path(alice, "cur", "1600000000.M1P1.old,S=20:2,S").write_bytes(b"a" * 20)
+    Path(alice, "cur", "1600000001.M2P1.old,S=21:2,FRa").write_bytes(b"b" * 21)  # Replied since
+    Path(alice, "new", "1700000000.M3P1.new,S=22").write_bytes(b"c" * 22)
+    Path(alice, "dovecot-uidlist").write_text(DOVECOT_UIDLIST)
+    Path(alice, "dovecot-keywords").write_text("0 $Label1\n")
+    view = store.view(alice, INBOX)
+    assert view.uidvalidity == 1234567
+    assert [(m.uid, m.size, m.flags) for m in view.messages] == [
+        (7, 20, frozenset({FLAG_SEEN})),
+        (12, 21, frozenset({FLAG_FLAGGED, "\\Answered", "$Label1"})),
+        (43, 22, frozenset()),
+    ]
+    assert view.uidnext == 44
+    # Above any modseq Dovecot had, so CONDSTORE clients resync once.
+    assert min(m.modseq for m in view.messages) > 1_000_000_000
+    assert not Path(alice, "dovecot-uidlist").exists() and Path(alice, "dovecot-uidlist.imported").exists()
+    assert Path(alice, "mailplat-uidlist").read_text().startswith("3 V1234567 N44 ")
+    assert append(store, alice) == 44
+
+
+def test_dovecots_version_1_uidlist_is_read(store, alice):
+    """The old "1 <uidvalidity> <nextuid>" format is taken over too."""
+    for sub in ("tmp", "new", "cur"):
+        os.makedirs(os.path.join(alice, sub))
+    Path(alice, "cur", "a1:2,S").write_bytes(b"a")
+    Path(alice, "dovecot-uidlist").write_text("1 99 5\n3 a1:2,\n")
+    view = store.view(alice, INBOX)
+    assert (view.uidvalidity, [m.uid for m in view.messages], view.uidnext) == (99, [3], 5)
+
+
+def test_subscriptions_are_dovecots_file(store, alice):
+    """subscribe writes Dovecot's version 2 subscriptions file (levels separated by a tab); a version 1 file is read."""
+    store.folders(alice)
+    store.subscribe(alice, "Work/Clients", True)
+    text = Path(alice, "subscriptions").read_text()
+    assert text.startswith("V\t2\n\n") and "Work\tClients\n" in text and "INBOX\n" in text
+    Path(alice, "subscriptions").write_text("INBOX\nLists.Python\n")
+    store.create_folder(alice, "Lists/Python")
+    assert {f.name for f in store.folders(alice) if f.subscribed} == {INBOX, "Lists/Python"}
+
+
+def test_a_uidvalidity_is_never_given_twice_in_an_account(store, alice):
+    """Deleting and re-creating a folder at once (same second) still gives a new UIDVALIDITY."""
+    seen = set()
+    for _ in range(5):
+        store.create_folder(alice, "Again")
+        seen.add(store.view(alice, "Again").uidvalidity)
+        store.delete_folder(alice, "Again")
+    assert len(seen) == 5
+
+
+def test_rename_and_delete_leave_no_trace(store, alice):
+    """Rename moves the directories (children too) and delete removes them whole; nothing is left under other names."""
+    store.create_folder(alice, "P/Q")
+    append(store, alice, "P/Q")
+    store.rename_folder(alice, "P", "R")
+    assert {".R", ".R.Q"} <= set(os.listdir(alice)) and not {".P", ".P.Q"} & set(os.listdir(alice))
+    store.delete_folder(alice, "R/Q")
+    store.delete_folder(alice, "R")
+    assert not [n for n in os.listdir(alice) if n.startswith((".R", "mailplat-deleted"))]
+    with pytest.raises(FolderExists):
+        store.rename_folder(alice, "INBOX", "INBOX")
+    with pytest.raises(NoSuchFolder):
+        store.rename_folder(alice, "R", "S")
+
+
+def test_a_pop3_session_finds_messages_imap_moved(maildir, reactor, store, alice):
+    """A POP3 maildrop opened before an IMAP session moved its files to cur/ and renamed them still reads and deletes them."""
+    for i in range(2):
+        reactor.wait(maildir.deliver(ALICE, in_memory(b"Subject: %d\r\n\r\nbody\r\n" % i)))
+    drop = reactor.wait(maildir.open(ALICE))
+    entries = drop.entries()
+    view = store.view(alice, INBOX)  # new/ -> cur/
+    store.store_flags(alice, INBOX, [view.messages[0].uid], frozenset({FLAG_FLAGGED}), "add")
+    with drop.read(entries[0].uid) as f:
+        assert f.read().endswith(b"Subject: 0\r\n\r\nbody\r\n")
+    settle(drop.commit([entries[0].uid], [entries[1].uid], False))
+    after = store.view(alice, INBOX)
+    assert [m.uid for m in after.messages] == [view.messages[1].uid]
+    assert after.messages[0].flags == frozenset({FLAG_SEEN})
+
+
+def test_view_does_not_scan_when_nothing_changed(store, alice, monkeypatch):
+    """A view of an unchanged folder is a few stats from the cache; a change (even by another process) makes it scan again."""
+    monkeypatch.setattr(maildirplus, "_SLACK_NS", -10**12)
+    for _ in range(3):
+        append(store, alice)
+    store.view(alice, INBOX)
+    scans = []
+    real = os.scandir
+
+    def counting(path):
+        scans.append(path)
+        return real(path)
+
+    monkeypatch.setattr(maildirplus.os, "scandir", counting)
+    first = store.view(alice, INBOX)
+    for _ in range(10):
+        assert store.view(alice, INBOX) is first
+    assert scans == [], "an unchanged folder was scanned"
+    Path(alice, "new", "from-elsewhere").write_bytes(b"Subject: x\r\n\r\n")
+    assert len(store.view(alice, INBOX).messages) == 4
+    assert scans
+
+
+def test_a_recent_change_is_not_trusted_to_the_cache(store, alice):
+    """Two changes within one mtime tick: a folder changed within the last second is rescanned, so the second change is seen."""
+    append(store, alice)
+    store.view(alice, INBOX)
+    cur = os.path.join(alice, "cur")
+    before = os.stat(cur).st_mtime_ns
+    Path(cur, "sneaky:2,S").write_bytes(b"Subject: s\r\n\r\n")
+    os.utime(cur, ns=(before, before))  # as if within the same tick
+    assert len(store.view(alice, INBOX).messages) == 2
+
+
+FLAGGER = r"""
+import sys, time
+from mailplat.backends.maildirplus import MaildirPlus
+from mailplat.interfaces import SpooledMessage
+maildir, flag, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+store = MaildirPlus(lambda size: f"{time.time_ns()}.P{flag}.host,S={size}")
+body = b"Subject: from " + flag.encode() + b"\r\n\r\n"
+uids = [store.append(maildir, "INBOX", SpooledMessage("", len(body), "", body), frozenset(), 1.7e9)[1] for _ in range(count)]
+view = store.view(maildir, "INBOX")
+for m in view.messages:
+    store.store_flags(maildir, "INBOX", [m.uid], frozenset({flag}), "add")
+print(" ".join(map(str, uids)))
+"""
+
+
+def test_two_processes_at_once_lose_nothing(store, alice, tmp_path):
+    """Two processes appending and flagging every message of one folder at once: every UID distinct, every flag kept."""
+    for _ in range(10):
+        append(store, alice)
+    procs = [
+        subprocess.Popen([sys.executable, "-c", FLAGGER, alice, flag, "15"], stdout=subprocess.PIPE, text=True, cwd=tmp_path)
+        for flag in ("Alpha", "Beta")
+    ]
+    outputs = [p.communicate(timeout=60)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    given = [int(u) for out in outputs for u in out.split()]
+    assert len(given) == len(set(given)) == 30
+    view = store.view(alice, INBOX)
+    assert len(view.messages) == 40
+    early = [m for m in view.messages if m.uid <= 10]
+    assert all({"Alpha", "Beta"} <= m.flags for m in early), [m.flags for m in early]
+    modseqs = [m.modseq for m in view.messages]
+    assert len(set(modseqs)) == len(modseqs), "each change has its own modseq"
+
+
+def test_two_threads_storing_flags_at_once_lose_nothing(store, alice):
+    """Sessions in two threads storing different flags on the same messages at once: both flags end up on every message."""
+    uids = [append(store, alice) for _ in range(20)]
+    errors: list[BaseException] = []
+
+    def flagger(flag: str) -> None:
+        try:
+            for uid in uids:
+                store.store_flags(alice, INBOX, [uid], frozenset({flag}), "add")
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=flagger, args=(f,)) for f in (FLAG_SEEN, FLAG_FLAGGED, "Work")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == []
+    other = MaildirPlus(lambda size: "unused")
+    for instance in (store, other):
+        assert all(m.flags == frozenset({FLAG_SEEN, FLAG_FLAGGED, "Work"}) for m in instance.view(alice, INBOX).messages)
+
+
+def test_usage_counts_names_and_is_cached(store, alice, maildir, reactor, monkeypatch):
+    """usage sums the ,S= sizes of every folder's new/ and cur/, and does not list an unchanged directory again."""
+    store.folders(alice)
+    append(store, alice, text=b"a" * 100)
+    append(store, alice, "Archive", text=b"b" * 200)
+    reactor.wait(maildir.deliver(ALICE, in_memory()))
+    expected = sum(os.path.getsize(os.path.join(d, s, n)) for d in (alice, os.path.join(alice, ".Archive")) for s in ("new", "cur") for n in os.listdir(os.path.join(d, s)))
+    assert store.usage(alice) == (expected, 3)
+    monkeypatch.setattr(maildirplus, "_SLACK_NS", -10**12)
+    store.usage(alice)
+    monkeypatch.setattr(maildirplus.os, "scandir", lambda path: pytest.fail(f"scanned {path}"))
+    monkeypatch.setattr(maildirplus.os, "listdir", lambda path: pytest.fail(f"listed {path}"))
+    assert store.usage(alice) == (expected, 3)
+
+
+# --- change notifications, under the real reactor ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def running():
+    from test_mailstore import ReactorThread
+
+    reactor = ReactorThread.get()
+    threads = reactor.threads()
+    yield types.SimpleNamespace(reactor=reactor, threads=threads)
+    reactor.call(threads.stopService)
+
+
+def watched_maildir(running, root: Path, use_inotify: bool) -> Maildir:
+    backend = Maildir(str(root), running.reactor.reactor, running.threads, use_inotify=use_inotify)
+    running.reactor.call(backend.startService)
+    return backend
+
+
+@pytest.mark.parametrize("use_inotify", [True, False], ids=["inotify", "polling"])
+def test_watch_notices_another_process_within_a_second(running, tmp_path, use_inotify):
+    """With inotify and by polling (where there is none), a change by another process reaches the callback within 1 s."""
+    backend = watched_maildir(running, tmp_path / "mail", use_inotify)
+    other = MaildirPlus(backend.unique_name)
+    alice = backend.folder(ALICE)
+    fired = threading.Event()
+    try:
+        running.reactor.call(backend.view, ALICE, INBOX)
+        stop = running.reactor.call(backend.watch, ALICE, INBOX, fired.set)
+        assert (backend.watcher._notifier is not None) == use_inotify
+        for change in (
+            lambda: append(other, alice),
+            lambda: other.store_flags(alice, INBOX, [1], frozenset({FLAG_SEEN}), "add"),
+            lambda: Path(alice, "new", "delivered-elsewhere").write_bytes(b"Subject: x\r\n\r\n"),
+        ):
+            fired.clear()
+            change()
+            assert fired.wait(1.0), "not notified within 1 s"
+        running.reactor.call(stop)
+    finally:
+        running.reactor.call(backend.stopService)
+
+
+def test_deleting_one_watched_folder_leaves_the_others_watched(running, tmp_path):
+    """Twisted's INotify closes every watch when one watched folder is deleted; ours keeps watching the rest."""
+    backend = watched_maildir(running, tmp_path / "mail", True)
+    other = MaildirPlus(backend.unique_name)
+    alice = backend.folder(ALICE)
+    fired = threading.Event()
+    try:
+        running.reactor.call(backend.create_folder, ALICE, "Doomed")
+        running.reactor.call(backend.view, ALICE, INBOX)
+        stops = [running.reactor.call(backend.watch, ALICE, name, fired.set) for name in ("Doomed", INBOX)]
+        other.delete_folder(alice, "Doomed")
+        assert fired.wait(1.0)
+        fired.clear()
+        append(other, alice)
+        assert fired.wait(1.0), "INBOX's watch ended with the deleted folder's"
+        for stop in stops:
+            running.reactor.call(stop)
+    finally:
+        running.reactor.call(backend.stopService)

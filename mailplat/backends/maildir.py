@@ -302,10 +302,10 @@ class MaildirDrop:
         """Where a message is now: IMAP sessions move files to cur/ and rename
         them when flags change while this maildrop is open (FileNotFoundError: gone)."""
         for sub in ("cur", "new"):
-            for entry in os.scandir(os.path.join(self.folder, sub)):
-                if not entry.name.startswith(".") and _uidl(entry.name.split(":", 1)[0]) == uid:
-                    self._files[uid] = entry.path
-                    return entry.path
+            for name in os.listdir(os.path.join(self.folder, sub)):
+                if not name.startswith(".") and _uidl(name.split(":", 1)[0]) == uid:
+                    path = self._files[uid] = os.path.join(self.folder, sub, name)
+                    return path
         raise FileNotFoundError(f"message {uid} is gone")
 
     def _apply(self, uid: str, change: Callable[[str], None]) -> None:
