@@ -181,9 +181,6 @@ def _postgres(tmp_path: Path, running: types.SimpleNamespace) -> tuple[Subject, 
     except BaseException:
         drop()
         raise
-    if not IMessageStore.providedBy(first):
-        drop()
-        pytest.skip("the postgres store does not provide IMessageStore yet")
     made = [first]
 
     def make() -> Any:

@@ -103,6 +103,7 @@ from mailplat.interfaces import (
 )
 from mailplat.options import OptionReader, toml_value
 from mailplat.passwords import hash_password, verify_password
+from mailplat.wire.lines import printable
 
 try:
     import psycopg
@@ -495,6 +496,7 @@ class PostgresAuth(_Pooled):
 _SYSTEM_FLAGS = {flag.lower(): flag for flag in (FLAG_SEEN, FLAG_ANSWERED, FLAG_FLAGGED, FLAG_DELETED, FLAG_DRAFT)}
 # Characters of a folder name; 500 keeps a NOTIFY payload far below its 8000 bytes.
 MAX_FOLDER_NAME = 500
+MAX_FOLDER_LEVEL = 255
 # Folder views kept by the process for view()'s cheap answer; sessions hold their own.
 CACHED_VIEWS = 512
 
@@ -516,8 +518,14 @@ def _folder_key(name: str) -> str:
         name = INBOX + name[5:]
     if not name or len(name) > MAX_FOLDER_NAME:
         raise PermanentFailure(f"a folder name has 1 to {MAX_FOLDER_NAME} characters")
-    if "" in name.split("/"):
+    levels = name.split("/")
+    if "" in levels:
         raise PermanentFailure('a folder name has no empty level (no "//", no "/" at either end)')
+    # What a filesystem store could not hold either: one suite, one behaviour.
+    if any(level in (".", "..") or len(level) > MAX_FOLDER_LEVEL for level in levels):
+        raise PermanentFailure(f'a level of a folder name is not "." or ".." and has at most {MAX_FOLDER_LEVEL} characters')
+    if "*" in name or "%" in name:
+        raise PermanentFailure("a folder name has no LIST wildcard (* or %)")
     if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in name):
         raise PermanentFailure("a folder name has no control characters")
     try:
@@ -532,8 +540,22 @@ def _folder_name(key: str) -> str:
 
 
 def _flag_list(flags: frozenset[str] | set[str] | list[str]) -> list[str]:
-    """Flags as stored: system flags spelled as RFC 3501 does, each once."""
-    return sorted({_SYSTEM_FLAGS.get(flag.lower(), flag) for flag in flags})
+    """Flags as stored: system flags spelled as RFC 3501 does, each once
+    whatever its case (RFC 3501 9: flag names match without case), and
+    \\Recent, which no one sets, left out.  PermanentFailure for a flag no
+    message can have: another backslash flag, or a keyword that is not an atom."""
+    found: dict[str, str] = {}
+    for flag in sorted(flags):
+        if flag.lower() in _SYSTEM_FLAGS:
+            flag = _SYSTEM_FLAGS[flag.lower()]
+        elif flag.lower() == "\\recent":
+            continue
+        elif flag.startswith("\\"):
+            raise PermanentFailure(f"{printable(flag, 40)} is not a flag a message can have")
+        elif not flag or len(flag) > 200 or any(ord(c) <= 0x20 or ord(c) >= 0x7F or c in '(){%*"\\]' for c in flag):
+            raise PermanentFailure(f"{printable(flag, 40)!r} is not a valid keyword")
+        found.setdefault(flag.lower(), flag)
+    return sorted(found.values())
 
 
 _flag_sets: dict[tuple[str, ...], frozenset[str]] = {}
@@ -753,12 +775,18 @@ WHERE f.address = %(a)s AND f.name = %(f)s
 ORDER BY m.imap_uid
 """
 
+# Flags match without case (RFC 3501 9); a flag added keeps the spelling it
+# has if the message has it already.  %(lower)s: the flags in lower case.
+_LOWER = "ARRAY(SELECT lower(x) FROM unnest(flags) AS x)"
 _STORE = {
     # (the new flags, which rows they change)
-    "set": ("%(flags)s::text[]", "NOT (flags @> %(flags)s::text[] AND flags <@ %(flags)s::text[])"),
-    "add": ("ARRAY(SELECT DISTINCT unnest(flags || %(flags)s::text[]))", "NOT flags @> %(flags)s::text[]"),
-    "remove": ("ARRAY(SELECT unnest(flags) EXCEPT SELECT unnest(%(flags)s::text[]))", "flags && %(flags)s::text[]"),
+    "set": ("%(flags)s::text[]", f"NOT ({_LOWER} @> %(lower)s::text[] AND {_LOWER} <@ %(lower)s::text[])"),
+    "add": (f"flags || ARRAY(SELECT x FROM unnest(%(flags)s::text[]) AS x WHERE lower(x) <> ALL({_LOWER}))", f"NOT {_LOWER} @> %(lower)s::text[]"),
+    "remove": ("ARRAY(SELECT x FROM unnest(flags) AS x WHERE lower(x) <> ALL(%(lower)s::text[]))", f"{_LOWER} && %(lower)s::text[]"),
 }
+
+
+_listeners = itertools.count(1)
 
 
 class _Notifications:
@@ -1160,7 +1188,8 @@ class PostgresMailbox(_Pooled):
             " RETURNING pg_notify(%(c)s, %(p)s))"
             " SELECT * FROM u ORDER BY imap_uid"
         )
-        params = {"a": address, "f": key, "uids": list(uids), "flags": _flag_list(flags), "since": unchanged_since,
+        stored = _flag_list(flags)
+        params = {"a": address, "f": key, "uids": list(uids), "flags": stored, "lower": [flag.lower() for flag in stored], "since": unchanged_since,
                   "c": self.channel, "p": _payload(address, key)}
 
         def store() -> StoreResult:
@@ -1223,7 +1252,10 @@ class PostgresMailbox(_Pooled):
     def watch(self, account: Account, folder: str, changed: Callable[[], None]) -> Callable[[], None]:
         address, key = _mailbox_address(account), _folder_key(folder)
         if self._notifications is None:
-            self._notifications = _Notifications(self.db, self.reactor, self.threads.pool("pg-notify", 1))
+            # A thread of its own: its loop holds it while the mailbox runs.
+            # (Another mailbox in this process, as in tests, gets another.)
+            n = next(_listeners)
+            self._notifications = _Notifications(self.db, self.reactor, self.threads.pool("pg-notify" if n == 1 else f"pg-notify-{n}", 1))
         return self._notifications.watch((address, key), changed)
 
     def usage(self, account: Account) -> Deferred[tuple[int, int]]:
