@@ -52,8 +52,10 @@ the POP3 server then reads it on the reactor thread.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import logging
+import operator
 import os
 import re
 import socket
@@ -558,6 +560,8 @@ def _flag_list(flags: frozenset[str] | set[str] | list[str]) -> list[str]:
     return sorted(found.values())
 
 
+_uid_of = operator.attrgetter("uid")
+
 _flag_sets: dict[tuple[str, ...], frozenset[str]] = {}
 
 
@@ -920,6 +924,7 @@ class PostgresMailbox(_Pooled):
     def stopService(self) -> Any:
         if self._notifications is not None:
             self._notifications.stop()
+            self._notifications = None
         return super().stopService()
 
     # -- delivery and POP3 --
@@ -1135,13 +1140,16 @@ class PostgresMailbox(_Pooled):
         if cached is None:
             messages = tuple(fresh)
         else:
-            changed = {info.uid: info for info in fresh}
-            kept = [changed.pop(info.uid, info) for info in cached.messages]
-            added = sorted(changed.values(), key=lambda info: info.uid)
-            if added and kept and added[0].uid < kept[-1].uid:  # not seen to happen; kept correct
-                messages = tuple(sorted(kept + added, key=lambda info: info.uid))
-            else:
-                messages = tuple(kept + added)
+            # Each changed message put in its place (found by bisection: a
+            # STORE on one of 10,000 costs a list copy, not a loop in Python).
+            merged = list(cached.messages)
+            for info in fresh:
+                at = bisect.bisect_left(merged, info.uid, key=_uid_of)
+                if at < len(merged) and merged[at].uid == info.uid:
+                    merged[at] = info
+                else:
+                    merged.insert(at, info)
+            messages = tuple(merged)
         return FolderView(uidvalidity, uidnext, highest_modseq, messages)
 
     def read(self, account: Account, folder: str, uid: int) -> Deferred[IO[bytes]]:
