@@ -236,12 +236,13 @@ def test_odd_addresses_and_where_we_differ_from_dovecot():
     """Groups, a mailbox without domain and quotes in a name come out as Dovecot's; the folded subject keeps its blanks.
 
     Dovecot answers ``{21} a folded subject line`` (white space squeezed for
-    humans) and takes the comment ``(Plain Name)`` as a display name; RFC
-    3501 asks neither, and we send the unfolded value and no name.
+    humans), which RFC 3501 does not ask: we send the unfolded value.  Of
+    the two comments around ``plain@x.y`` it names the address after the
+    last; email.utils joins them.
     """
     assert parse(ODD).envelope() == (
-        b'("not a date" "a folded\tsubject  line" (({10}\r\nQuote "me" NIL "q" "x.y")(NIL NIL "plain" "x.y")) '
-        b'((NIL NIL "nobody" "MISSING_DOMAIN")) (({10}\r\nQuote "me" NIL "q" "x.y")(NIL NIL "plain" "x.y")) '
+        b'("not a date" "a folded\tsubject  line" (({10}\r\nQuote "me" NIL "q" "x.y")("comment Plain Name" NIL "plain" "x.y")) '
+        b'((NIL NIL "nobody" "MISSING_DOMAIN")) (({10}\r\nQuote "me" NIL "q" "x.y")("comment Plain Name" NIL "plain" "x.y")) '
         b'((NIL NIL "undisclosed-recipients" NIL)(NIL NIL NIL NIL)) NIL (("=?iso-8859-1?q?J=F6rg?=" NIL "j" "x.y")) '
         b'NIL "<a@b>  <c@d>")'
     )
@@ -523,6 +524,50 @@ def test_a_20_mb_attachment_in_a_multipart_is_read_in_little_memory(tmp_path):
     assert attachment.size == size - len(head) - len(b"\r\n--xyz--\r\n")
     assert parts.bodystructure(False).endswith(b'("application" "zip" NIL NIL NIL "base64" %d) "mixed")' % attachment.size)
     assert peak < 1024 * 1024, peak
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        '"a' * 30000,
+        "(" * 30000,
+        "<" * 60000,
+        "=?utf-8?q?a?= " * 4000 + "<a@b>",
+        "a@b," * 16000,
+        "Team: " + '"a' * 30000 + ";",
+        "Team: " + "(" * 30000 + ";",
+    ],
+    ids=["quotes", "comments", "angles", "encoded-words", "commas", "group-quotes", "group-comments"],
+)
+def test_hostile_address_fields_cost_little(field):
+    """An address field built to make a parser slow (quadratic quoting, deep comments) costs well under a second."""
+    data = f"From: a@b.c\r\nTo: {field}\r\nCc: {field}\r\n\r\nx".encode()
+    started = time.monotonic()
+    envelope = parse(data).envelope()
+    assert envelope.startswith(b"(NIL NIL ((NIL NIL \"a\" \"b.c\"))")
+    assert time.monotonic() - started < 1
+
+
+@pytest.mark.parametrize("subject", ["=?utf-8?q?a" * 10000, ("=?utf-8?q?a" * 300 + " ") * 30, "=?utf-8?q?a?= " * 10000])
+def test_hostile_encoded_words_cost_little(subject):
+    """Encoded-words that open and never close (quadratic for email.header) are decoded for SEARCH in bounded time."""
+    data = f"Subject: {subject}\r\n\r\nx".encode()
+    started = time.monotonic()
+    parts = parse(data)
+    assert parts.header_values("subject")[0].startswith(("=?utf-8?q?a", "a"))
+    assert not parts.text_contains(io.BytesIO(data), "zz")
+    assert time.monotonic() - started < 2
+
+
+def test_a_long_list_of_addresses_is_read_in_full():
+    """2,000 recipients (70 kB, a group too) are all in ENVELOPE, quickly."""
+    to = ", ".join(f'"User {i}" <user{i}@example.org>' for i in range(2000))
+    data = f"To: {to}\r\nCc: List: {to};\r\n\r\nx".encode()
+    started = time.monotonic()
+    envelope = parse(data).envelope()
+    # The group's name is lost past MAX_GROUP_LIST, its members are not.
+    assert envelope.count(b'"example.org"') == 4000
+    assert time.monotonic() - started < 1
 
 
 def test_limits_on_parts_and_header_size():
