@@ -673,13 +673,13 @@ def test_view_does_not_scan_when_nothing_changed(store, alice, monkeypatch):
         append(store, alice)
     store.view(alice, INBOX)
     scans = []
-    real = os.scandir
+    real = os.listdir
 
     def counting(path):
         scans.append(path)
         return real(path)
 
-    monkeypatch.setattr(maildirplus.os, "scandir", counting)
+    monkeypatch.setattr(maildirplus.os, "listdir", counting)
     first = store.view(alice, INBOX)
     for _ in range(10):
         assert store.view(alice, INBOX) is first
@@ -812,6 +812,26 @@ def test_watch_notices_another_process_within_a_second(running, tmp_path, use_in
             change()
             assert fired.wait(1.0), "not notified within 1 s"
         running.reactor.call(stop)
+    finally:
+        running.reactor.call(backend.stopService)
+
+
+def test_an_inotify_queue_overflow_calls_every_watcher(running, tmp_path):
+    """When the kernel's event queue overflows (one event with no watch), every watched folder is told it may have changed."""
+    import struct
+
+    from twisted.internet import inotify
+
+    backend = watched_maildir(running, tmp_path / "mail", True)
+    fired = [threading.Event(), threading.Event()]
+    try:
+        running.reactor.call(backend.create_folder, ALICE, "Other")
+        stops = [running.reactor.call(backend.watch, ALICE, name, e.set) for name, e in zip((INBOX, "Other"), fired)]
+        overflow = struct.pack("=LLLL", 0xFFFFFFFF, inotify.IN_Q_OVERFLOW, 0, 0)
+        running.reactor.call(backend.watcher._notifier._doRead, overflow)
+        assert all(e.wait(1.0) for e in fired)
+        for stop in stops:
+            running.reactor.call(stop)
     finally:
         running.reactor.call(backend.stopService)
 

@@ -306,6 +306,13 @@ class _Record:
     date: int
     modseq: int
     info: MessageInfo | None = None
+    # Its line in the uidlist, made again only when it changes.
+    line: str | None = None
+
+    def uidlist_line(self) -> str:
+        if self.line is None:
+            self.line = f"{self.uid} M{self.modseq} S{self.size} T{self.date} :{self.name}\n"
+        return self.line
 
 
 @dataclass
@@ -316,8 +323,9 @@ class _State:
     highest: int
     records: dict[int, _Record] = field(default_factory=dict)
     bases: dict[str, int] = field(default_factory=dict)
-    # What the last scan found: base -> (sub, name).
+    # What the last scan found: base -> (sub, name), and the names in new/ and cur/.
     names: dict[str, tuple[str, str]] | None = None
+    listing: tuple[set[str], set[str]] | None = None
     keywords: dict[int, str] = field(default_factory=dict)
     keywords_key: Any = None
     uidlist_key: Any = None
@@ -354,24 +362,36 @@ class _State:
             record.info = MessageInfo(record.uid, record.size, self.flags_of(record.name), float(record.date), record.modseq)
         return record.info
 
+    def listed(self, sub: str, name: str, present: bool) -> None:
+        """Keep the last scan's listing true to our own changes, so that they need no rescan."""
+        if self.listing is not None:
+            names = self.listing[0 if sub == "new" else 1]
+            if present:
+                names.add(name)
+            else:
+                names.discard(name)
+        if self.names is not None:
+            if present:
+                self.names[_base(name)] = (sub, name)
+            elif self.names.get(_base(name)) == (sub, name):
+                del self.names[_base(name)]
+
     def add(self, record: _Record) -> None:
         self.records[record.uid] = record
         self.bases[record.base] = record.uid
-        if self.names is not None:
-            self.names[record.base] = (record.sub, record.name)
+        self.listed(record.sub, record.name, True)
 
     def remove(self, uid: int) -> _Record | None:
         record = self.records.pop(uid, None)
         if record is not None:
             self.bases.pop(record.base, None)
-            if self.names is not None:
-                self.names.pop(record.base, None)
+            self.listed(record.sub, record.name, False)
         return record
 
     def rename(self, record: _Record, sub: str, name: str, modseq: int) -> None:
-        record.sub, record.name, record.modseq, record.info = sub, name, modseq, None
-        if self.names is not None:
-            self.names[record.base] = (sub, name)
+        self.listed(record.sub, record.name, False)
+        record.sub, record.name, record.modseq, record.info, record.line = sub, name, modseq, None, None
+        self.listed(sub, name, True)
 
     def file(self, record: _Record) -> str:
         return os.path.join(self.path, record.sub, record.name)
@@ -587,20 +607,23 @@ class MaildirPlus:
             state = self._load(path)
             state.keywords_key = object()
         self._load_keywords(state, stamp[3])
-        found: dict[str, tuple[str, str]] = {}
-        for sub in ("new", "cur"):
-            try:
-                with os.scandir(os.path.join(path, sub)) as entries:
-                    for entry in entries:
-                        if entry.name.startswith(".") or not entry.is_file():
-                            continue
-                        base = _base(entry.name)
-                        # The same message in new/ and cur/ (a crash mid-rename): cur/ wins.
-                        found[base] = (sub, entry.name)
-            except FileNotFoundError:
-                raise NoSuchFolder("no such folder")
-        changed = found != state.names and self._reconcile(state, found)
-        state.names = found
+        try:
+            listing = (set(os.listdir(os.path.join(path, "new"))), set(os.listdir(os.path.join(path, "cur"))))
+        except FileNotFoundError:
+            raise NoSuchFolder("no such folder")
+        changed = False
+        if listing != state.listing:
+            found: dict[str, tuple[str, str]] = {}
+            for sub, names in (("new", listing[0]), ("cur", listing[1])):
+                for name in names:
+                    # Dot files are not messages; a line end would break the uidlist.
+                    if name.startswith(".") or "\n" in name or "\r" in name:
+                        continue
+                    # The same message in new/ and cur/ (a crash mid-rename): cur/ wins.
+                    found[name.split(":", 1)[0]] = (sub, name)
+            previous = state.names
+            state.names, state.listing = dict(found), listing
+            changed = found != previous and self._reconcile(state, found)
         if changed or not os.path.exists(os.path.join(path, UIDLIST)):
             self._save(state)
         if state.imported:
@@ -648,6 +671,9 @@ class MaildirPlus:
             changed = True
         for base in sorted(found):
             sub, name = found[base]
+            state.listed(sub, name, False)
+            if not os.path.isfile(os.path.join(state.path, sub, name)):
+                continue
             if sub == "new":
                 # As Dovecot: a message seen by IMAP moves to cur/ (it is no longer \Recent).
                 moved = name if ":" in name else name + ":2,"
@@ -687,10 +713,11 @@ class MaildirPlus:
             record.size = _size_in_name(record.base) or st.st_size
         if record.date < 0:
             record.date = int(st.st_mtime)
+        record.line = None
 
     def _save(self, state: _State) -> None:
         lines = [f"3 V{state.uidvalidity} N{state.uidnext} M{state.highest}\n"]
-        lines.extend(f"{r.uid} M{r.modseq} S{r.size} T{r.date} :{r.name}\n" for r in state.records.values())
+        lines.extend(r.uidlist_line() for r in state.records.values())
         _write_atomically(os.path.join(state.path, UIDLIST), "".join(lines).encode("utf-8", "surrogateescape"))
         state.uidlist_key = _stat_key(os.path.join(state.path, UIDLIST))
 
@@ -1268,6 +1295,7 @@ class _Watched:
         self.dirs: list[str] = []
         self.polled = False
         self.stamp: Any = None
+        self.recent = False
         self.pending = False
 
 
@@ -1309,10 +1337,15 @@ class Watcher:
     def _start(self, watched: _Watched) -> None:
         if self._use_inotify:
             try:
+                from twisted.python.filepath import FilePath
+
                 if self._notifier is None:
                     self._notifier = _INotify(self.reactor)
+                    # When the kernel's queue overflows it sends one event with
+                    # no watch (wd -1, read unsigned), which Twisted drops: we
+                    # take it as "anything may have changed".
+                    self._notifier._watchpoints[0xFFFFFFFF] = _inotify._Watch(FilePath(b"/"), callbacks=[self._overflow])
                     self._notifier.startReading()
-                from twisted.python.filepath import FilePath
 
                 for directory, mask in (
                     (os.path.join(watched.path, "new"), _WATCH_MASK),
@@ -1326,11 +1359,17 @@ class Watcher:
                 log.info("maildir: watching {path} by polling ({error})", path=watched.path, error=e)
                 self._unwatch(watched)
         watched.polled = True
-        watched.stamp = MaildirPlus._stamp(watched.path)[:3]
+        # Unknown until the first poll, which then calls back once: a
+        # spurious call is harmless, a change missed in between is not.
+        watched.stamp = None
         if self._poller is None:
             self._poller = task.LoopingCall(self._poll)
             self._poller.clock = self.reactor
             self._poller.start(self.interval, now=False).addErrback(lambda f: log.failure("maildir: polling", f))
+
+    def _overflow(self, *_ignored: Any) -> None:
+        for watched in list(self._folders.values()):
+            self._changed(watched)
 
     def _event(self, watched: _Watched, top: bool) -> Callable[..., None]:
         def event(_ignored: Any, path: Any, mask: int) -> None:
@@ -1377,15 +1416,20 @@ class Watcher:
             return
         self._polling = True
 
-        def stat_all() -> list[Any]:
-            return [MaildirPlus._stamp(w.path)[:3] for w in polled]
+        def stat_all() -> tuple[int, list[Any]]:
+            return time.time_ns(), [MaildirPlus._stamp(w.path)[:3] for w in polled]
 
-        def compare(stamps: list[Any]) -> None:
+        def compare(result: tuple[int, list[Any]]) -> None:
+            now, stamps = result
             for watched, stamp in zip(polled, stamps):
-                if stamp != watched.stamp:
-                    watched.stamp = stamp
-                    if watched.polled:
-                        self._changed(watched)
+                # A second change within the mtime tick of the first looks
+                # like none: while the newest mtime is that recent, call back
+                # at every poll.
+                if (stamp != watched.stamp or watched.recent) and watched.polled:
+                    self._changed(watched)
+                watched.stamp = stamp
+                newest = max((key[1] for key in stamp if key is not None), default=0)
+                watched.recent = now - newest < _SLACK_NS
 
         def done(result: Any) -> Any:
             self._polling = False
