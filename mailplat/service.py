@@ -6,6 +6,7 @@ Also the twistd plugin's ``Options`` and ``makeService`` (see
 
 from __future__ import annotations
 
+import collections
 import os
 import resource
 import sys
@@ -206,6 +207,8 @@ def make_service(
     # One count of what each user sends for both submission listeners, as the guard.
     submission = settings.submission
     quota = SendingQuota(reactor, submission.max_messages_per_hour, submission.max_recipients_per_hour)
+    # IMAP sessions per (user, client address), counted over imap and imaps together.
+    imap_sessions: collections.Counter[tuple[str, str]] = collections.Counter()
 
     top = _StopInReverse()
     # The thread pools start first and stop last: every backend may use them.
@@ -240,7 +243,7 @@ def make_service(
         elif name in ("imap", "imaps"):
             factory = IMAPFactory(
                 settings.imap, login_guard, tls, name == "imaps", imap_store(settings, providers["mailbox"]), settings.mailbox_quota, reactor,
-                spool_dir=spool.directory, threads=threads,
+                spool_dir=spool.directory, threads=threads, user_connections=imap_sessions,
             )
         else:
             factory = POP3Factory(settings.pop3, login_guard, tls, name == "pop3s", reactor)

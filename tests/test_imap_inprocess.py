@@ -232,6 +232,25 @@ def test_per_user_and_address_session_limit():
     assert third.lines()[0].startswith("M OK")
 
 
+def test_session_limit_counts_both_listeners_together():
+    """Sessions on imap (after STARTTLS) and imaps of one user and address share one max_connections_per_user_ip."""
+    from collections import Counter
+
+    from mailplat.imap.server import IMAPFactory
+
+    platform = Platform(imap=IMAPSettings(max_connections_per_user_ip=1))
+    shared: Counter[tuple[str, str]] = Counter()
+    listeners = [
+        IMAPFactory(platform.imap_settings, platform.guard, None, True, platform.store, 0, platform.clock, user_connections=shared)
+        for _ in range(2)
+    ]
+    login(platform.imap(factory=listeners[0]))
+    other = platform.imap(factory=listeners[1])
+    other.output()
+    other.send("L LOGIN alice@example.org alice-password")
+    assert other.lines()[0].startswith("L NO [LIMIT]")
+
+
 def test_flags_set_by_one_session_reach_the_other_at_its_next_command():
     """Session B sees A's STORE as an untagged FETCH FLAGS on its next command (with MODSEQ once CONDSTORE is on)."""
     platform = Platform()

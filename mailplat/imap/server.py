@@ -1589,7 +1589,7 @@ class IMAPFactory(protocol.ServerFactory):
 
     def __init__(
         self, settings: IMAPSettings, login_guard: LoginGuard, tls: Any, implicit_tls: bool, store: Any, quota: int, clock: Any,
-        spool_dir: str = "", threads: Any = None,
+        spool_dir: str = "", threads: Any = None, user_connections: Counter[tuple[str, str]] | None = None,
     ) -> None:
         self.settings = settings
         # Shared by every listener: a guesser may switch ports.
@@ -1607,8 +1607,9 @@ class IMAPFactory(protocol.ServerFactory):
         # (None: on the calling thread, for tests in memory).
         self.threads = threads
         self.connections = ConnectionCounter(settings.max_connections, settings.max_connections_per_ip)
-        # Logged-in sessions per (user, client address).
-        self.user_connections: Counter[tuple[str, str]] = Counter()
+        # Logged-in sessions per (user, client address): one count for the
+        # imap and imaps listeners, as Dovecot's mail_max_userip_connections.
+        self.user_connections: Counter[tuple[str, str]] = Counter() if user_connections is None else user_connections
 
     def buildProtocol(self, addr: Any) -> IMAPServer:
         return IMAPServer(self)
