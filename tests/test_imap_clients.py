@@ -39,7 +39,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BASE_CONFIG, USERS, MailplatServer, merge_toml, stop_process, wait_for
+from conftest import BASE_CONFIG, USERS, MailplatServer, stop_process, wait_for
 
 HOST = "mail.example.org"
 PEER = os.environ.get("MAILPLAT_IMAP_PEER", "mailplat")
@@ -90,6 +90,10 @@ class Peer:
         found += [""] * (len(list((path / "new").iterdir())) if (path / "new").is_dir() else 0)
         return sorted(found)
 
+    def stored(self, address: str, folder: str = "") -> dict[str, bytes]:
+        """Subject -> bytes of each message in the server's own maildir, as delivery stored it (with its Received: lines)."""
+        return {subject: path.read_bytes() for subject, path in local_messages(self.maildir(address, folder)).items()}
+
     def deliver(self, address: str, *messages: bytes) -> None:
         """Mail for ``address``: by SMTP to mailplat, by APPEND to Dovecot (which has no SMTP here)."""
         if self.smtp_port is not None:
@@ -124,10 +128,7 @@ def peer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Peer]:
             dovecot.stop()
             shutil.rmtree(home, ignore_errors=True)
         return
-    config = BASE_CONFIG
-    if not re.search(r"(?m)^imap\s*=", config):
-        config = merge_toml(config, '[listen]\nimap = "tcp:0:interface=127.0.0.1"\nimaps = "tcp:0:interface=127.0.0.1"\n')
-    server = MailplatServer(root, config, ACCOUNTS)
+    server = MailplatServer(root, BASE_CONFIG, ACCOUNTS)
     server.start()
     try:
         yield Peer(root, {"imap": server.ports["imap"], "imaps": server.ports["imaps"]}, root / "tls" / "cert.pem", root / "mail", server.port)
@@ -259,7 +260,8 @@ def test_mbsync_two_way_sync(peer: Peer, tmp_path: Path):
     device.run()
     pulled = device.inbox()
     assert sorted(pulled) == sorted(sent)
-    assert all(same_message(pulled[s].read_bytes(), sent[s]) for s in sent)
+    stored = peer.stored(user)
+    assert all(stored[s].endswith(sent[s]) and same_message(pulled[s].read_bytes(), stored[s]) for s in sent)
     assert (device.local / "Sent").is_dir()  # the special-use folders came down too
 
     # Read and flag one, delete one, write one, and file one into a new folder.
@@ -336,7 +338,8 @@ def test_offlineimap_round_trip(peer: Peer, tmp_path: Path):
     run()
     pulled = local_messages(local / "INBOX")
     assert sorted(pulled) == sorted(sent)
-    assert all(same_message(pulled[s].read_bytes(), sent[s]) for s in sent)
+    stored = peer.stored(user)
+    assert all(same_message(pulled[s].read_bytes(), stored[s]) for s in sent)
 
     set_local_flags(pulled["one"], "F")
     pulled["two"].unlink()
@@ -351,8 +354,12 @@ def test_offlineimap_round_trip(peer: Peer, tmp_path: Path):
 # --- neomutt ------------------------------------------------------------------------
 
 
-def in_terminal(argv: list[str], env: dict[str, str], timeout: float = TIMEOUT) -> tuple[int, str]:
-    """Run a full-screen program on a pseudo-terminal of 80x24; its exit status and what it drew."""
+def in_terminal(argv: list[str], env: dict[str, str], typed: tuple[tuple[bytes, bytes], ...] = (), timeout: float = TIMEOUT) -> tuple[int, str]:
+    """Run a full-screen program on a pseudo-terminal of 80x24; its exit status and what it drew.
+
+    ``typed``: (what appears on the screen, the keys then typed), in turn.
+    """
+    typed = tuple(typed)
     master, slave = os.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
     process = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True)
@@ -370,6 +377,9 @@ def in_terminal(argv: list[str], env: dict[str, str], timeout: float = TIMEOUT) 
                 if not chunk and process.poll() is not None:
                     break
                 screen += chunk
+                if typed and typed[0][0] in screen:
+                    os.write(master, typed[0][1])
+                    typed = typed[1:]
             elif process.poll() is not None:
                 break
             if time.monotonic() > deadline:
@@ -422,7 +432,7 @@ def test_neomutt_reads_flags_and_deletes(peer: Peer, tmp_path: Path):
 
 
 def test_neomutt_sends_by_smtp_and_files_a_copy_over_imap(peer: Peer, tmp_path: Path):
-    """neomutt in batch mode submits a message over smtps:// and APPENDs its copy to Sent over IMAP; the recipient reads it by IMAP."""
+    """neomutt submits a message over smtps:// and APPENDs its copy to Sent over imaps://; the recipient reads it by IMAP."""
     need("neomutt", "neomutt")
     if peer.smtp_port is None:
         pytest.skip("the Dovecot peer has no submission listener")
@@ -430,15 +440,25 @@ def test_neomutt_sends_by_smtp_and_files_a_copy_over_imap(peer: Peer, tmp_path: 
     rc = muttrc(peer, tmp_path, user)
     submissions = re.search(r"submissions listening on \S+:(\d+)", (peer.root / "twistd.log").read_text())
     assert submissions, "no submissions port in the log"
+    # A draft with its headers (-H), no editor, and "y" (send) typed at the compose screen: neomutt
+    # files no copy to IMAP in batch mode (-s ... < body), so this is the interactive path.
     with open(rc, "a") as f:
-        f.write(f'set smtp_url = "smtps://{user}@127.0.0.1:{submissions.group(1)}"\nset smtp_pass = "{ACCOUNTS[user]}"\n')
-    result = subprocess.run(
-        ["neomutt", "-n", "-F", str(rc), "-s", "sent-by-neomutt", "--", "bob@example.org"],
-        input="Hello Bob, from neomutt.\n", capture_output=True, text=True, timeout=TIMEOUT,
-        env={"HOME": str(tmp_path), "PATH": os.environ["PATH"], "LANG": "C.UTF-8"},
+        f.write(
+            f'set smtp_url = "smtps://{user}@127.0.0.1:{submissions.group(1)}"\nset smtp_pass = "{ACCOUNTS[user]}"\n'
+            'set editor = "true"\nset abort_unmodified = no\nset autoedit = yes\nset edit_headers = yes\n'
+        )
+    draft = tmp_path / "draft"
+    draft.write_text(f"From: {user}\nTo: bob@example.org\nSubject: sent-by-neomutt\n\nHello Bob, from neomutt.\n")
+    status, screen = in_terminal(
+        ["neomutt", "-n", "-F", str(rc), "-H", str(draft)],
+        {"HOME": str(tmp_path), "TERM": "xterm", "PATH": os.environ["PATH"], "LANG": "C.UTF-8"}, typed=((b"Mix:", b"y"),),
     )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert list(server_state(peer, user, "Sent")) == ["sent-by-neomutt"]
+    assert status == 0, screen[-2000:]
+    assert server_state(peer, user, "Sent") == {"sent-by-neomutt": {"\\Seen"}}, screen[-2000:]
+    with login(peer, user) as client:
+        client.select("Sent", readonly=True)
+        fetched, data = client.uid("FETCH", "1:*", "(BODY.PEEK[])")
+        assert fetched == "OK" and b"Hello Bob, from neomutt." in data[0][1], data
 
     def arrived() -> dict[str, set[str]] | None:
         state = server_state(peer, "bob@example.org")
@@ -482,7 +502,7 @@ def test_curl_list_fetch_by_uid_and_search(peer: Peer):
         client.select("INBOX", readonly=True)
         uids = uid_by_subject(client)
     fetched = curl(peer, f"{imaps}INBOX;UID={uids['curl-needle']}").stdout
-    assert fetched == sent[1], fetched
+    assert fetched == peer.stored(user)["curl-needle"], fetched
 
     found = curl(peer, f"{imap}INBOX", "--ssl-reqd", "--request", "UID SEARCH BODY needle").stdout.decode()
     assert re.search(rf"^\* SEARCH {uids['curl-needle']}\r?$", found, re.M), found
