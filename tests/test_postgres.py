@@ -581,10 +581,20 @@ async def main(reactor):
         await a.deliver(ALICE, message("after the reconnection"))
         await until(reactor, lambda: seen_by_two, "a delivery after the reconnection")
 
+        # -- a delivery writing its chunks holds up no STORE (nor the other way round) --
+        with psycopg.connect(ADMIN) as delivering:
+            delivering.execute(f"INSERT INTO {SCHEMA}.messages (address, folder, uid, size) VALUES ('alice@example.org', '', 'pending', 1)")
+            started = time.monotonic()
+            await a.store_flags(ALICE, "INBOX", [4], frozenset({"$During"}), "add")
+            await b.deliver(ALICE, message("while another is written"))
+            assert time.monotonic() - started < 1, "a STORE or delivery waited for another delivery"
+            delivering.rollback()
+        await a.store_flags(ALICE, "INBOX", [4], frozenset({"$During"}), "remove")
+
         # -- POP3 and IMAP on one inbox --
         drop = await a.open(ALICE)
         entries = drop.entries()
-        assert len(entries) == 42
+        assert len(entries) == 43
         (await drop.read(entries[0].uid)).close()
         before = await b.view(ALICE, "INBOX")
         seen_by_two.clear()
@@ -598,7 +608,7 @@ async def main(reactor):
         await a.store_flags(ALICE, "INBOX", [4, 5], frozenset({FLAG_DELETED}), "add")
         assert await a.expunge(ALICE, "INBOX", [4, 5, 6]) == [4, 5]
         drop = await a.open(ALICE)
-        assert len(drop.entries()) == 38 and entries[3].uid not in [e.uid for e in drop.entries()], "IMAP's expunge is gone for POP3"
+        assert len(drop.entries()) == 39 and entries[3].uid not in [e.uid for e in drop.entries()], "IMAP's expunge is gone for POP3"
         await drop.commit([drop.entries()[0].uid], [], True)  # POP3 DELE to Trash: a move IMAP sees
         await b.folders(ALICE)
         trash = await b.view(ALICE, "Trash")
@@ -620,9 +630,9 @@ async def main(reactor):
         assert (trash.messages[1].flags, trash.messages[1].internal_date) == (frozenset({"$Big"}), 1.5e9)
         ids = q("SELECT id FROM {s}.messages WHERE folder = 'Archive'")
         target, pairs = await b.move(ALICE, "Archive", [uid], "INBOX")
-        assert pairs == [(uid, 43)] and q("SELECT id, imap_uid FROM {s}.messages WHERE folder = '' AND imap_uid = 43") == [(ids[0][0], 43)]
+        assert pairs == [(uid, 44)] and q("SELECT id, imap_uid FROM {s}.messages WHERE folder = '' AND imap_uid = 44") == [(ids[0][0], 44)]
         await raises(b.read(ALICE, "Archive", uid), PermanentFailure)
-        assert (await b.usage(ALICE))[1] == 40
+        assert (await b.usage(ALICE))[1] == 41
 
         # -- UIDVALIDITY: the same on every node and after a restart; new for a folder made again --
         await a.create_folder(ALICE, "Projects/2026")

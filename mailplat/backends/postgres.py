@@ -37,6 +37,30 @@ the spooled message is read, so that neither delivering nor reading holds a
 whole message in memory.  A delivery is committed before ``deliver``
 returns, i.e. before the client is told 250.
 
+IMAP (:class:`IMessageStore`): a ``folders`` row per folder (name with "/"
+between levels, UIDVALIDITY, UIDNEXT, HIGHESTMODSEQ, subscribed, special
+use), and on each message its IMAP UID, its flags (a text array) and its
+modseq; ``received`` is the internal date.  The inbox is the folder named
+"" in both tables, as ``messages.folder`` always had it: the store maps
+"INBOX" to "", so POP3's queries and the rows delivered before IMAP need no
+rewriting.  A delivery takes its UID (``UPDATE folders SET uidnext =
+uidnext + 1 ... RETURNING``) at the end of its transaction, so the folder
+row is locked only from there to the commit; two nodes delivering at once
+cannot share a UID.  UIDVALIDITY is the time in seconds when the folder was
+made, kept above every value the account had (``mail_accounts``).  ``view``
+keeps the last view of each folder in the process and asks the database
+for the folder row and the messages whose modseq is higher than the cached
+one, in one statement: nothing when unchanged, the changed messages after a
+STORE or a delivery, the whole list only after an expunge (10,000
+messages, measured on two loaded cores: 50-65 ms cold, 1 ms unchanged,
+3-4 ms after a one-message STORE).  Every change sends ``NOTIFY`` (the
+channel is the schema; the payload the address and the folder) in its own
+transaction; each process listens on one connection of its own and calls
+the watchers on the reactor thread.  POP3 is a view of the inbox over the
+same rows: DELE+QUIT is an expunge IMAP sees, a retrieval sets ``\\Seen``
+(``seen``/``seen_at`` still record POP3's retrieval, which
+``retrieved_days`` goes by, so what IMAP marks read is not expired by it).
+
 POP3 sessions: ``open`` takes a session-level
 ``pg_try_advisory_lock(hashtext(schema), hashtext(address))`` on a
 connection of its own, kept for the session and used for its queries; it is
@@ -626,7 +650,7 @@ def _copy_out(conn: Any, message_id: int) -> IO[bytes]:
 
 # How every change to a folder is made, so that UIDs, modseqs and
 # notifications cannot disagree:
-# - the folder rows are locked first (FOR UPDATE, in name order), then its
+# - the folder rows are locked first (FOR NO KEY UPDATE, in name order), then its
 #   messages: nobody holds a message row while waiting for a folder, so two
 #   sessions cannot deadlock; a delivery takes its folder row last, just
 #   before it commits, so a big message does not hold up the folder while
@@ -676,9 +700,14 @@ def _create_parents(conn: Any, channel: str, address: str, key: str) -> None:
 
 
 def _lock(conn: Any, address: str, keys: list[str]) -> dict[str, tuple[int, int, int]]:
-    """Lock the folders' rows, in name order; (uidvalidity, uidnext, highest_modseq) of those that exist."""
+    """Lock the folders' rows, in name order; (uidvalidity, uidnext, highest_modseq) of those that exist.
+
+    FOR NO KEY UPDATE, as the UPDATEs that follow take: a delivery holds its
+    folder row's key (the foreign key of its message row) while it writes
+    its chunks, and FOR UPDATE would wait for it (and deadlock with its own
+    UPDATE of the row at the end)."""
     rows = conn.execute(
-        "SELECT name, uidvalidity, uidnext, highest_modseq FROM folders WHERE address = %s AND name = ANY(%s::text[]) ORDER BY name FOR UPDATE",
+        "SELECT name, uidvalidity, uidnext, highest_modseq FROM folders WHERE address = %s AND name = ANY(%s::text[]) ORDER BY name FOR NO KEY UPDATE",
         (address, sorted(set(keys))),
     ).fetchall()
     return {row[0]: (row[1], row[2], row[3]) for row in rows}
