@@ -700,6 +700,37 @@ def test_a_recent_change_is_not_trusted_to_the_cache(store, alice):
     assert len(store.view(alice, INBOX).messages) == 2
 
 
+def test_a_store_racing_another_rename_keeps_both_changes(store, alice, monkeypatch):
+    """A file renamed by another program after our last look (POP3 marking it seen) still gets our flag, and keeps theirs."""
+    monkeypatch.setattr(maildirplus, "_SLACK_NS", -10**12)  # trust the cache, as within one mtime tick
+    uid = append(store, alice)
+    store.view(alice, INBOX)
+    cur = os.path.join(alice, "cur")
+    [name] = cur_names(alice)
+    before = os.stat(cur).st_mtime_ns
+    os.rename(os.path.join(cur, name), os.path.join(cur, name.split(":")[0] + ":2,S"))
+    os.utime(cur, ns=(before, before))
+    result = store.store_flags(alice, INBOX, [uid], frozenset({FLAG_FLAGGED}), "add")
+    assert [m.flags for m in result.changed] == [frozenset({FLAG_SEEN, FLAG_FLAGGED})]
+    assert cur_names(alice) == [name.split(":")[0] + ":2,FS"]
+
+
+def test_an_expunge_racing_another_rename_removes_the_file(store, alice, monkeypatch):
+    """A \\Deleted file renamed by another program after our last look is still expunged, not found again as a new message."""
+    monkeypatch.setattr(maildirplus, "_SLACK_NS", -10**12)
+    uid = append(store, alice, flags=frozenset({FLAG_DELETED}))
+    store.view(alice, INBOX)
+    cur = os.path.join(alice, "cur")
+    [name] = cur_names(alice)
+    before = os.stat(cur).st_mtime_ns
+    os.rename(os.path.join(cur, name), os.path.join(cur, name.split(":")[0] + ":2,ST"))
+    os.utime(cur, ns=(before, before))
+    assert store.expunge(alice, INBOX, [uid]) == [uid]
+    assert cur_names(alice) == []
+    monkeypatch.undo()
+    assert store.view(alice, INBOX).messages == ()
+
+
 FLAGGER = r"""
 import sys, time
 from mailplat.backends.maildirplus import MaildirPlus

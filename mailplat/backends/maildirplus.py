@@ -1019,30 +1019,38 @@ class MaildirPlus:
             lowered = {f.lower() for f in given}
             for uid in sorted(set(uids)):
                 record = state.records.get(uid)
-                if record is None:
-                    continue
-                if unchanged_since is not None and record.modseq > unchanged_since:
-                    modified.append(uid)
-                    continue
-                current = state.flags_of(record.name)
-                if how == "set":
-                    wanted = given
-                elif how == "add":
-                    wanted = current | given
-                else:
-                    wanted = frozenset(f for f in current if f.lower() not in lowered)
-                if wanted == current:
-                    continue
-                name = self._name_with(state, record.base, wanted, self._foreign_letters(state, record.name))
-                try:
-                    os.rename(state.file(record), os.path.join(path, "cur", name))
-                except FileNotFoundError:
-                    # Gone (POP3, another session) or renamed behind our back: the next scan says which.
-                    continue
-                renamed = True
-                state.highest += 1
-                state.rename(record, "cur", name, state.highest)
-                changed.append(state.info(record))
+                # Twice at most: once more when the file was renamed (POP3, another program) since the scan.
+                for _ in range(2):
+                    if record is None:
+                        break
+                    if unchanged_since is not None and record.modseq > unchanged_since:
+                        modified.append(uid)
+                        break
+                    current = state.flags_of(record.name)
+                    if how == "set":
+                        wanted = given
+                    elif how == "add":
+                        wanted = current | given
+                    else:
+                        wanted = frozenset(f for f in current if f.lower() not in lowered)
+                    if wanted == current:
+                        break
+                    name = self._name_with(state, record.base, wanted, self._foreign_letters(state, record.name))
+                    try:
+                        os.rename(state.file(record), os.path.join(path, "cur", name))
+                    except FileNotFoundError:
+                        where = self._relocate(path, record)
+                        if where is None:
+                            break  # gone: the next scan expunges it
+                        renamed = True
+                        state.highest += 1
+                        state.rename(record, os.path.basename(os.path.dirname(where)), os.path.basename(where), state.highest)
+                        continue
+                    renamed = True
+                    state.highest += 1
+                    state.rename(record, "cur", name, state.highest)
+                    changed.append(state.info(record))
+                    break
             if renamed:
                 fsync_directory(os.path.join(path, "cur"))
                 self._save(state)
@@ -1167,14 +1175,22 @@ class MaildirPlus:
                 record = state.records.get(uid)
                 if record is None:
                     continue
-                if only_deleted and "T" not in _info_letters(record.name):
-                    continue
-                try:
-                    os.unlink(state.file(record))
-                except FileNotFoundError:
-                    pass
-                state.remove(uid)
-                removed.append(uid)
+                where: str | None = state.file(record)
+                for _ in range(3):
+                    if where is None:
+                        break
+                    if only_deleted and "T" not in _info_letters(os.path.basename(where)):
+                        break
+                    try:
+                        os.unlink(where)
+                        where = None
+                    except FileNotFoundError:
+                        # Renamed since the scan (POP3, another program): that file, if still \Deleted.
+                        again = self._relocate(path, record)
+                        where = again if again != where else None
+                if where is None:
+                    state.remove(uid)
+                    removed.append(uid)
             if removed:
                 for sub in ("cur", "new"):
                     fsync_directory(os.path.join(path, sub))
