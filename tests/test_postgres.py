@@ -12,6 +12,7 @@ as user postgres; the schema is dropped at the end.
 
 from __future__ import annotations
 
+import imaplib
 import json
 import os
 import poplib
@@ -23,6 +24,7 @@ import ssl
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BASE_CONFIG, MAILPLAT, MailplatServer, message, wait_for
+from conftest import BASE_CONFIG, MAILPLAT, MailplatServer, merge_toml, message, wait_for
 
 DEFAULT_DSN = "host=127.0.0.1 port=5432 dbname=test user=postgres"
 PASSWORDS = {"alice@example.org": "alice-password", "bob@example.org": "bob-password"}
@@ -677,6 +679,70 @@ def test_imap_store_across_nodes(schema: Schema, tmp_path: Path) -> None:
         [sys.executable, str(script), schema.dsn, schema.name, str(tmp_path), schema.admin_dsn], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0 and "OK" in done.stdout, done.stdout + done.stderr
+
+
+def imaps(node: MailplatServer, user: str = "alice@example.org") -> imaplib.IMAP4_SSL:
+    client = imaplib.IMAP4_SSL("127.0.0.1", node.ports["imaps"], ssl_context=tls_context(), timeout=20)
+    client.login(user, PASSWORDS[user])
+    return client
+
+
+def test_imap_across_two_nodes_with_pop3(schema: Schema, make_server) -> None:
+    """An IMAP session in IDLE on one node hears a delivery and a flag made through the other within a second, and POP3's DELE+QUIT there as an EXPUNGE."""
+    add_users(schema)
+    config = node_config(schema.dsn, schema.name)
+    if "imaps =" not in config:
+        config = merge_toml(config, '[listen]\nimaps = "tcp:0:interface=127.0.0.1"\n')
+    one = make_server(config=config, name="one")
+    two = make_server(config=config, name="two")
+    assert send(one.port, message("before")) == 250
+    laptop = imaps(two)
+    try:
+        assert laptop.select("INBOX")[1] == [b"1"]
+        tag = laptop._new_tag().decode()
+        laptop.send(f"{tag} IDLE\r\n".encode())
+        assert laptop.readline().startswith(b"+ ")
+        assert send(one.port, message("across")) == 250
+        delivered = time.monotonic()
+        laptop.sock.settimeout(5)
+        assert laptop.readline() == b"* 2 EXISTS\r\n"
+        assert time.monotonic() - delivered < 1.0, "EXISTS from the other node took more than a second"
+
+        phone = imaps(one)
+        phone.select("INBOX")
+        phone.store("2", "+FLAGS", "(\\Flagged)")
+        stored = time.monotonic()
+        phone.logout()
+        pushed = laptop.readline()
+        assert pushed.startswith(b"* 2 FETCH (") and b"\\Flagged" in pushed, pushed
+        assert time.monotonic() - stored < 1.0
+        laptop.send(b"DONE\r\n")
+        assert laptop.readline().startswith(f"{tag} OK".encode())
+
+        client = pop3(one)
+        try:
+            assert client.stat()[0] == 2
+            assert b"Subject: before" in retrieve(client, 1)
+            client.dele(1)
+            client.quit()
+        finally:
+            client.close()
+        laptop.noop()
+        assert laptop.untagged_responses.pop("EXPUNGE", []) == [b"1"], "POP3's DELE+QUIT is an expunge"
+        typ, data = laptop.fetch("1", "(FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+        assert typ == "OK" and b"\\Flagged" in data[0][0] and b"Subject: across" in data[0][1], data
+
+        # IMAP's \Deleted and EXPUNGE on one node: gone for POP3 on the other.
+        laptop.store("1", "+FLAGS", "(\\Deleted)")
+        laptop.expunge()
+        client = pop3(one)
+        try:
+            assert client.stat()[0] == 0
+            client.quit()
+        finally:
+            client.close()
+    finally:
+        laptop.logout()
 
 
 # --- over the wire: real nodes ---------------------------------------------------------
