@@ -35,6 +35,7 @@ STATUS=SIZE, CONDSTORE, QRESYNC, ESEARCH and QUOTA.
 
 from __future__ import annotations
 
+import array
 import base64
 import bisect
 import calendar
@@ -42,7 +43,7 @@ import os
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import IO, Any
 
 import twisted.mail.imap4  # noqa: F401  # registers the "imap4-utf-7" codec (RFC 3501 5.1.3)
@@ -221,7 +222,7 @@ def format_ranges(ranges: Iterable[tuple[int, int]]) -> str:
     return ",".join(str(a) if a == b else f"{a}:{b}" for a, b in ranges)
 
 
-def gaps(present: list[int], last: int) -> list[tuple[int, int]]:
+def gaps(present: Sequence[int], last: int) -> list[tuple[int, int]]:
     """The UID ranges in 1..last that hold no message of ``present`` (sorted)."""
     found, expected = [], 1
     for uid in present:
@@ -428,9 +429,15 @@ class IMAPServer(CommandReader, TLSHandshakeDeadline, TimeoutMixin, protocol.Pro
         # The selected folder.
         self.folder: str | None = None
         self.readonly = False
-        self.uids: list[int] = []  # MSN - 1 -> UID
-        self.known: dict[int, MessageInfo] = {}  # what the client was last told of each message
-        self._modseq = 0  # the folder's highest_modseq when last compared
+        # MSN - 1 -> UID: all a session keeps per message (4 octets), so that
+        # a thousand sessions idling on big folders stay small.  What the
+        # client knows of flags is what changed since _modseq, the folder's
+        # highest_modseq when last compared.
+        self.uids = array.array("I")
+        self._modseq = 0
+        # Messages this session reported itself since (STORE, FETCH setting
+        # \Seen): uid -> modseq, not to be reported again.
+        self._reported: dict[int, int] = {}
         self._uidnext = 0
         self._uidvalidity = 0
         self._stale = False  # messages gone from the store, not yet announced (RFC 3501 7.4.1)
@@ -937,8 +944,8 @@ class IMAPServer(CommandReader, TLSHandshakeDeadline, TimeoutMixin, protocol.Pro
                 self._send(self._flags_line(msn, m))
 
     def _take(self, view: FolderView) -> None:
-        self.uids = [m.uid for m in view.messages]
-        self.known = {m.uid: m for m in view.messages}
+        self.uids = array.array("I", (m.uid for m in view.messages))
+        self._reported = {}
         self._modseq, self._uidnext, self._uidvalidity = view.highest_modseq, view.uidnext, view.uidvalidity
         self._stale = False
 
@@ -950,7 +957,8 @@ class IMAPServer(CommandReader, TLSHandshakeDeadline, TimeoutMixin, protocol.Pro
             except Exception:
                 log.error("{session} imap unwatch failed: {error}", session=self.session, error=describe_failure(Failure()))
         self.folder = None
-        self.uids, self.known = [], {}
+        self.uids, self._reported = array.array("I"), {}
+        self._parts_cache.clear()
 
     async def do_CREATE(self, tag: str, args: list[Token], uid: bool) -> str:
         if len(args) != 1:
@@ -1242,19 +1250,14 @@ class IMAPServer(CommandReader, TLSHandshakeDeadline, TimeoutMixin, protocol.Pro
         else:
             self._stale = False
         if view.highest_modseq != self._modseq:
-            since = self._modseq
+            since, reported = self._modseq, self._reported
             for m in messages[:old]:
-                if m.modseq <= since:
-                    continue
-                told = self.known.get(m.uid)
-                if told is not None and (m.flags != told.flags or (self.condstore and m.modseq != told.modseq)):
-                    self.known[m.uid] = m
+                if m.modseq > since and reported.get(m.uid) != m.modseq:
                     self._send(self._flags_line(bisect.bisect_left(self.uids, m.uid) + 1, m))
+        self._reported = {}
         new = messages[old:]
         if new:
-            for m in new:
-                self.uids.append(m.uid)
-                self.known[m.uid] = m
+            self.uids.extend(m.uid for m in new)
             self._send(f"* {len(self.uids)} EXISTS")
         self._modseq, self._uidnext = view.highest_modseq, view.uidnext
 
@@ -1269,9 +1272,7 @@ class IMAPServer(CommandReader, TLSHandshakeDeadline, TimeoutMixin, protocol.Pro
             for index in range(len(self.uids) - 1, -1, -1):
                 if self.uids[index] in gone:
                     self._send(f"* {index + 1} EXPUNGE")
-        self.uids = [u for u in self.uids if u not in gone]
-        for u in gone:
-            self.known.pop(u, None)
+        self.uids = array.array("I", (u for u in self.uids if u not in gone))
 
     def _flags_line(self, msn: int, m: MessageInfo) -> str:
         modseq = f" MODSEQ ({m.modseq})" if self.condstore else ""
@@ -1339,7 +1340,8 @@ class IMAPServer(CommandReader, TLSHandshakeDeadline, TimeoutMixin, protocol.Pro
             raise BAD(f"Invalid SEARCH: {printable(str(e), 100)}")
         if query.uses_modseq:
             self.condstore = True
-        messages = [(msn, self.known[u]) for msn, u in enumerate(self.uids, 1)]
+        present = await self._present()
+        messages = [(msn, present[u]) for msn, u in enumerate(self.uids, 1) if u in present]
         uid_of = dict(enumerate(self.uids, 1))
         folder, account, threads = self._folder, self._account, self.factory.threads
 
@@ -1359,7 +1361,7 @@ class IMAPServer(CommandReader, TLSHandshakeDeadline, TimeoutMixin, protocol.Pro
             query, messages, open_message, len(self.uids), self.uids[-1] if self.uids else 0, parse_in_thread, in_thread=in_thread,
         )
         numbers = [uid_of[n] for n in found] if uid else list(found)
-        modseq = max((self.known[uid_of[n]].modseq for n in found), default=0) if query.uses_modseq else 0
+        modseq = max((present[uid_of[n]].modseq for n in found), default=0) if query.uses_modseq else 0
         if returns is None:
             self._send("* SEARCH" + "".join(f" {n}" for n in numbers) + (f" (MODSEQ {modseq})" if modseq else ""))
             return "SEARCH completed"
@@ -1394,20 +1396,27 @@ class IMAPServer(CommandReader, TLSHandshakeDeadline, TimeoutMixin, protocol.Pro
             self.condstore = True
         if request.vanished:
             self._fetch_vanished(args[0])
+        present = await self._present()
         if request.changed_since is not None:
             since = request.changed_since
-            targets = [(msn, u) for msn, u in targets if self.known[u].modseq > since]
+            targets = [(msn, u) for msn, u in targets if u in present and present[u].modseq > since]
         seen: set[int] = set()
         if request.sets_seen and not self.readonly:
-            unseen = [u for _, u in targets if "\\Seen" not in self.known[u].flags]
+            unseen = [u for _, u in targets if u in present and "\\Seen" not in present[u].flags]
             if unseen:
                 # Stored before the data goes out (RFC 3501 6.4.5), and the
                 # new flags are part of each response.
                 result = await call(self.store.store_flags, self._account, self._folder, unseen, frozenset({"\\Seen"}), "add")
                 for m in result.changed:
-                    self.known[m.uid] = m
+                    present[m.uid] = m
+                    self._reported[m.uid] = m.modseq
                     seen.add(m.uid)
-        return await self._fetch(request, targets, uid, seen)
+        return await self._fetch(request, targets, present, uid, seen)
+
+    async def _present(self) -> dict[int, MessageInfo]:
+        """The selected folder's messages as they are now, by UID (for the command that asks)."""
+        view: FolderView = await call(self.store.view, self._account, self._folder)
+        return {m.uid: m for m in view.messages}
 
     def _fetch_vanished(self, token: Token) -> None:
         """RFC 7162 3.2.6: UID FETCH ... (CHANGEDSINCE n VANISHED): the UIDs of the set that are gone."""
@@ -1438,14 +1447,18 @@ class IMAPServer(CommandReader, TLSHandshakeDeadline, TimeoutMixin, protocol.Pro
             self._parts_cache[key] = parts
         return parts
 
-    async def _fetch(self, request: fetch.FetchRequest, targets: list[tuple[int, int]], uid: bool, seen: set[int]) -> str:
+    async def _fetch(
+        self, request: fetch.FetchRequest, targets: list[tuple[int, int]], present: dict[int, MessageInfo], uid: bool, seen: set[int],
+    ) -> str:
         pump = OutputPump(self.output_consumer(), self.clock, self.settings.idle_timeout)
         missing = 0
         add_modseq = self.condstore and request.changed_since is not None
         try:
             for msn, u in targets:
-                info = self.known.get(u)
+                info = present.get(u)
                 if info is None:
+                    # Gone since (another session expunged it): RFC 3501 7.4.1.
+                    missing += 1
                     continue
                 source: IO[bytes] | None = None
                 parts = None
@@ -1504,11 +1517,13 @@ class IMAPServer(CommandReader, TLSHandshakeDeadline, TimeoutMixin, protocol.Pro
         uids = [u for _, u in targets]
         result = await call(self.store.store_flags, self._account, self._folder, uids, flags, how, unchanged_since) if uids else None
         changed = {m.uid: m for m in result.changed} if result is not None else {}
+        # Without .SILENT the flags of each message are reported, changed or not.
+        present = await self._present() if not silent and unchanged_since is None and any(u not in changed for u in uids) else {}
         msn_of = {u: msn for msn, u in targets}
         for u, m in changed.items():
-            self.known[u] = m
+            self._reported[u] = m.modseq
         for msn, u in targets:
-            info = self.known.get(u)
+            info = changed.get(u) or present.get(u)
             if info is None:
                 continue
             if u in changed or not silent and unchanged_since is None:
