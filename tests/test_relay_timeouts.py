@@ -12,7 +12,7 @@ import pytest
 
 from conftest import message, wait_for
 from dnsserver import DNSServer
-from test_relay import REMOTE_CONFIG, queue_cli, submit, tls_context
+from relaying import REMOTE_CONFIG, queue_cli, submit, tls_context
 
 from mailplat.tls import make_self_signed
 
@@ -75,8 +75,9 @@ class StallingRemote:
         self.thread.join(5)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def dns() -> Iterator[DNSServer]:
+    """One per module: its answers never change."""
     server = DNSServer().start({"zones": {
         "elsewhere.test": {"MX": [[10, "mx.elsewhere.test"]]},
         "mx.elsewhere.test": {"A": ["127.0.0.1"]},
