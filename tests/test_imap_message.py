@@ -449,6 +449,15 @@ def test_body_search_decodes_base64_quoted_printable_and_charsets():
     assert not nested_parts.text_contains(io.BytesIO(nested_data), "PNGDATA")
 
 
+@pytest.mark.parametrize("charset", ["zlib_codec", "base64", "rot13", "utf-16", "a\x00b", "no-such-charset", ""])
+def test_body_search_with_odd_charsets(charset):
+    """A charset that is no text encoding, unknown, or fails without a BOM is read as UTF-8, never run as a codec."""
+    data = b'Content-Type: text/plain; charset="' + charset.encode() + b'"\r\n\r\nhello secret\r\n'
+    parts = parse(data)
+    assert parts.body_contains(io.BytesIO(data), "SECRET")
+    assert not parts.body_contains(io.BytesIO(data), "public")
+
+
 def test_body_search_finds_text_across_read_boundaries(tmp_path):
     """A word that straddles two 64 KiB reads, raw or in base64, is still found."""
     filler = "x" * (64 * 1024 - 3)

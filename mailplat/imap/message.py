@@ -225,7 +225,7 @@ def _decode_words(value: str) -> str:
 def _decode_piece(value: str) -> str:
     try:
         return str(email.header.make_header(email.header.decode_header(value)))
-    except (email.errors.HeaderParseError, LookupError, UnicodeError, ValueError):
+    except (email.errors.MessageError, LookupError, UnicodeError, ValueError):
         return value
 
 
@@ -875,8 +875,11 @@ def _stream_contains(source: IO[bytes], part: MimePart, wanted: str) -> bool:
     """Whether ``part``'s body, decoded, holds ``wanted`` (already casefolded)."""
     charset = dict(part.content_type[2]).get("charset", "us-ascii") or "us-ascii"
     try:
+        # bytes.decode refuses what is no text encoding ("zlib_codec", "base64"):
+        # a charset parameter must not pick a decompressor.
+        b"a".decode(charset, "replace")
         decoder = codecs.getincrementaldecoder(charset)(errors="replace")
-    except LookupError:
+    except (LookupError, ValueError, TypeError):
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     if isinstance(decoder, codecs.IncrementalDecoder) and charset.lower().replace("_", "-") in ("us-ascii", "ascii"):
         # Mislabelled 8-bit text is common: read it as UTF-8 rather than as "?"s.
@@ -900,7 +903,12 @@ def _stream_contains(source: IO[bytes], part: MimePart, wanted: str) -> bool:
             cut = data.rfind(b"\n") + 1
             data, pending = data[:cut], data[cut:]
             data = binascii.a2b_qp(data)
-        text = tail + decoder.decode(data).casefold()
+        try:
+            text = tail + decoder.decode(data).casefold()
+        except UnicodeError:
+            # UTF-16 without a byte order mark raises whatever the error handler.
+            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            text = tail + decoder.decode(data).casefold()
         if wanted in text:
             return True
         tail = text[-keep:] if keep else ""
@@ -912,5 +920,8 @@ def _stream_contains(source: IO[bytes], part: MimePart, wanted: str) -> bool:
                 pending = binascii.a2b_base64(pending + b"==")
             except (binascii.Error, ValueError):
                 pending = b""
-    text = tail + decoder.decode(pending, final=True).casefold()
+    try:
+        text = tail + decoder.decode(pending, final=True).casefold()
+    except UnicodeError:
+        text = tail + pending.decode("utf-8", "replace").casefold()
     return wanted in text
