@@ -731,6 +731,19 @@ def test_an_expunge_racing_another_rename_removes_the_file(store, alice, monkeyp
     assert store.view(alice, INBOX).messages == ()
 
 
+def test_the_cache_is_bounded(store, alice, monkeypatch):
+    """Beyond the cached-message bound the least recently used folders are dropped, and read from disk again when used."""
+    monkeypatch.setattr(maildirplus, "_CACHED_MESSAGES", 3)
+    for name in ("One", "Two", "Three"):
+        store.create_folder(alice, name)
+        append(store, alice, name)
+        append(store, alice, name)
+    cached = [os.path.basename(p) for p in store._states]
+    assert ".One" not in cached and cached[-1] == ".Three", cached
+    assert len(store.view(alice, "One").messages) == 2
+    assert os.path.basename(list(store._states)[-1]) == ".One"
+
+
 FLAGGER = r"""
 import sys, time
 from mailplat.backends.maildirplus import MaildirPlus

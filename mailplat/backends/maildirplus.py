@@ -39,6 +39,7 @@ import shutil
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -105,6 +106,9 @@ _NAME_MAX = 255
 # mtime: its cached scan is not trusted (see the module docstring).
 _SLACK_NS = 1_000_000_000
 _LOCK_TIMEOUT = 30.0
+# Messages whose state a process keeps in memory, over all folders (about
+# a kilobyte each, measured): the least recently used folders are dropped beyond.
+_CACHED_MESSAGES = 100_000
 _COPY_BUFFER = 1 << 20
 
 
@@ -296,7 +300,7 @@ def _check_flags(flags: frozenset[str]) -> None:
 # --- a folder's state -------------------------------------------------------------
 
 
-@dataclass
+@dataclass(slots=True)
 class _Record:
     uid: int
     base: str
@@ -474,7 +478,9 @@ class MaildirPlus:
 
     def __init__(self, unique_name: Callable[[int], str]) -> None:
         self.unique_name = unique_name
-        self._states: dict[str, _State] = {}
+        # Most recently used last; bounded by _CACHED_MESSAGES (a folder
+        # evicted is read from disk again when next used).
+        self._states: OrderedDict[str, _State] = OrderedDict()
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
         self._usage: dict[str, tuple[Any, int, int, int]] = {}
@@ -589,8 +595,24 @@ class MaildirPlus:
                 record.info = None
             state.view = None
 
+    def _cached(self, path: str) -> _State | None:
+        with self._guard:
+            state = self._states.get(path)
+            if state is not None:
+                self._states.move_to_end(path)
+            return state
+
+    def _keep(self, path: str, state: _State) -> None:
+        with self._guard:
+            self._states[path] = state
+            self._states.move_to_end(path)
+            total = sum(len(s.records) for s in self._states.values())
+            while total > _CACHED_MESSAGES and len(self._states) > 1:
+                _, evicted = self._states.popitem(last=False)
+                total -= len(evicted.records)
+
     def _quick(self, path: str) -> FolderView | None:
-        state = self._states.get(path)
+        state = self._cached(path)
         if state is not None and state.trusted(self._stamp(path)):
             return state.view
         return None
@@ -599,7 +621,7 @@ class MaildirPlus:
         """Bring the cached state up to date with the disk; with the folder's lock held."""
         stamp = self._stamp(path)
         checked = time.time_ns()
-        state = self._states.get(path)
+        state = self._cached(path)
         if state is not None and state.trusted(stamp):
             return state
         if state is None or stamp[2] != state.uidlist_key:
@@ -639,7 +661,7 @@ class MaildirPlus:
         if changed or state.view is None:
             state.build_view()
         state.stamp, state.checked_ns = stamp, checked
-        self._states[path] = state
+        self._keep(path, state)
         return state
 
     def _reconcile(self, state: _State, found: dict[str, tuple[str, str]]) -> bool:
@@ -952,8 +974,9 @@ class MaildirPlus:
     def open_message(self, maildir: str, folder: str, uid: int) -> IO[bytes]:
         path = self._path(maildir, folder)
         for attempt in range(2):
-            if attempt == 0 and self._quick(path) is not None:
-                state = self._states[path]
+            cached = self._cached(path) if attempt == 0 and self._quick(path) is not None else None
+            if cached is not None:
+                state = cached
             else:
                 with self._locked(path) as state:
                     pass
