@@ -523,8 +523,11 @@ _SYSTEM_FLAGS = {flag.lower(): flag for flag in (FLAG_SEEN, FLAG_ANSWERED, FLAG_
 # Characters of a folder name; 500 keeps a NOTIFY payload far below its 8000 bytes.
 MAX_FOLDER_NAME = 500
 MAX_FOLDER_LEVEL = 255
-# Folder views kept by the process for view()'s cheap answer; sessions hold their own.
+# Folder views kept by the process for view()'s cheap answer (sessions
+# hold their own): at most this many folders and messages in all (about
+# 120 bytes a message).
 CACHED_VIEWS = 512
+CACHED_MESSAGES = 200_000
 
 
 def _mailbox_address(account: Account) -> str:
@@ -666,7 +669,9 @@ def _copy_out(conn: Any, message_id: int) -> IO[bytes]:
 
 _CREATE_FOLDER = """
 WITH v AS (
-    INSERT INTO mail_accounts (address, last_uidvalidity) VALUES (%(a)s, extract(epoch FROM now())::bigint)
+    INSERT INTO mail_accounts (address, last_uidvalidity)
+    SELECT %(a)s, extract(epoch FROM now())::bigint
+    WHERE NOT EXISTS (SELECT 1 FROM folders WHERE address = %(a)s AND name = %(f)s)
     ON CONFLICT (address) DO UPDATE SET last_uidvalidity = greatest(mail_accounts.last_uidvalidity + 1, excluded.last_uidvalidity)
     RETURNING last_uidvalidity
 )
@@ -875,8 +880,8 @@ class _Notifications:
             try:
                 with socket.socket(fileno=os.dup(conn.pgconn.socket)) as sock:
                     sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            except (OSError, psycopg.Error):
+                pass  # closed meanwhile: the thread is on its way out
 
     def _listen(self) -> None:
         delay = 0.1
@@ -948,6 +953,7 @@ class PostgresMailbox(_Pooled):
         self.channel = db.schema
         # The last view of each folder this process was asked for, by (address, folder key).
         self._views: OrderedDict[tuple[str, str], FolderView] = OrderedDict()
+        self._cached_messages = 0
         self._notifications: _Notifications | None = None
 
     def stopService(self) -> Any:
@@ -1132,15 +1138,23 @@ class PostgresMailbox(_Pooled):
         cached = self._views.get(cache_key)
 
         def done(view: FolderView) -> FolderView:
+            known = self._views.pop(cache_key, None)
+            if known is not None and known.uidvalidity == view.uidvalidity and known.highest_modseq > view.highest_modseq:
+                # Another call, asked later, answered first: keep the newer.
+                self._views[cache_key] = known
+                return view
+            self._cached_messages += len(view.messages) - (len(known.messages) if known is not None else 0)
             self._views[cache_key] = view
-            self._views.move_to_end(cache_key)
-            while len(self._views) > CACHED_VIEWS:
-                self._views.popitem(last=False)
+            while len(self._views) > 1 and (len(self._views) > CACHED_VIEWS or self._cached_messages > CACHED_MESSAGES):
+                _, dropped = self._views.popitem(last=False)
+                self._cached_messages -= len(dropped.messages)
             return view
 
         def gone(failure: Any) -> Any:
             if failure.check(NoSuchFolder):
-                self._views.pop(cache_key, None)
+                dropped = self._views.pop(cache_key, None)
+                if dropped is not None:
+                    self._cached_messages -= len(dropped.messages)
             return failure
 
         return self._in_thread(self._view, address, key, cached).addCallbacks(done, gone)
