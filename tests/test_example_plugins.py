@@ -139,6 +139,17 @@ def test_package_ships_its_drop_in_and_no_init_files(venv_bin: Path, tmp_path: P
     assert all(str(venv_bin.parent) in line for line in where.stdout.splitlines())
 
 
+def test_twistd_lists_mailplat_after_wheel_install(venv_bin: Path, tmp_path: Path) -> None:
+    """`twistd --help` lists mailplat after `pip install .` (a wheel, not editable), and `mailplat --help` runs.
+
+    This venv's mailplat is such an install, so test_install.py builds only the editable one."""
+    from test_install import twistd_lists_mailplat
+
+    # From an unrelated folder, so that the source tree is not on the path by accident.
+    assert twistd_lists_mailplat(venv_bin, tmp_path), "twistd --help does not list mailplat (wheel)"
+    assert subprocess.run([str(venv_bin / "mailplat"), "--help"], capture_output=True, timeout=60, cwd=tmp_path).returncode == 0
+
+
 def test_user_add_then_login_over_submission(plugin_server: MailplatServer, venv_bin: Path) -> None:
     """`mailplat user add` wrote to the sqlite table; the server checks logins against it."""
     listed = mailplat(venv_bin, plugin_server.config_path, "user", "list")
