@@ -21,11 +21,11 @@ from __future__ import annotations
 import binascii
 import codecs
 import datetime
-import re
 import email.errors
 import email.header
 import email.message
 import email.utils
+import re
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -48,7 +48,9 @@ __all__ = [
 
 # A part's header block kept for parsing; the rest of a longer one is skipped.
 MAX_HEADER = 256 * 1024
-# Parts beyond these are not split out: their boundaries are read as text.
+# Parts beyond these are not split out: their boundaries are read as text,
+# and a part nested deeper than MAX_DEPTH (multipart or message/rfc822) is
+# not read into (every walk over the tree recurses once per level).
 MAX_PARTS = 1000
 MAX_DEPTH = 64
 # The largest read from the file, and so the largest chunk of a FETCH literal.
