@@ -557,7 +557,7 @@ def test_hostile_address_fields_cost_little(field):
     assert time.monotonic() - started < 1
 
 
-@pytest.mark.parametrize("subject", ["=?utf-8?q?a" * 10000, ("=?utf-8?q?a" * 300 + " ") * 30, "=?utf-8?q?a?= " * 10000])
+@pytest.mark.parametrize("subject", ["=?utf-8?q?a" * 10000, ("=?utf-8?q?a" * 90 + " ") * 100, "=?utf-8?q?a?= " * 10000])
 def test_hostile_encoded_words_cost_little(subject):
     """Encoded-words that open and never close (quadratic for email.header) are decoded for SEARCH in bounded time."""
     data = f"Subject: {subject}\r\n\r\nx".encode()

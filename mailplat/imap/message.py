@@ -56,7 +56,7 @@ MAX_DEPTH = 64
 # The largest read from the file, and so the largest chunk of a FETCH literal.
 CHUNK = 64 * 1024
 # Header values are decoded for SEARCH in pieces of at most this (see _decode_words).
-MAX_DECODED = 4 * 1024
+MAX_DECODED = 1024
 _BLANKS = re.compile(r"(\s+)")
 # The longest address field with a group that ENVELOPE reads as groups (see _address_list).
 MAX_GROUP_LIST = 4 * 1024
