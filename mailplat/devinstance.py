@@ -5,8 +5,10 @@ demo user whose random password is printed once (and kept in
 ``dev/demo-password.txt``); later starts reuse all of it.  The SMTP listener
 is ``$MAILPLAT_DEV_SMTP`` (default ``tcp:2525:interface=127.0.0.1``),
 submission ``$MAILPLAT_DEV_SUBMISSION`` (2587), POP3 ``$MAILPLAT_DEV_POP3``
-(2110, STLS) and POP3S ``$MAILPLAT_DEV_POP3S`` (2995), read when the config
-is written.
+(2110, STLS), POP3S ``$MAILPLAT_DEV_POP3S`` (2995), IMAP
+``$MAILPLAT_DEV_IMAP`` (2143, STARTTLS) and IMAPS ``$MAILPLAT_DEV_IMAPS``
+(2993), read when the config is written.  The banner prints where each
+listens and how to reach it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,12 @@ DEFAULT_SMTP = "tcp:2525:interface=127.0.0.1"
 DEFAULT_SUBMISSION = "tcp:2587:interface=127.0.0.1"
 DEFAULT_POP3 = "tcp:2110:interface=127.0.0.1"
 DEFAULT_POP3S = "tcp:2995:interface=127.0.0.1"
+DEFAULT_IMAP = "tcp:2143:interface=127.0.0.1"
+DEFAULT_IMAPS = "tcp:2993:interface=127.0.0.1"
+LISTENERS = (
+    ("smtp", DEFAULT_SMTP), ("submission", DEFAULT_SUBMISSION), ("pop3", DEFAULT_POP3), ("pop3s", DEFAULT_POP3S),
+    ("imap", DEFAULT_IMAP), ("imaps", DEFAULT_IMAPS),
+)
 
 TEMPLATE = """\
 # mailplat development instance, written by `make run`; kept across runs
@@ -38,6 +46,8 @@ smtp = {smtp}
 submission = {submission}
 pop3 = {pop3}
 pop3s = {pop3s}
+imap = {imap}
+imaps = {imaps}
 
 [tls]
 certificate = "tls/cert.pem"
@@ -65,15 +75,10 @@ def create() -> str | None:
     if not os.path.exists(os.path.join(DEV, "tls", "cert.pem")):
         make_self_signed("mail.example.test", os.path.join(DEV, "tls", "cert.pem"), os.path.join(DEV, "tls", "key.pem"))
     if not os.path.exists(CONFIG):
-        listen = {
-            name: json.dumps(os.environ.get(f"MAILPLAT_DEV_{name.upper()}", default))
-            for name, default in (
-                ("smtp", DEFAULT_SMTP), ("submission", DEFAULT_SUBMISSION), ("pop3", DEFAULT_POP3), ("pop3s", DEFAULT_POP3S)
-            )
-        }
+        listen = {name: json.dumps(os.environ.get(f"MAILPLAT_DEV_{name.upper()}", default)) for name, default in LISTENERS}
         with open(CONFIG, "x") as f:
             f.write(TEMPLATE.format(demo=DEMO, **listen))
-    elif any(f"MAILPLAT_DEV_{name}" in os.environ for name in ("SMTP", "SUBMISSION", "POP3", "POP3S")):
+    elif any(f"MAILPLAT_DEV_{name.upper()}" in os.environ for name, _ in LISTENERS):
         print(f"note: MAILPLAT_DEV_* listeners are used only when {CONFIG} is written; edit [listen] there", file=sys.stderr)
     if os.path.exists(PASSWORD_FILE):
         return None
@@ -99,23 +104,39 @@ def create() -> str | None:
 
 def banner(password: str | None) -> str:
     from mailplat.config import load
+    from mailplat.doctor import connect_target
 
-    smtp = load(CONFIG).listen.get("smtp", "")
-    parts = smtp.split(":")
-    port = parts[1] if len(parts) > 1 and parts[1] != "0" else "PORT"
-    host = next((p.split("=", 1)[1] for p in parts[2:] if p.startswith("interface=")), "127.0.0.1")
+    listen = load(CONFIG).listen
+
+    def where(name: str) -> tuple[str, str]:
+        """(host, port) a client uses for a listener; port "PORT" when the system picks it at start."""
+        _, host, port = connect_target(listen.get(name, ""))
+        return host or "127.0.0.1", str(port) if port else "PORT"
+
+    host, port = where("smtp")
     secret = f"password: {password}  (shown once; also in {PASSWORD_FILE})" if password else f"password in {PASSWORD_FILE}"
-    lines = [
-        "mailplat development instance",
-        f"  config     {CONFIG}  (delete {DEV}/ to start again)",
-        f"  smtp       {smtp}" + ("  (PORT: see the 'smtp listening on' line below)" if port == "PORT" else ""),
+    lines = ["mailplat development instance", f"  config     {CONFIG}  (delete {DEV}/ to start again)"]
+    for name, _ in LISTENERS:
+        if name in listen:
+            picked = "  (PORT: see the '" + name + " listening on' line below)" if where(name)[1] == "PORT" else ""
+            lines.append(f"  {name:<10} {listen[name]}{picked}")
+    lines += [
         f"  user       {DEMO}, {secret}",
         f"  send       swaks --server {host} --port {port} --to {DEMO}",
-        f"  submit     swaks --server {host} --port 2587 --tls --auth-user {DEMO} --from {DEMO} --to {DEMO}",
-        f"  fetch      curl --insecure --ssl-reqd --user {DEMO}:PASSWORD pop3://{host}:2110/1  (pop3s on 2995)",
-        f"  mail in    {os.path.join(DEV, 'mail', 'example.test', 'demo', 'new')}/",
-        "",
+        f"  submit     swaks --server {where('submission')[0]} --port {where('submission')[1]} --tls --auth-user {DEMO} --from {DEMO} --to {DEMO}",
+        f"  fetch      curl --insecure --ssl-reqd --user {DEMO}:PASSWORD pop3://{where('pop3')[0]}:{where('pop3')[1]}/1",
     ]
+    if "imaps" in listen:
+        imaps_host, imaps_port = where("imaps")
+        lines += [
+            f"  read       curl --insecure --user {DEMO}:PASSWORD 'imaps://{imaps_host}:{imaps_port}/INBOX;UID=1'",
+            f"  mail app   IMAP server {imaps_host}, port {imaps_port} SSL/TLS"
+            + (f" (or {where('imap')[1]} STARTTLS)" if "imap" in listen else "")
+            + f", username {DEMO}; accept the self-signed certificate",
+        ]
+    elif "imap" not in listen:
+        lines.append(f"  note       {CONFIG} has no imap/imaps listeners (written before mailplat served IMAP): add them to [listen], or delete {DEV}/")
+    lines += [f"  mail in    {os.path.join(DEV, 'mail', 'example.test', 'demo')}/  (new/, then cur/ once a client has seen it)", ""]
     return "\n".join(lines)
 
 

@@ -49,7 +49,7 @@ from mailplat.wire.lines import printable
 if TYPE_CHECKING:
     from twisted.python.failure import Failure
 
-__all__ = ["Row", "add_arguments", "dns_server_argument", "run"]
+__all__ = ["Row", "add_arguments", "connect_target", "dns_server_argument", "run"]
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 
@@ -512,7 +512,7 @@ class _Doctor:
         from twisted.internet import endpoints, protocol
 
         subject = f"{name} {description}"
-        kind, target, port = _connect_target(description)
+        kind, target, port = connect_target(description)
         if kind == "":
             return Row("listener", subject, WARN, f"cannot check a {target!r} endpoint from here")
         if kind != "unix" and port == 0:
@@ -783,7 +783,7 @@ def _short_path(path: str, settings: Settings) -> str:
     return path if relative.startswith("..") else relative
 
 
-def _connect_target(description: str) -> tuple[str, str, int]:
+def connect_target(description: str) -> tuple[str, str, int]:
     """Where to connect to reach a server endpoint string: (kind, host or path, port).
 
     tcp and tcp6 listening on every interface are reached on the loopback

@@ -1,10 +1,12 @@
-"""`make run`'s dev instance: first start creates dev/, mail to the demo user lands, a restart reuses dev/."""
+"""`make run`'s dev instance: first start creates dev/, mail to the demo user lands and is read over IMAP, a restart reuses dev/."""
 
 from __future__ import annotations
 
+import imaplib
 import os
 import re
 import smtplib
+import ssl
 import stat
 import subprocess
 import sys
@@ -25,6 +27,7 @@ class DevInstance:
         env = dict(
             os.environ,
             MAILPLAT_DEV_SMTP=any_port, MAILPLAT_DEV_SUBMISSION=any_port, MAILPLAT_DEV_POP3=any_port, MAILPLAT_DEV_POP3S=any_port,
+            MAILPLAT_DEV_IMAP=any_port, MAILPLAT_DEV_IMAPS=any_port,
         )
         with open(self.out, "wb") as out:
             self.process = subprocess.Popen(
@@ -35,14 +38,15 @@ class DevInstance:
     def output(self) -> str:
         return self.out.read_text(errors="replace")
 
-    def wait_listening(self) -> int:
-        def port() -> int | None:
+    def wait_listening(self) -> dict[str, int]:
+        """The port of each listener, once all six listen."""
+        def ports() -> dict[str, int] | None:
             if self.process.poll() is not None:
                 raise AssertionError(f"the dev instance exited with {self.process.returncode}:\n{self.output()}")
-            found = re.search(r"smtp listening on 127\.0\.0\.1:(\d+)", self.output())
-            return int(found.group(1)) if found else None
+            found = {name: int(port) for name, port in re.findall(r"(\w+) listening on 127\.0\.0\.1:(\d+)", self.output())}
+            return found if len(found) == 6 else None
 
-        return wait_for(port, START_TIMEOUT, "the dev instance to listen")  # type: ignore[return-value]
+        return wait_for(ports, START_TIMEOUT, "the dev instance to listen")  # type: ignore[return-value]
 
     def stop(self) -> None:
         stop_process(self.process)
@@ -53,7 +57,8 @@ def test_dev_instance_first_start_and_restart(tmp_path):
     dev = tmp_path / "dev"
     first = DevInstance(tmp_path, 1)
     try:
-        port = first.wait_listening()
+        ports = first.wait_listening()
+        port = ports["smtp"]
         password_file = dev / "demo-password.txt"
         password = password_file.read_text().strip()
         assert stat.S_IMODE(password_file.stat().st_mode) == 0o600
@@ -64,6 +69,9 @@ def test_dev_instance_first_start_and_restart(tmp_path):
         assert stored["demo@example.test"].startswith("{ARGON2ID}")
         assert verify_password(stored["demo@example.test"], password)
         assert "swaks" in first.output() and "dev/mailplat.toml" in first.output()
+        for name in ("imap", "imaps"):
+            assert f"  {name:<10} tcp:0:interface=127.0.0.1  (PORT: see the '{name} listening on' line below)" in first.output()
+        assert "IMAP server 127.0.0.1, port PORT SSL/TLS (or PORT STARTTLS), username demo@example.test" in first.output()
 
         with smtplib.SMTP("127.0.0.1", port) as client:
             client.sendmail("someone@remote.test", ["demo@example.test"], message("dev one", to="demo@example.test"))
@@ -72,6 +80,18 @@ def test_dev_instance_first_start_and_restart(tmp_path):
         contents = [p.read_bytes() for p in new.iterdir()]
         assert len(contents) == 2
         assert any(b"Subject: dev one" in c for c in contents) and any(b"Subject: dev two" in c for c in contents)
+
+        # The demo user reads both over IMAPS and over IMAP with STARTTLS, trusting dev/'s certificate.
+        context = ssl.create_default_context(cafile=str(dev / "tls" / "cert.pem"))
+        context.check_hostname = False
+        with imaplib.IMAP4_SSL("127.0.0.1", ports["imaps"], ssl_context=context, timeout=30) as client:
+            client.login("demo@example.test", password)
+            assert client.select("INBOX", readonly=True) == ("OK", [b"2"])
+        with imaplib.IMAP4("127.0.0.1", ports["imap"], timeout=30) as client:
+            assert "LOGINDISABLED" in client.capabilities
+            client.starttls(context)
+            client.login("demo@example.test", password)
+            assert client.select("INBOX", readonly=True) == ("OK", [b"2"])
     finally:
         first.stop()
 
@@ -82,6 +102,8 @@ def test_dev_instance_first_start_and_restart(tmp_path):
         assert password not in second.output()
         assert "password in dev/demo-password.txt" in second.output()
         assert {p: p.read_bytes() for p in kept} == kept
-        assert len(list((dev / "mail" / "example.test" / "demo" / "new").iterdir())) == 2
+        # In new/, or in cur/ once the IMAP session above has seen them.
+        maildir = dev / "mail" / "example.test" / "demo"
+        assert len(list((maildir / "new").iterdir())) + len(list((maildir / "cur").iterdir())) == 2
     finally:
         second.stop()
