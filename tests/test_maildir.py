@@ -860,6 +860,35 @@ def test_watch_notices_another_process_within_a_second(running, tmp_path, use_in
         running.reactor.call(backend.stopService)
 
 
+def test_a_folder_deleted_under_a_session_is_no_such_folder(running, tmp_path):
+    """A folder removed by another process between two calls gives NoSuchFolder, and a disk error a TemporaryFailure, never a raw OSError."""
+    backend = watched_maildir(running, tmp_path / "mail", True)
+    try:
+        running.reactor.call(backend.create_folder, ALICE, "Brief")
+        running.reactor.call(backend.view, ALICE, "Brief")
+        shutil.rmtree(os.path.join(backend.folder(ALICE), ".Brief"))
+        for call in (
+            lambda: backend.view(ALICE, "Brief"),
+            lambda: backend.store_flags(ALICE, "Brief", [1], frozenset({FLAG_SEEN}), "add"),
+        ):
+            with pytest.raises(NoSuchFolder):
+                running.reactor.call(call)
+        # Deleted between the check and the lock (a race a test cannot time): the
+        # error on the way out is what the IMAP server sees.
+        def vanished() -> None:
+            raise FileNotFoundError(2, "No such file or directory")
+
+        def broken() -> None:
+            raise OSError(5, "Input/output error")
+
+        with pytest.raises(NoSuchFolder):
+            running.reactor.call(backend._store, vanished)
+        with pytest.raises(TemporaryFailure, match="Input/output error"):
+            running.reactor.call(backend._store, broken)
+    finally:
+        running.reactor.call(backend.stopService)
+
+
 def test_an_inotify_queue_overflow_calls_every_watcher(running, tmp_path):
     """When the kernel's event queue overflows (one event with no watch), every watched folder is told it may have changed."""
     import struct

@@ -40,6 +40,7 @@ from mailplat.interfaces import (
     IMessageStore,
     MaildropEntry,
     MaildropInUse,
+    NoSuchFolder,
     PermanentFailure,
     SpooledMessage,
     StoreResult,
@@ -190,50 +191,63 @@ class Maildir(service.Service):
 
     # --- IMessageStore: the disk work is MaildirPlus's, in the thread pool ---
 
+    def _store(self, f: Any, *args: Any) -> Any:
+        """``f`` in the pool; a disk error becomes the failure a protocol can answer
+        (a folder that vanished meanwhile, say deleted by another session, is NoSuchFolder)."""
+
+        def failed(failure: Any) -> Any:
+            failure.trap(OSError)
+            if isinstance(failure.value, FileNotFoundError):
+                raise NoSuchFolder("the folder is gone")
+            raise TemporaryFailure(f"cannot use the mailbox: {failure.value.strerror or failure.value}")
+
+        return self._thread(f, *args).addErrback(failed)
+
+
     def folders(self, account: Account) -> Deferred[list[Folder]]:
-        return self._thread(self.store.folders, self.folder(account))
+        return self._store(self.store.folders, self.folder(account))
 
     def create_folder(self, account: Account, name: str) -> Deferred[None]:
-        return self._thread(self.store.create_folder, self.folder(account), name)
+        return self._store(self.store.create_folder, self.folder(account), name)
 
     def delete_folder(self, account: Account, name: str) -> Deferred[None]:
-        return self._thread(self.store.delete_folder, self.folder(account), name)
+        return self._store(self.store.delete_folder, self.folder(account), name)
 
     def rename_folder(self, account: Account, old: str, new: str) -> Deferred[None]:
-        return self._thread(self.store.rename_folder, self.folder(account), old, new)
+        return self._store(self.store.rename_folder, self.folder(account), old, new)
 
     def subscribe(self, account: Account, name: str, subscribed: bool) -> Deferred[None]:
-        return self._thread(self.store.subscribe, self.folder(account), name, subscribed)
+        return self._store(self.store.subscribe, self.folder(account), name, subscribed)
 
     def view(self, account: Account, folder: str) -> Deferred[FolderView]:
-        return self._thread(self.store.view, self.folder(account), folder)
+        return self._store(self.store.view, self.folder(account), folder)
 
     def read(self, account: Account, folder: str, uid: int) -> Deferred[IO[bytes]]:
         """An open local file: reading it on the reactor thread is the accepted cost (as POP3's)."""
-        return self._thread(self.store.open_message, self.folder(account), folder, uid)
+        return self._store(self.store.open_message, self.folder(account), folder, uid)
 
     def append(self, account: Account, folder: str, message: SpooledMessage, flags: frozenset[str], internal_date: float) -> Deferred[tuple[int, int]]:
-        return self._thread(self.store.append, self.folder(account), folder, message, frozenset(flags), internal_date)
+        return self._store(self.store.append, self.folder(account), folder, message, frozenset(flags), internal_date)
 
     def store_flags(
         self, account: Account, folder: str, uids: list[int], flags: frozenset[str], how: str, unchanged_since: int | None = None,
     ) -> Deferred[StoreResult]:
-        return self._thread(self.store.store_flags, self.folder(account), folder, list(uids), frozenset(flags), how, unchanged_since)
+        return self._store(self.store.store_flags, self.folder(account), folder, list(uids), frozenset(flags), how, unchanged_since)
 
     def copy(self, account: Account, folder: str, uids: list[int], target: str) -> Deferred[tuple[int, list[tuple[int, int]]]]:
-        return self._thread(self.store.copy, self.folder(account), folder, list(uids), target)
+        return self._store(self.store.copy, self.folder(account), folder, list(uids), target)
 
     def move(self, account: Account, folder: str, uids: list[int], target: str) -> Deferred[tuple[int, list[tuple[int, int]]]]:
-        return self._thread(self.store.move, self.folder(account), folder, list(uids), target)
+        return self._store(self.store.move, self.folder(account), folder, list(uids), target)
 
     def expunge(self, account: Account, folder: str, uids: list[int]) -> Deferred[list[int]]:
-        return self._thread(self.store.expunge, self.folder(account), folder, list(uids))
+        return self._store(self.store.expunge, self.folder(account), folder, list(uids))
 
     def watch(self, account: Account, folder: str, changed: Callable[[], None]) -> Callable[[], None]:
         return self.watcher.watch(folder_path(self.folder(account), folder), changed)
 
     def usage(self, account: Account) -> Deferred[tuple[int, int]]:
-        return self._thread(self.store.usage, self.folder(account))
+        return self._store(self.store.usage, self.folder(account))
 
 
 @implementer(IMaildrop)
