@@ -621,3 +621,35 @@ def test_encoded_or_too_deep_messages_are_not_read_but_keep_the_grammar():
     parts = parse(deep)
     assert parts.bodystructure(False).count(b'"rfc822"') == 65
     assert fetch(deep, "BODY.PEEK[" + ".".join(["1"] * 70) + "]").endswith(b"Subject: x\r\n\r\nbody\r\n)\r\n")
+
+
+CASES = (
+    b'From: a@b.c\r\nMIME-Version: 1.0\r\nContent-Type: MULTIPART/Mixed; Boundary="ZZ"; Foo=Bar\r\n\r\n--ZZ\r\n'
+    b"Content-Type: TEXT/PLAIN; CHARSET=UTF-8; format=flowed\r\nContent-Transfer-Encoding: BASE64\r\n"
+    b'Content-Disposition: INLINE; FILENAME="A B.txt"; size=12\r\nContent-Language: EN\r\n\r\naGVsbG8=\r\n--ZZ\r\n'
+    b"Content-Type: application/x-thing; name*=utf-8''%41; b=c\r\nContent-Disposition: attachment\r\n"
+    b"Content-ID: <x@y>\r\n\r\nAAA\r\n--ZZ\r\nContent-Type: text/html\r\n\r\n<p>x</p>\r\n--ZZ\r\nContent-Type: text\r\n\r\n"
+    b"broken type\r\n--ZZ\r\nContent-Type: image/\r\n\r\nno subtype\r\n--ZZ--\r\n"
+)
+
+
+def test_case_as_written_and_where_we_differ_from_dovecot():
+    """Types, subtypes, encodings and dispositions keep the header's case, a text part gets charset us-ascii, and a
+    language is always a list, as Dovecot answers.
+
+    Dovecot also keeps the case of parameter names ("CHARSET", "Boundary")
+    and writes unreadable types as ("text" "") and ("" ""); email.message
+    gives the names in lower case (they are case-insensitive, RFC 2045 5.1),
+    and RFC 2045 5.2 makes an unreadable type text/plain; charset=us-ascii.
+    """
+    assert parse(CASES).bodystructure(True) == (
+        b'(("TEXT" "PLAIN" ("charset" "UTF-8" "format" "flowed") NIL NIL "BASE64" 8 0 NIL '
+        b'("INLINE" ("filename" "A B.txt" "size" "12")) ("EN") NIL)'
+        b"(\"application\" \"x-thing\" (\"b\" \"c\" \"name*\" \"utf-8''A\") \"<x@y>\" NIL \"7bit\" 3 NIL (\"attachment\" NIL) NIL NIL)"
+        b'("text" "html" ("charset" "us-ascii") NIL NIL "7bit" 8 0 NIL NIL NIL NIL)'
+        b'("text" "plain" ("charset" "us-ascii") NIL NIL "7bit" 11 0 NIL NIL NIL NIL)'
+        b'("text" "plain" ("charset" "us-ascii") NIL NIL "7bit" 10 0 NIL NIL NIL NIL) '
+        b'"Mixed" ("boundary" "ZZ" "foo" "Bar") NIL NIL NIL)'
+    )
+    # What ties to the case is read without it: the boundary, the encoding, the charset.
+    assert parse(CASES).body_contains(io.BytesIO(CASES), "HELLO")

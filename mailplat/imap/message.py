@@ -11,8 +11,9 @@ BODY/TEXT.  Everything that reads the file blocks: the server runs it in a
 thread.
 
 The answers are shaped after Dovecot's for the same message (the tests pin
-them): ``type`` and ``subtype`` are lower case, a missing Content-Type is
-``text/plain; charset=us-ascii``, a missing Content-Transfer-Encoding is
+them): types, parameters and encodings as the header writes them, a
+missing Content-Type is ``text/plain; charset=us-ascii`` and a text part
+without charset gets ``us-ascii``, a missing Content-Transfer-Encoding is
 ``7bit``, and encoded-words stay encoded in ENVELOPE as RFC 3501 says.
 """
 
@@ -44,6 +45,7 @@ __all__ = [
     "SectionSpec",
     "imap_string",
     "nstring",
+    "param",
 ]
 
 # A part's header block kept for parsing; the rest of a longer one is skipped.
@@ -287,6 +289,7 @@ class MimePart:
     _header_size: int = 0
     _fields: list[tuple[str, bytes]] | None = None
     _ctype: tuple[str, str, list[tuple[str, str]]] | None = None
+    _written: tuple[str, str] = ("text", "plain")
 
     # -- header lookups
 
@@ -307,14 +310,20 @@ class MimePart:
 
     @property
     def content_type(self) -> tuple[str, str, list[tuple[str, str]]]:
-        """(type, subtype, parameters) in lower case but for the parameter values."""
+        """(type, subtype) in lower case, and the parameters as written (see :func:`param`)."""
         if self._ctype is None:
             self._ctype = self._parse_content_type()
         return self._ctype
 
+    @property
+    def written_type(self) -> tuple[str, str]:
+        """(type, subtype) as the header writes them: BODYSTRUCTURE sends them so, as Dovecot does."""
+        self.content_type
+        return self._written
+
     def _parse_content_type(self) -> tuple[str, str, list[tuple[str, str]]]:
         raw = self.raw_value("content-type")
-        default = self.default_type
+        self._written = default = self.default_type
         default_params = [("charset", "us-ascii")] if default == ("text", "plain") else []
         if raw is None:
             return default[0], default[1], default_params
@@ -322,8 +331,10 @@ class MimePart:
         maintype, slash, subtype = kind.partition("/")
         if not (slash and maintype and subtype):
             # RFC 2045 5.2: a Content-Type that cannot be read is text/plain; charset=us-ascii.
+            self._written = ("text", "plain")
             return "text", "plain", [("charset", "us-ascii")]
-        return maintype, subtype, params
+        self._written = (maintype, subtype)
+        return maintype.lower(), subtype.lower(), params
 
     @property
     def is_multipart(self) -> bool:
@@ -341,8 +352,13 @@ class MimePart:
 
     @property
     def encoding(self) -> str:
+        """Content-Transfer-Encoding in lower case, ``7bit`` when there is none."""
+        return self.written_encoding.lower()
+
+    @property
+    def written_encoding(self) -> str:
         raw = self.raw_value("content-transfer-encoding")
-        return _text(raw).strip().lower() if raw else "7bit"
+        return _text(raw).strip() or "7bit" if raw else "7bit"
 
     def header_section(self) -> Section:
         return Section(self.start, self.header_end)
@@ -367,12 +383,22 @@ def _structured(name: str, raw: bytes) -> headerregistry.BaseHeader | None:
         return None
 
 
-def _params(name: str, raw: bytes) -> tuple[str, list[tuple[str, str]]]:
-    """A Content-Type's or Content-Disposition's value (lower case) and parameters, as BODYSTRUCTURE shows them.
+def param(params: list[tuple[str, str]], name: str) -> str | None:
+    """The value of parameter ``name`` (any case), None if there is none."""
+    key = name.lower()
+    for pname, value in params:
+        if pname.lower() == key:
+            return value
+    return None
 
-    Names are in lower case; an RFC 2231 value (``name*``) stays encoded, its
-    continuations joined, as Dovecot sends it: a client decodes it, and 8-bit
-    text in BODYSTRUCTURE would be read in whatever charset the client guesses.
+
+def _params(name: str, raw: bytes) -> tuple[str, list[tuple[str, str]]]:
+    """A Content-Type's or Content-Disposition's value and parameters, as BODYSTRUCTURE shows them.
+
+    Names and values are as written, as Dovecot sends them; an RFC 2231
+    value (``name*``) stays encoded, its continuations joined: a client
+    decodes it, and 8-bit text in BODYSTRUCTURE would be read in whatever
+    charset the client guesses.
     """
     holder = email.message.Message()
     holder[name] = _text(raw)
@@ -384,7 +410,7 @@ def _params(name: str, raw: bytes) -> tuple[str, list[tuple[str, str]]]:
         return "", []
     params: list[tuple[str, str]] = []
     for key, value in found[1:]:
-        key = key.strip().lower()
+        key = key.strip()
         if not key:
             continue
         if isinstance(value, tuple):
@@ -393,7 +419,7 @@ def _params(name: str, raw: bytes) -> tuple[str, list[tuple[str, str]]]:
             params.append((key + "*", f"{charset or ''}'{language or ''}'{encoded}"))
         else:
             params.append((key, value))
-    return found[0][0].strip().lower(), params
+    return found[0][0].strip(), params
 
 
 class _Reader:
@@ -506,7 +532,7 @@ class _Reader:
         # Deeper parts stay text: every walk over the tree recurses once per level.
         depth = part.depth
         if maintype == "multipart" and depth < MAX_DEPTH:
-            boundary = dict(params).get("boundary")
+            boundary = param(params, "boundary")
             if boundary:
                 self.boundaries.append((b"--" + boundary.encode("utf-8", "replace"), part))
         elif (
@@ -820,9 +846,8 @@ def _extension(part: MimePart) -> list[bytes]:
     raw = part.raw_value("content-language")
     if raw:
         tags = [tag.strip() for tag in _text(raw).split(",") if tag.strip()]
-        if len(tags) == 1:
-            language = imap_string(tags[0])
-        elif tags:
+        if tags:
+            # A list even of one, as Dovecot sends it.
             language = b"(" + b" ".join(imap_string(tag) for tag in tags) + b")"
     return [disposition, language, nstring(part.raw_value("content-location"))]
 
@@ -833,8 +858,9 @@ def _empty_text(extended: bool) -> bytes:
 
 def _structure(part: MimePart, extended: bool) -> bytes:
     maintype, subtype, params = part.content_type
+    written_type, written_subtype = part.written_type
     if part.children:
-        items = [b"".join(_structure(child, extended) for child in part.children), imap_string(subtype)]
+        items = [b"".join(_structure(child, extended) for child in part.children), imap_string(written_subtype)]
         if extended:
             items.append(_param_list(params))
             items.extend(_extension(part))
@@ -842,18 +868,21 @@ def _structure(part: MimePart, extended: bool) -> bytes:
     if maintype == "multipart":
         # A multipart whose boundary never came: one empty text part, as
         # Dovecot shows it (RFC 3501's body-type-mpart needs one at least).
-        items = [_empty_text(extended), imap_string(subtype)]
+        items = [_empty_text(extended), imap_string(written_subtype)]
         if extended:
             items.append(_param_list(params))
             items.extend(_extension(part))
         return b"(" + b" ".join(items) + b")"
+    if maintype == "text" and param(params, "charset") is None:
+        # RFC 2045 5.2's default, said as Dovecot says it.
+        params = [*params, ("charset", "us-ascii")]
     items = [
-        imap_string(maintype),
-        imap_string(subtype),
+        imap_string(written_type),
+        imap_string(written_subtype),
         _param_list(params),
         nstring(part.raw_value("content-id")),
         nstring(part.raw_value("content-description")),
-        imap_string(part.encoding),
+        imap_string(part.written_encoding),
         b"%d" % part.size,
     ]
     if part.message is not None:
@@ -875,7 +904,7 @@ def _structure(part: MimePart, extended: bool) -> bytes:
 
 def _stream_contains(source: IO[bytes], part: MimePart, wanted: str) -> bool:
     """Whether ``part``'s body, decoded, holds ``wanted`` (already casefolded)."""
-    charset = dict(part.content_type[2]).get("charset", "us-ascii") or "us-ascii"
+    charset = param(part.content_type[2], "charset") or "us-ascii"
     try:
         # bytes.decode refuses what is no text encoding ("zlib_codec", "base64"):
         # a charset parameter must not pick a decompressor.
