@@ -488,15 +488,16 @@ def test_migration_numbers_mail_delivered_before(schema: Schema) -> None:
                      (address, folder, uid, seen, seen))
     assert postgres.migrate(postgres.Database(schema.dsn, schema.name)) == len(postgres.MIGRATIONS)
 
-    folders = schema.query("SELECT address, name, uidnext, highest_modseq, special_use, uidvalidity FROM {s}.folders ORDER BY address, name")
-    assert [f[:5] for f in folders] == [
-        ("alice@example.org", "", 4, 1, ""), ("alice@example.org", "Quarantine", 2, 1, ""), ("alice@example.org", "Trash", 2, 1, "\\Trash"),
-        ("bob@example.org", "", 2, 1, ""),
+    folders = schema.query(
+        "SELECT address, name, uidnext, highest_modseq, special_use, messages, octets, uidvalidity FROM {s}.folders ORDER BY address, name")
+    assert [f[:7] for f in folders] == [
+        ("alice@example.org", "", 4, 1, "", 3, 30), ("alice@example.org", "Quarantine", 2, 1, "", 1, 10),
+        ("alice@example.org", "Trash", 2, 1, "\\Trash", 1, 10), ("bob@example.org", "", 2, 1, "", 1, 10),
     ]
-    alice = [f[5] for f in folders if f[0] == "alice@example.org"]
+    alice = [f[7] for f in folders if f[0] == "alice@example.org"]
     assert len(set(alice)) == 3 and all(0 < v < 2**32 for v in alice), alice
     assert schema.query("SELECT address, last_uidvalidity FROM {s}.mail_accounts ORDER BY address") == [
-        ("alice@example.org", max(alice)), ("bob@example.org", folders[3][5])]
+        ("alice@example.org", max(alice)), ("bob@example.org", folders[3][7])]
     messages = schema.query("SELECT uid, imap_uid, flags, modseq FROM {s}.messages ORDER BY id")
     assert messages == [
         ("a1", 1, ["\\Seen"], 1), ("a2", 1, [], 1), ("a3", 2, [], 1), ("a4", 1, [], 1), ("a5", 3, ["\\Seen"], 1), ("b1", 1, [], 1)]
@@ -662,6 +663,11 @@ async def main(reactor):
         await a.deliver(ALICE, message("next"))
         assert [m.uid for m in (await b.view(ALICE, "INBOX")).messages] == [inbox.uidnext]
         stop()
+        counted = "SELECT f.address, f.name, f.messages, f.octets FROM {s}.folders f ORDER BY 1, 2"
+        summed = ("SELECT f.address, f.name, count(m.id), coalesce(sum(m.size), 0)::bigint FROM {s}.folders f"
+                  " LEFT JOIN {s}.messages m ON m.address = f.address AND m.folder = f.name GROUP BY 1, 2 ORDER BY 1, 2")
+        assert q(counted) == q(summed), "each folder's counts follow its messages"
+        assert await b.usage(ALICE) == tuple(int(x) for x in q("SELECT sum(size), count(*) FROM {s}.messages WHERE address = 'alice@example.org'")[0])
     finally:
         await one.stop()
         await two.stop()

@@ -242,6 +242,16 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """ALTER TABLE {schema}.messages ADD CONSTRAINT messages_folder_fkey FOREIGN KEY (address, folder)
             REFERENCES {schema}.folders (address, name) ON UPDATE CASCADE ON DELETE CASCADE""",
     ),
+    (
+        # What each folder holds, kept by every change in the transaction
+        # that makes it (the folder row is locked for it anyway): usage(),
+        # asked at each delivery when [mailbox] quota is set, reads the
+        # account's few folder rows instead of summing all its messages.
+        "ALTER TABLE {schema}.folders ADD COLUMN octets bigint NOT NULL DEFAULT 0, ADD COLUMN messages bigint NOT NULL DEFAULT 0",
+        """UPDATE {schema}.folders f SET octets = s.octets, messages = s.messages
+            FROM (SELECT address, folder, sum(size) AS octets, count(*) AS messages FROM {schema}.messages GROUP BY address, folder) s
+            WHERE f.address = s.address AND f.name = s.folder""",
+    ),
 )
 
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
@@ -718,24 +728,27 @@ def _lock(conn: Any, address: str, keys: list[str]) -> dict[str, tuple[int, int,
     return {row[0]: (row[1], row[2], row[3]) for row in rows}
 
 
-def _bump(conn: Any, channel: str, address: str, key: str, expunged: bool = False) -> int:
-    """Raise the folder's highest_modseq (and notify); the new value."""
-    also = ", expunged_modseq = highest_modseq + 1" if expunged else ""
+def _bump(conn: Any, channel: str, address: str, key: str, removed: tuple[int, int] | None = None) -> int:
+    """Raise the folder's highest_modseq (and notify); the new value.
+    ``removed``: the (messages, octets) that left it, an expunge."""
+    also = ", expunged_modseq = highest_modseq + 1, messages = messages - %(n)s, octets = octets - %(o)s" if removed else ""
+    n, o = removed or (0, 0)
     row = conn.execute(
-        f"UPDATE folders SET highest_modseq = highest_modseq + 1{also} WHERE address = %s AND name = %s RETURNING highest_modseq, pg_notify(%s, %s)",
-        (address, key, channel, _payload(address, key)),
+        f"UPDATE folders SET highest_modseq = highest_modseq + 1{also} WHERE address = %(a)s AND name = %(f)s"
+        " RETURNING highest_modseq, pg_notify(%(c)s, %(p)s)",
+        {"n": n, "o": o, "a": address, "f": key, "c": channel, "p": _payload(address, key)},
     ).fetchone()
     if row is None:
         raise NoSuchFolder(f"there is no folder {_folder_name(key)}")
     return int(row[0])
 
 
-def _reserve(conn: Any, channel: str, address: str, key: str, count: int) -> tuple[int, int]:
-    """Take ``count`` UIDs of the folder (and a modseq); (first uid, modseq)."""
+def _reserve(conn: Any, channel: str, address: str, key: str, count: int, octets: int) -> tuple[int, int]:
+    """Take ``count`` UIDs of the folder (and a modseq) for messages of ``octets`` in all; (first uid, modseq)."""
     row = conn.execute(
-        "UPDATE folders SET uidnext = uidnext + %(n)s, highest_modseq = highest_modseq + 1 WHERE address = %(a)s AND name = %(f)s"
-        " RETURNING uidnext - %(n)s, highest_modseq, pg_notify(%(c)s, %(p)s)",
-        {"n": count, "a": address, "f": key, "c": channel, "p": _payload(address, key)},
+        "UPDATE folders SET uidnext = uidnext + %(n)s, highest_modseq = highest_modseq + 1, messages = messages + %(n)s, octets = octets + %(o)s"
+        " WHERE address = %(a)s AND name = %(f)s RETURNING uidnext - %(n)s, highest_modseq, pg_notify(%(c)s, %(p)s)",
+        {"n": count, "o": octets, "a": address, "f": key, "c": channel, "p": _payload(address, key)},
     ).fetchone()
     if row is None:
         raise NoSuchFolder(f"there is no folder {_folder_name(key)}")
@@ -747,12 +760,13 @@ def _move_rows(conn: Any, channel: str, address: str, source: str, target: str, 
     to ``target`` with new UIDs (both folders locked); [(old uid, new uid)]."""
     assert column in ("id", "imap_uid")
     rows = conn.execute(
-        f"SELECT id, imap_uid FROM messages WHERE address = %s AND folder = %s AND {column} = ANY(%s::bigint[]) ORDER BY imap_uid",
+        f"SELECT id, imap_uid, size FROM messages WHERE address = %s AND folder = %s AND {column} = ANY(%s::bigint[]) ORDER BY imap_uid",
         (address, source, values),
     ).fetchall()
     if not rows:
         return []
-    first, modseq = _reserve(conn, channel, address, target, len(rows))
+    octets = sum(row[2] for row in rows)
+    first, modseq = _reserve(conn, channel, address, target, len(rows), octets)
     # POP3's trash_days purge goes by trashed_at: what IMAP moves to Trash
     # is purged as what POP3 put there is.
     conn.execute(
@@ -760,7 +774,7 @@ def _move_rows(conn: Any, channel: str, address: str, source: str, target: str, 
         " FROM unnest(%(ids)s::bigint[]) WITH ORDINALITY AS s(id, n) WHERE m.id = s.id",
         {"t": target, "first": first, "m": modseq, "trash": target == TRASH, "ids": [row[0] for row in rows]},
     )
-    _bump(conn, channel, address, source, expunged=True)
+    _bump(conn, channel, address, source, removed=(len(rows), octets))
     return [(row[1], first + n) for n, row in enumerate(rows)]
 
 
@@ -768,12 +782,12 @@ def _copy_rows(conn: Any, channel: str, address: str, source: str, target: str, 
     """Copy messages with their flags into ``target`` (both folders locked),
     their chunks copied by the database; [(old uid, new uid)]."""
     rows = conn.execute(
-        "SELECT id, imap_uid FROM messages WHERE address = %s AND folder = %s AND imap_uid = ANY(%s::bigint[]) ORDER BY imap_uid",
+        "SELECT id, imap_uid, size FROM messages WHERE address = %s AND folder = %s AND imap_uid = ANY(%s::bigint[]) ORDER BY imap_uid",
         (address, source, uids),
     ).fetchall()
     if not rows:
         return []
-    first, modseq = _reserve(conn, channel, address, target, len(rows))
+    first, modseq = _reserve(conn, channel, address, target, len(rows), sum(row[2] for row in rows))
     old_ids = [row[0] for row in rows]
     made = conn.execute(
         "INSERT INTO messages (address, folder, uid, size, received, flags, modseq, imap_uid, trashed_at)"
@@ -795,7 +809,7 @@ def _copy_rows(conn: Any, channel: str, address: str, source: str, target: str, 
 
 _ASSIGN_UID = """
 WITH f AS (
-    UPDATE folders SET uidnext = uidnext + 1, highest_modseq = highest_modseq + 1
+    UPDATE folders SET uidnext = uidnext + 1, highest_modseq = highest_modseq + 1, messages = messages + 1, octets = octets + %(size)s
     WHERE address = %(a)s AND name = %(f)s
     RETURNING uidvalidity, uidnext - 1 AS uid, highest_modseq, pg_notify(%(c)s, %(p)s)
 )
@@ -1291,11 +1305,12 @@ class PostgresMailbox(_Pooled):
                 if key not in _lock(conn, address, [key]):
                     raise NoSuchFolder(f"there is no folder {folder}")
                 rows = conn.execute(
-                    "DELETE FROM messages WHERE address = %s AND folder = %s AND imap_uid = ANY(%s::bigint[]) AND %s = ANY(flags) RETURNING imap_uid",
+                    "DELETE FROM messages WHERE address = %s AND folder = %s AND imap_uid = ANY(%s::bigint[]) AND %s = ANY(flags)"
+                    " RETURNING imap_uid, size",
                     (address, key, list(uids), FLAG_DELETED),
                 ).fetchall()
                 if rows:
-                    _bump(conn, self.channel, address, key, expunged=True)
+                    _bump(conn, self.channel, address, key, removed=(len(rows), sum(row[1] for row in rows)))
             return sorted(row[0] for row in rows)
 
         return self._in_thread(expunge)
@@ -1314,7 +1329,9 @@ class PostgresMailbox(_Pooled):
 
         def count() -> tuple[int, int]:
             with self._connection() as conn:
-                row = conn.execute("SELECT coalesce(sum(size), 0)::bigint, count(*) FROM messages WHERE address = %s", (address,)).fetchone()
+                row = conn.execute(
+                    "SELECT coalesce(sum(octets), 0)::bigint, coalesce(sum(messages), 0)::bigint FROM folders WHERE address = %s", (address,)
+                ).fetchone()
             return int(row[0]), int(row[1])
 
         return self._in_thread(count)
@@ -1410,10 +1427,10 @@ class PostgresMaildrop:
                     _move_rows(conn, channel, address, "", TRASH, "id", gone)
                 elif gone:
                     removed = conn.execute(
-                        "DELETE FROM messages WHERE address = %s AND folder = '' AND id = ANY(%s::bigint[])", (address, gone)
-                    ).rowcount
+                        "DELETE FROM messages WHERE address = %s AND folder = '' AND id = ANY(%s::bigint[]) RETURNING size", (address, gone)
+                    ).fetchall()
                     if removed:
-                        _bump(conn, channel, address, "", expunged=True)
+                        _bump(conn, channel, address, "", removed=(len(removed), sum(row[0] for row in removed)))
                 if seen:
                     # seen/seen_at record POP3's retrieval (what expire's
                     # retrieved_days goes by); \Seen is the flag IMAP shows.
@@ -1433,23 +1450,23 @@ class PostgresMaildrop:
 
     def _expire(self, retrieved_days: float | None, trash_days: float) -> None:
         conn, address, channel = self._conn, self.address, self.db.schema
-        removed = 0
+        removed: list[Any] = []
         with conn.transaction():
             locked = _lock(conn, address, ["", TRASH])
             if retrieved_days is not None and "" in locked:
                 removed = conn.execute(
-                    "DELETE FROM messages WHERE address = %s AND folder = '' AND seen AND seen_at < now() - %s * interval '1 day'",
+                    "DELETE FROM messages WHERE address = %s AND folder = '' AND seen AND seen_at < now() - %s * interval '1 day' RETURNING size",
                     (address, float(retrieved_days)),
-                ).rowcount
+                ).fetchall()
                 if removed:
-                    _bump(conn, channel, address, "", expunged=True)
+                    _bump(conn, channel, address, "", removed=(len(removed), sum(row[0] for row in removed)))
             if TRASH in locked:
                 purged = conn.execute(
-                    "DELETE FROM messages WHERE address = %s AND folder = %s AND trashed_at < now() - %s * interval '1 day'",
+                    "DELETE FROM messages WHERE address = %s AND folder = %s AND trashed_at < now() - %s * interval '1 day' RETURNING size",
                     (address, TRASH, float(trash_days)),
-                ).rowcount
+                ).fetchall()
                 if purged:
-                    _bump(conn, channel, address, TRASH, expunged=True)
+                    _bump(conn, channel, address, TRASH, removed=(len(purged), sum(row[0] for row in purged)))
         if removed:
             self._scan()
 
