@@ -430,3 +430,15 @@ def test_tags_and_names_that_are_not_imap():
     assert wire.lines() == ["a BAD Missing or invalid command name"]
     wire.send("a XYZZY")
     assert wire.lines() == ["a BAD Unknown command XYZZY"]
+
+
+def test_a_spooled_literal_is_removed_when_its_command_goes_wrong(tmp_path):
+    """An APPEND whose message literal is spooled and whose line then ends in a bare LF leaves no file behind."""
+    wire = login(Platform().imap(spool_dir=str(tmp_path)))
+    message = b"Subject: big\r\n\r\n" + b"x" * 100_000 + b"\r\n"
+    wire.send(f"a APPEND INBOX {{{len(message)}+}}")
+    wire.protocol.dataReceived(message + b" junk\n")
+    assert wire.lines() == ["* BAD Command lines must end with CRLF, not a bare LF"]
+    assert os.listdir(tmp_path) == []
+    wire.send("b NOOP")
+    assert wire.lines() == ["b OK NOOP completed"]

@@ -516,11 +516,11 @@ class IMAPServer(CommandReader, TLSHandshakeDeadline, TimeoutMixin, protocol.Pro
     # -- input (CommandReader hooks) ------------------------------------------
 
     def line_too_long(self) -> None:
-        self._pieces, self._line_octets = [], 0
+        self._drop_literal()
         self._invalid("*", f"Command line too long (limit {self.max_command_line} octets)")
 
     def bare_newline(self) -> None:
-        self._pieces, self._line_octets = [], 0
+        self._drop_literal()
         self._invalid("*", "Command lines must end with CRLF, not a bare LF")
 
     def cross_protocol_request(self, verb: str) -> None:
@@ -641,7 +641,7 @@ class IMAPServer(CommandReader, TLSHandshakeDeadline, TimeoutMixin, protocol.Pro
     def command_failed(self, failure: Failure) -> None:
         """A bug outside a command's own handling: logged in one line, never shown."""
         log.error("{session} imap internal error: {error}", session=self.session, error=describe_failure(failure))
-        self._pieces, self._line_octets = [], 0
+        self._drop_literal()
         self._send(f"{self._tag or '*'} NO [SERVERBUG] Internal error, try again later")
 
     # -- running a command -----------------------------------------------------
