@@ -24,7 +24,8 @@ one maildir at once.  A folder's state is cached per process and re-read
 only when the mtimes of ``new/``, ``cur/``, the uidlist or the keywords
 file change, or when one of them is too recent to be trusted (a directory's
 mtime has the granularity of the kernel's clock tick, so two changes within
-one tick look like one; Dovecot rescans for a second for the same reason).
+one tick look like one: a folder changed in the last 0.1 s is scanned again,
+in the last second on a file system with whole-second times, as Dovecot does).
 :class:`Watcher` tells the IMAP server about changes, with inotify or by
 polling.
 """
@@ -103,8 +104,19 @@ _MAX_KEYWORDS = 26
 # A folder's directory name is one path component.
 _NAME_MAX = 255
 # A directory changed this recently may change again within the same
-# mtime: its cached scan is not trusted (see the module docstring).
+# mtime: its cached scan is not trusted (see _settled).
 _SLACK_NS = 1_000_000_000
+
+
+def _settled(checked_ns: int, mtime_ns: int) -> bool:
+    """Whether a change after ``checked_ns`` must give a newer mtime than ``mtime_ns``.
+
+    True once a clock tick has passed since the mtime: Linux stamps files
+    with its coarse clock (a tick is 1 to 10 ms; 0.1 s is ample), and a file
+    system whose times are whole seconds (NFS, ext3) gets Dovecot's second.
+    """
+    slack = _SLACK_NS if mtime_ns % 1_000_000_000 == 0 else _SLACK_NS // 10
+    return checked_ns - mtime_ns > slack
 _LOCK_TIMEOUT = 30.0
 # Messages whose state a process keeps in memory, over all folders (about
 # a kilobyte each, measured): the least recently used folders are dropped beyond.
@@ -346,7 +358,7 @@ class _State:
         if self.view is None or stamp != self.stamp:
             return False
         newest = max((key[1] for key in stamp if key is not None), default=0)
-        return self.checked_ns - newest > _SLACK_NS
+        return _settled(self.checked_ns, newest)
 
     def flags_of(self, name: str) -> frozenset[str]:
         letters = _info_letters(name)
@@ -1243,7 +1255,7 @@ class MaildirPlus:
         key = _stat_key(maildir)
         checked = time.time_ns()
         cached = self._usage_folders.get(maildir)
-        if cached is not None and cached[0] == key and key is not None and cached[1] - key[1] > _SLACK_NS:
+        if cached is not None and cached[0] == key and key is not None and _settled(cached[1], key[1]):
             return cached[2]
         paths = [maildir] + [
             os.path.join(maildir, entry) for entry in os.listdir(maildir) if _folder_name(entry) is not None
@@ -1257,7 +1269,7 @@ class MaildirPlus:
             return 0, 0
         checked = time.time_ns()
         cached = self._usage.get(directory)
-        if cached is not None and cached[0] == key and cached[1] - key[1] > _SLACK_NS:
+        if cached is not None and cached[0] == key and _settled(cached[1], key[1]):
             return cached[2], cached[3]
         octets = count = 0
         try:
@@ -1468,7 +1480,7 @@ class Watcher:
                     self._changed(watched)
                 watched.stamp = stamp
                 newest = max((key[1] for key in stamp if key is not None), default=0)
-                watched.recent = now - newest < _SLACK_NS
+                watched.recent = not _settled(now, newest)
 
         def done(result: Any) -> Any:
             self._polling = False
