@@ -1391,7 +1391,12 @@ class Watcher:
                 from twisted.python.filepath import FilePath
 
                 if self._notifier is None:
-                    self._notifier = _INotify(self.reactor)
+                    try:
+                        self._notifier = _INotify(self.reactor)
+                    except Exception:
+                        # No inotify here (or no instance left): poll from now on.
+                        self._use_inotify = False
+                        raise
                     # When the kernel's queue overflows it sends one event with
                     # no watch (wd -1, read unsigned), which Twisted drops: we
                     # take it as "anything may have changed".
