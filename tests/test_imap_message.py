@@ -653,3 +653,50 @@ def test_case_as_written_and_where_we_differ_from_dovecot():
     )
     # What ties to the case is read without it: the boundary, the encoding, the charset.
     assert parse(CASES).body_contains(io.BytesIO(CASES), "HELLO")
+
+
+class CountingReader(io.BytesIO):
+    """A message file that counts the octets read from it."""
+
+    read_octets = 0
+
+    def read(self, size=-1):
+        data = super().read(size)
+        self.read_octets += len(data)
+        return data
+
+    def readline(self, size=-1):
+        data = super().readline(size)
+        self.read_octets += len(data)
+        return data
+
+
+@pytest.mark.parametrize("name", ["simple", "alternative", "nested", "no_close", "header_only", "digest"])
+def test_header_only_read_answers_header_items_alike(name):
+    """A header-only read gives the same ENVELOPE, HEADER, HEADER.FIELDS and TEXT as a full one, and refuses the rest."""
+    data = MESSAGES[name]()
+    full, head = parse(data), MessageParts.read(io.BytesIO(data), header_only=True)
+    assert head.envelope() == full.envelope()
+    for text in ("HEADER", "TEXT", "HEADER.FIELDS (FROM SUBJECT)", "HEADER.FIELDS.NOT (TO)", ""):
+        spec = SectionSpec.parse(text)
+        assert head.section(spec).read(io.BytesIO(data)) == full.section(spec).read(io.BytesIO(data))
+    assert head.header_values("from") == full.header_values("from")
+    assert not head.complete and full.complete
+    with pytest.raises(ValueError):
+        head.bodystructure(False)
+    with pytest.raises(ValueError):
+        head.section(SectionSpec.parse("1"))
+    with pytest.raises(ValueError):
+        head.body_contains(io.BytesIO(data), "x")
+
+
+def test_header_only_reads_only_the_header():
+    """For ENVELOPE and header fields of a 5 MB message, only its first read is made, not the body."""
+    data = nested() + b"x" * 5_000_000
+    source = CountingReader(data)
+    MessageParts.read(source, header_only=True)
+    assert source.read_octets < 1000
+    assert FetchRequest.parse([["UID", "ENVELOPE", "BODY.PEEK[HEADER.FIELDS (FROM)]", "RFC822.SIZE", "BODY.PEEK[TEXT]"]]).header_only
+    assert not FetchRequest.parse([["ENVELOPE", "BODYSTRUCTURE"]]).header_only
+    assert not FetchRequest.parse([["ENVELOPE", "BODY.PEEK[1]"]]).header_only
+    assert not FetchRequest.parse(["FLAGS"]).header_only

@@ -126,8 +126,13 @@ class Store:
     def search(self, tokens, charset=None, recent=frozenset({40, 50})) -> list[int]:
         query = SearchQuery.parse(tokens, charset)
         messages = [(msn, info) for msn, info, _ in self.rows]
+
+        def parse_in_thread(source):
+            # As the server may: the header alone when no key reads the body.
+            return defer.succeed(MessageParts.read(source, header_only=not query.needs_body))
+
         d = run(
-            query, messages, self.open_message, len(messages), max(self.files), lambda s: defer.succeed(MessageParts.read(s)),
+            query, messages, self.open_message, len(messages), max(self.files), parse_in_thread,
             recent=recent, in_thread=lambda f: defer.succeed(f()),
         )
         results: list = []
@@ -286,6 +291,9 @@ def test_query_attributes():
     assert SearchQuery.parse(["MODSEQ", "3"], None).uses_modseq
     assert not SearchQuery.parse(["ALL"], None).uses_modseq
     assert SearchQuery.parse(["NEW"], None).uses_recent
+    assert SearchQuery.parse(["OR", "SEEN", "BODY", "x"], None).needs_body
+    assert SearchQuery.parse(["TEXT", "x"], None).needs_body
+    assert not SearchQuery.parse(["FROM", "x", "SENTON", "1-Jan-2020"], None).needs_body
 
 
 @pytest.mark.parametrize(

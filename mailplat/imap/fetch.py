@@ -17,6 +17,7 @@ For each FETCH the server does, in order::
     for each message:
         source = await store.read(...)   if request.needs_message
         parts = await in_thread(MessageParts.read, source)   if request.needs_structure
+            (with header_only=True when request.header_only: only the header is read)
         response = render(request, msn, info, source, parts, add_uid=..., add_modseq=...)
         send response.chunks(), then close source
 """
@@ -176,6 +177,20 @@ class FetchRequest:
             if item.section is not None and (item.section.part or item.section.kind):
                 return True
         return False
+
+    @property
+    def header_only(self) -> bool:
+        """Whether ``MessageParts.read(source, header_only=True)`` suffices: ENVELOPE and sections of the
+        message header or text only (what a client's first sync asks of every message), so that the body
+        of a large message is not read at all."""
+        if not self.needs_structure:
+            return False
+        for item in self.items:
+            if item.name in ("BODY", "BODYSTRUCTURE") and item.section is None:
+                return False
+            if item.section is not None and item.section.part:
+                return False
+        return True
 
     @property
     def sets_seen(self) -> bool:

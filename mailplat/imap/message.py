@@ -437,9 +437,16 @@ class _Reader:
         self.current = self.root
         self.in_header = True
 
-    def run(self, source: IO[bytes]) -> MimePart:
+    def run(self, source: IO[bytes], header_only: bool = False) -> MimePart:
         source.seek(0)
         while True:
+            if header_only and not self.in_header:
+                # The message header is all that is wanted: the body is its size only.
+                root = self.root
+                root.children, root.message, self.boundaries, self.current = [], None, [], root
+                source.seek(0, 2)
+                self.offset = source.tell()
+                break
             if not self.in_header:
                 if not self.boundaries:
                     self._rest_in_chunks(source)
@@ -677,13 +684,26 @@ class MessageParts:
     root: MimePart
     # Octets of the whole file.
     size: int
+    # False when only the message header was read (see read's header_only).
+    complete: bool = True
 
     @classmethod
-    def read(cls, source: IO[bytes]) -> MessageParts:
-        """Read ``source`` (from its start) once, keeping per part only its header and offsets. Blocking."""
+    def read(cls, source: IO[bytes], *, header_only: bool = False) -> MessageParts:
+        """Read ``source`` (from its start) once, keeping per part only its header and offsets. Blocking.
+
+        With ``header_only`` it stops at the end of the message header (a
+        few reads for any size of message): enough for ENVELOPE, HEADER,
+        HEADER.FIELDS[.NOT], TEXT and header SEARCH keys, as
+        ``FetchRequest.header_only`` says; the result is not ``complete``,
+        and BODYSTRUCTURE, part numbers and body searches raise ValueError.
+        """
         reader = _Reader()
-        root = reader.run(source)
-        return cls(root, reader.offset)
+        root = reader.run(source, header_only)
+        return cls(root, reader.offset, not header_only)
+
+    def _require_complete(self, what: str) -> None:
+        if not self.complete:
+            raise ValueError(f"{what} needs the whole structure, read without header_only")
 
     # -- ENVELOPE / BODYSTRUCTURE
 
@@ -693,6 +713,7 @@ class MessageParts:
 
     def bodystructure(self, extended: bool) -> bytes:
         """BODYSTRUCTURE (``extended``, with extension data) or BODY, serialized."""
+        self._require_complete("BODYSTRUCTURE")
         return _structure(self.root, extended)
 
     # -- SEARCH
@@ -719,6 +740,7 @@ class MessageParts:
         their charset); no header, not even an encapsulated message's; no
         other part (images, archives).
         """
+        self._require_complete("SEARCH BODY")
         wanted = needle.casefold()
         if not wanted:
             return True
@@ -734,6 +756,7 @@ class MessageParts:
 
     def text_contains(self, source: IO[bytes], needle: str) -> bool:
         """SEARCH TEXT: ``needle`` in any header (the message's, each part's, each encapsulated message's) or the body. Blocking."""
+        self._require_complete("SEARCH TEXT")
         wanted = needle.casefold()
         for part in self.root.walk():
             text = "\n".join(f"{_text(raw.partition(b':')[0])}: {_decode_words(_text(_field_value(raw)))}" for _, raw in part.fields)
@@ -749,6 +772,7 @@ class MessageParts:
         Part 1 of what is not a multipart is that part itself (its body), as
         RFC 3501 says of a non-multipart message and Dovecot does of every part.
         """
+        self._require_complete("a part number")
         current = self.root
         # Whether ``current`` is the whole message or one encapsulated message.
         message = True

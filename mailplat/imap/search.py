@@ -182,6 +182,7 @@ class _Parser:
         self.needs_message = False
         self.uses_modseq = False
         self.uses_recent = False
+        self.needs_body = False
         self.depth = 0
         # The largest MSN and UID, for "*": set before each match.
         self.limits = _Limits()
@@ -271,6 +272,7 @@ class _Parser:
             return _header(name, self.string(tokens, i + 2, word)), i + 3
         if word in ("BODY", "TEXT"):
             self.needs_message = True
+            self.needs_body = True
             needle = self.string(tokens, i + 1, word)
             if word == "BODY":
                 return _with_message(lambda ctx, parts: _source_check(ctx, parts, needle, body_only=True)), i + 2
@@ -358,6 +360,12 @@ class SearchQuery:
     def needs_message(self) -> bool:
         """Whether some key reads the message (header, body, text, sent date)."""
         return self._parser.needs_message
+
+    @property
+    def needs_body(self) -> bool:
+        """Whether BODY or TEXT appear; without them ``parse_in_thread`` may read the header only
+        (``MessageParts.read(source, header_only=True)``), whatever the size of the messages."""
+        return self._parser.needs_body
 
     @property
     def uses_modseq(self) -> bool:
