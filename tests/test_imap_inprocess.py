@@ -286,7 +286,7 @@ def test_expunge_by_another_session_waits_for_a_command_that_allows_it():
 
 
 def test_idle_pushes_new_mail_and_flag_changes_then_done():
-    """During IDLE a message appended elsewhere arrives as EXISTS and a flag change as FETCH; DONE ends it with OK."""
+    """During IDLE a message appended elsewhere arrives as EXISTS, a flag change as FETCH, and every 2 minutes an OK; DONE ends it."""
     platform = Platform()
     idle = selected(platform)
     other = login(platform.imap())
@@ -298,8 +298,12 @@ def test_idle_pushes_new_mail_and_flag_changes_then_done():
     other.send("t STORE 1 +FLAGS (\\Answered)")
     other.output()
     assert idle.lines() == ["* 1 FETCH (UID 1 FLAGS (\\Answered))"]
+    platform.clock.advance(120)
+    assert idle.lines() == ["* OK Still here"]
     idle.send("DONE")
     assert idle.lines() == ["i OK IDLE terminated"]
+    platform.clock.advance(240)
+    assert idle.lines() == []
     idle.send("u UNSELECT")
     assert idle.lines() == ["u OK UNSELECT completed"]
     assert not any(w[0] == "alice@example.org" and w[2].__self__ is idle.protocol for w in platform.store.watchers)

@@ -97,6 +97,8 @@ _WRITE_BUFFER = 256 * 1024
 # Per turn of the reactor, a streamed reply writes this much, so that other
 # sessions get their share.
 _PUMP_PER_TURN = 256 * 1024
+# Seconds between "* OK Still here" lines during IDLE.
+IDLE_KEEPALIVE = 120.0
 # Messages whose MIME structure a session keeps (a client asks BODYSTRUCTURE, then a part).
 _PARTS_CACHED = 8
 
@@ -424,6 +426,7 @@ class IMAPServer(CommandReader, TLSHandshakeDeadline, TimeoutMixin, protocol.Pro
         self._sasl: tuple[str, sasl.SASLExchange] | None = None
         # IDLE in progress: its tag; and a change to report while it runs.
         self._idle_tag: str | None = None
+        self._keepalive: Any = None
         self._syncing: defer.Deferred[None] | None = None
         self._sync_again = False
         # The selected folder.
@@ -463,6 +466,7 @@ class IMAPServer(CommandReader, TLSHandshakeDeadline, TimeoutMixin, protocol.Pro
 
     def connectionLost(self, reason: Any = None) -> None:
         self.setTimeout(None)
+        self._stop_keepalive()
         self.forget_tls_handshake()
         self._drop_literal()
         self._deselect()
@@ -1180,11 +1184,27 @@ class IMAPServer(CommandReader, TLSHandshakeDeadline, TimeoutMixin, protocol.Pro
             await self._sync(expunges=True)
         self._idle_tag = tag
         self._send("+ idling")
+        self._keepalive = self.clock.callLater(IDLE_KEEPALIVE, self._still_here)
         return None
+
+    def _still_here(self) -> None:
+        """A line now and then during IDLE, so that a NAT or firewall on the way
+        keeps the connection of a phone that only listens (as Dovecot's
+        imap_idle_notify_interval, 2 minutes)."""
+        self._keepalive = None
+        if self._idle_tag is not None and not self.transport.disconnecting:
+            self._send("* OK Still here")
+            self._keepalive = self.clock.callLater(IDLE_KEEPALIVE, self._still_here)
+
+    def _stop_keepalive(self) -> None:
+        keepalive, self._keepalive = self._keepalive, None
+        if keepalive is not None and keepalive.active():
+            keepalive.cancel()
 
     def _idle_line(self, line: bytes) -> Any:
         tag, self._idle_tag = self._idle_tag, None
         assert tag is not None
+        self._stop_keepalive()
 
         async def done(_tag: str, _args: list[Token], _uid: bool) -> str:
             if line.strip().upper() != b"DONE":
