@@ -12,7 +12,15 @@ import dkim
 import pytest
 
 import commands
-from conftest import MAILPLAT, message
+from conftest import BASE_CONFIG, MAILPLAT, MailplatServer, message
+
+
+@pytest.fixture
+def site(tmp_path):
+    """A server's folder and config, not started: keygen needs only the config, the server starts once the key is in it."""
+    server = MailplatServer(tmp_path / "server", BASE_CONFIG)
+    yield server
+    server.stop()
 
 
 def keygen(config, *args: str) -> subprocess.CompletedProcess[str]:
@@ -35,8 +43,8 @@ def submit(server, raw: bytes, to: str = "bob@example.org") -> None:
 
 
 @pytest.mark.parametrize("algorithm", ["rsa", "ed25519"])
-def test_keygen_then_signed_submission_verifies(make_server, algorithm):
-    server = make_server()
+def test_keygen_then_signed_submission_verifies(site, algorithm):
+    server = site
     result = keygen(server.config_path, "example.org", "--algorithm", algorithm, "--selector", "s1")
     assert result.returncode == 0, result.stderr
     key = server.root / "dkim" / "example.org.s1.key"
@@ -45,7 +53,6 @@ def test_keygen_then_signed_submission_verifies(make_server, algorithm):
     assert name == "s1._domainkey.example.org" and f"k={algorithm}".encode() in record
     # The printed config snippet is what the server then uses.
     snippet = result.stdout.split("restart mailplat:\n", 1)[1].split("\n3.")[0]
-    server.stop()
     server.config_path.write_text(server.config_path.read_text() + "\n" + "\n".join(line.strip() for line in snippet.splitlines()) + "\n")
     server.start()
 
@@ -58,10 +65,9 @@ def test_keygen_then_signed_submission_verifies(make_server, algorithm):
     assert not dkim.verify(b"From: <boss@example.org>\r\n" + signed, dnsfunc=lambda qname, timeout=5: record)
 
 
-def test_mail_from_a_domain_without_a_key_is_not_signed(make_server):
-    server = make_server()
+def test_mail_from_a_domain_without_a_key_is_not_signed(site):
+    server = site
     assert keygen(server.config_path, "example.org").returncode == 0
-    server.stop()
     server.config_path.write_text(server.config_path.read_text() + '\n[dkim."example.org"]\nselector = "mail"\nkey = "dkim/example.org.mail.key"\n')
     server.start()
     submit(server, message("unsigned", sender="alice@example.net", to="bob@example.org"))
@@ -69,8 +75,8 @@ def test_mail_from_a_domain_without_a_key_is_not_signed(make_server):
     assert b"DKIM-Signature" not in delivered
 
 
-def test_keygen_refuses_to_overwrite_and_foreign_domains(make_server):
-    server = make_server()
+def test_keygen_refuses_to_overwrite_and_foreign_domains(site):
+    server = site
     assert keygen(server.config_path, "example.org").returncode == 0
     again = keygen(server.config_path, "example.org")
     assert again.returncode == 1 and "exists" in again.stderr and "never overwritten" in again.stderr
