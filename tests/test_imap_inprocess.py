@@ -11,6 +11,7 @@ from twisted.logger import globalLogPublisher
 
 from inprocess import Platform, Wire
 from mailplat.config import IMAPSettings
+from mailplat.interfaces import Account
 
 MESSAGE = b"From: Alice <alice@example.org>\r\nTo: bob@example.org\r\nSubject: hello\r\n\r\nbody line\r\n"
 
@@ -446,3 +447,17 @@ def test_a_spooled_literal_is_removed_when_its_command_goes_wrong(tmp_path):
     assert os.listdir(tmp_path) == []
     wire.send("b NOOP")
     assert wire.lines() == ["b OK NOOP completed"]
+
+
+def test_list_shows_levels_that_are_not_folders_as_noselect():
+    """A folder whose parent is no folder (made by another tool) is reachable: % lists the parent with \\Noselect \\HasChildren."""
+    platform = Platform()
+    wire = login(platform.imap())
+    platform.store.create_folder(Account("alice@example.org"), "Lists/dev")
+    del platform.store.accounts["alice@example.org"]["Lists"]
+    wire.send('a LIST "" %')
+    assert '* LIST (\\Noselect \\HasChildren) "/" "Lists"' in wire.lines()
+    wire.send('b LIST "" Lists/%')
+    assert wire.lines() == ['* LIST (\\HasNoChildren) "/" "Lists/dev"', "b OK LIST completed"]
+    wire.send("c SELECT Lists")
+    assert wire.lines()[0].startswith("c NO [NONEXISTENT]")

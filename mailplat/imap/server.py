@@ -736,6 +736,13 @@ class IMAPServer(CommandReader, TLSHandshakeDeadline, TimeoutMixin, protocol.Pro
         # RFC 2971: the client's own ID is not needed; ours names no version.
         if len(args) != 1 or not (isinstance(args[0], list) or args[0] == "NIL"):
             raise BAD("Syntax: ID (field value ...) or ID NIL")
+        if isinstance(args[0], list):
+            fields = args[0]
+            named = {_text(fields[i]).decode("utf-8", "replace").lower(): fields[i + 1] for i in range(0, len(fields) - 1, 2)}
+            said = " ".join(f"{key}={printable(_text(value), 40)}" for key, value in named.items()
+                            if key in ("name", "version", "os") and isinstance(value, (str, bytes)) and value != "NIL")
+            if said:
+                log.info("{session} imap client {said}", session=self.session, said=said)
         self._send('* ID ("name" "mailplat")')
         return "ID completed"
 
@@ -1063,30 +1070,38 @@ class IMAPServer(CommandReader, TLSHandshakeDeadline, TimeoutMixin, protocol.Pro
 
     async def _list(self, verb: str, reference: str, patterns: list[str], selection: set[str], returns: set[str], status: list[str] | None) -> None:
         matchers = [_pattern(reference + p) for p in patterns]
-        folders = sorted(await call(self.store.folders, self._account), key=lambda f: (f.name != INBOX, f.name))
-        names = {f.name for f in folders}
-        parents = {n.rsplit("/", 1)[0] for n in names if "/" in n}
-        for folder in folders:
-            if not any(m(folder.name) for m in matchers):
+        folders = {f.name: f for f in await call(self.store.folders, self._account)}
+        # Every level above a folder has children; a level that is no folder
+        # itself (".a.b" made by another tool without ".a") is listed as
+        # \Noselect, so that a client can walk down to its children (RFC 3501 6.3.8).
+        parents = {n[:i] for n in folders for i in range(len(n)) if n[i] == "/"}
+        names = sorted(folders.keys() | (parents if not selection else set()), key=lambda n: (n != INBOX, n))
+        for name in names:
+            if not any(m(name) for m in matchers):
                 continue
-            if "SUBSCRIBED" in selection and not folder.subscribed:
+            folder = folders.get(name)
+            if folder is not None and "SUBSCRIBED" in selection and not folder.subscribed:
                 continue
-            if "SPECIAL-USE" in selection and not folder.special_use:
+            if folder is not None and "SPECIAL-USE" in selection and not folder.special_use:
                 continue
             attributes = []
             if verb == "LIST":
-                attributes.append("\\HasChildren" if folder.name in parents else "\\HasNoChildren")
-                if folder.special_use:
+                if folder is None:
+                    attributes.append("\\Noselect")
+                attributes.append("\\HasChildren" if name in parents else "\\HasNoChildren")
+                if folder is not None and folder.special_use:
                     attributes.append(folder.special_use)
-                if folder.subscribed and ("SUBSCRIBED" in selection or "SUBSCRIBED" in returns):
+                if folder is not None and folder.subscribed and ("SUBSCRIBED" in selection or "SUBSCRIBED" in returns):
                     attributes.append("\\Subscribed")
-            self._send(f"* {verb} ({' '.join(attributes)}) \"/\" {wire_name(folder.name)}")
-            if status is not None:
+            elif folder is None:
+                continue
+            self._send(f"* {verb} ({' '.join(attributes)}) \"/\" {wire_name(name)}")
+            if status is not None and folder is not None:
                 try:
-                    view = await call(self.store.view, self._account, folder.name)
+                    view = await call(self.store.view, self._account, name)
                 except NoSuchFolder:
                     continue
-                self._send(f"* STATUS {wire_name(folder.name)} ({self._status_values(view, status)})")
+                self._send(f"* STATUS {wire_name(name)} ({self._status_values(view, status)})")
 
     def _status_items(self, tokens: list[Token]) -> list[str]:
         items = _upper_atoms(tokens, "status item")
