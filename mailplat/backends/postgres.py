@@ -919,7 +919,7 @@ class _Notifications:
                 for notify in conn.notifies():
                     address, _, key = notify.payload.partition("\n")
                     self._queue((address, key))
-            except psycopg.Error as e:
+            except Exception as e:  # a database error or not: listening goes on
                 if not self._stopping.is_set():
                     self._warn(e)
             finally:
