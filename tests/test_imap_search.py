@@ -356,3 +356,48 @@ def test_format_esearch():
     assert format_esearch("A2", [], full, uid=False) == '* ESEARCH (TAG "A2") COUNT 0'
     assert format_esearch("A3", [], ("MIN",), uid=False) == '* ESEARCH (TAG "A3")'
     assert format_esearch("A4", [5], ("ALL",), uid=False, modseq=17) == '* ESEARCH (TAG "A4") ALL 5 MODSEQ 17'
+
+
+def test_messages_are_read_a_few_at_a_time_and_a_failure_fails_the_search():
+    """With a slow store, at most OPEN_AT_ONCE files are open at once, every one is closed, and the answer is the same;
+    a message whose structure cannot be read fails the whole search."""
+    from mailplat.imap.search import OPEN_AT_ONCE
+
+    rows = mailbox() * 3
+    rows = [(msn, MessageInfo(msn, info.size, info.flags, info.internal_date, info.modseq), data)
+            for msn, (_, info, data) in enumerate(rows, 1)]
+    files = {info.uid: data for _, info, data in rows}
+    waiting: list[tuple[defer.Deferred, int]] = []
+    opened: list[io.BytesIO] = []
+
+    def open_message(uid):
+        d = defer.Deferred()
+        waiting.append((d, uid))
+        return d
+
+    def release():
+        while waiting:
+            assert len(waiting) <= OPEN_AT_ONCE
+            assert sum(not f.closed for f in opened) <= OPEN_AT_ONCE
+            d, uid = waiting.pop(0)
+            source = io.BytesIO(files[uid])
+            opened.append(source)
+            d.callback(source)
+
+    query = SearchQuery.parse(["TEXT", b"how are you"], None)
+    messages = [(msn, info) for msn, info, _ in rows]
+    results: list = []
+    run(query, messages, open_message, len(rows), len(rows), lambda s: defer.succeed(MessageParts.read(s)),
+        in_thread=lambda f: defer.succeed(f())).addBoth(results.append)
+    assert len(waiting) == OPEN_AT_ONCE
+    release()
+    assert results == [[1, 6, 11]]
+    assert len(opened) == 15 and all(f.closed for f in opened)
+
+    def broken(source):
+        return defer.fail(OSError("disk error"))
+
+    failures: list = []
+    run(query, messages, lambda uid: defer.succeed(io.BytesIO(files[uid])), len(rows), len(rows), broken,
+        in_thread=lambda f: defer.succeed(f())).addErrback(failures.append)
+    assert failures and failures[0].check(OSError)

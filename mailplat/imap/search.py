@@ -36,6 +36,8 @@ T = TypeVar("T")
 CHARSETS = ("UTF-8", "US-ASCII")
 RETURN_OPTIONS = ("MIN", "MAX", "COUNT", "ALL")
 _MONTHS = {m: i for i, m in enumerate(("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"), 1)}
+# Messages a search reads at once (see _run).
+OPEN_AT_ONCE = 4
 # RFC 3501 has no limit; a client nesting NOT or parentheses this deep means harm.
 MAX_NESTING = 100
 
@@ -441,8 +443,9 @@ def run(
     ``recent`` holds the UIDs that are \\Recent in this session.  BODY and
     TEXT read the file once more to search it: ``in_thread(f)`` must run
     ``f()`` in the service's thread pool (``threads.run(threads.cpu, f)``);
-    without it, Twisted's default reactor pool is used.  Messages are opened
-    one at a time, and only those the flags and sizes alone cannot decide.
+    without it, Twisted's default reactor pool is used.  Only the messages
+    that flags and sizes alone cannot decide are opened, OPEN_AT_ONCE at a
+    time.  A failure to read one fails the search.
     """
     return defer.Deferred.fromCoroutine(
         _run(query, messages, open_message, largest_msn, largest_uid, parse_in_thread, recent, in_thread or _default_in_thread)
@@ -468,28 +471,40 @@ async def _run(
             found.append(msn)
         elif value is None:
             undecided.append((msn, info))
-    for msn, info in undecided:
+    async def decide(msn: int, info: MessageInfo) -> bool:
         try:
             source = await open_message(info.uid)
         except Exception:
             # Expunged by another session meanwhile: it matches nothing (RFC 3501 7.4.1).
-            continue
+            return False
         try:
             parts = await parse_in_thread(source)
-
-            def decide(msn: int = msn, info: MessageInfo = info, parts: MessageParts = parts) -> bool | None:
-                return query.match(msn, info, largest_msn=largest_msn, largest_uid=largest_uid,
-                                   recent=info.uid in recent_set, parts=parts, source=source)
-
-            value = query.match(msn, info, largest_msn=largest_msn, largest_uid=largest_uid,
-                                recent=info.uid in recent_set, parts=parts, source=None)
+            recent_one = info.uid in recent_set
+            value = query.match(msn, info, largest_msn=largest_msn, largest_uid=largest_uid, recent=recent_one, parts=parts)
             if value is None:
                 # BODY or TEXT decides: the file is searched, in a thread.
-                value = await in_thread(decide)
+                value = await in_thread(
+                    lambda: query.match(msn, info, largest_msn=largest_msn, largest_uid=largest_uid, recent=recent_one,
+                                        parts=parts, source=source)
+                )
+            return bool(value)
         finally:
             source.close()
-        if value:
-            found.append(msn)
+
+    # A few messages at a time: a thread can read one while another is
+    # parsed, and at most OPEN_AT_ONCE files are open for one search.
+    queue = iter(undecided)
+
+    async def worker() -> None:
+        for msn, info in queue:
+            if await decide(msn, info):
+                found.append(msn)
+
+    workers = [defer.Deferred.fromCoroutine(worker()) for _ in range(min(OPEN_AT_ONCE, len(undecided)))]
+    try:
+        await defer.gatherResults(workers, consumeErrors=True)
+    except defer.FirstError as e:
+        e.subFailure.raiseException()
     found.sort()
     return found
 
