@@ -1,4 +1,9 @@
-"""IMAP and IMAPS over the wire: Python's imaplib and raw sockets against `twistd -n mailplat` with the maildir store."""
+"""IMAP and IMAPS over the wire: Python's imaplib and raw sockets against `twistd -n mailplat`.
+
+What depends on the store (a whole imaplib session, IDLE, two sessions,
+POP3 and IMAP on one inbox) runs over the maildir and the postgres store
+(``store_server``); the rest over maildir only.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from collections.abc import Iterator
 import pytest
 
 from conftest import BASE_CONFIG, USERS, Dialog, MailplatServer, merge_toml
+from test_postgres import Schema, add_users, node_config, pg  # noqa: F401  # pg is a fixture
 
 ALICE = ("alice@example.org", "alice-password")
 BOB = ("bob@example.org", "bob-password")
@@ -34,6 +40,25 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MailplatServer]
     s.start()
     yield s
     s.stop()
+
+
+@pytest.fixture(scope="module", params=["maildir", "postgres"])
+def store_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MailplatServer]:
+    """The maildir server above, then one whose users and mail are in PostgreSQL (skipped when it is not reachable)."""
+    if request.param == "maildir":
+        yield request.getfixturevalue("server")
+        return
+    schema = Schema(request.getfixturevalue("pg"))
+    try:
+        add_users(schema, {**USERS, CAROL[0]: CAROL[1]})
+        s = MailplatServer(tmp_path_factory.mktemp("imap-postgres"), node_config(schema.dsn, schema.name), {})
+        s.start()
+        try:
+            yield s
+        finally:
+            s.stop()
+    finally:
+        schema.drop()
 
 
 def tls_context() -> ssl.SSLContext:
@@ -72,7 +97,8 @@ def rss_kib(pid: int) -> tuple[int, int]:
     return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
 
 
-def test_starttls_port_refuses_logins_in_clear_then_works_with_imaplib(server):
+def test_starttls_port_refuses_logins_in_clear_then_works_with_imaplib(store_server):
+    server = store_server
     """On 143: LOGINDISABLED and STARTTLS, LOGIN refused in clear; after STARTTLS imaplib logs in, appends, selects, fetches, stores, searches, expunges."""
     client = imaplib.IMAP4("127.0.0.1", server.ports["imap"], timeout=20)
     try:
@@ -108,7 +134,8 @@ def test_starttls_port_refuses_logins_in_clear_then_works_with_imaplib(server):
             pass
 
 
-def test_imaps_idle_gets_an_smtp_delivery_within_a_second(server):
+def test_imaps_idle_gets_an_smtp_delivery_within_a_second(store_server):
+    server = store_server
     """A session in IDLE on imaps hears "* n EXISTS" less than a second after SMTP delivers to the inbox, then another session's flag."""
     client = connect(server)
     try:
@@ -137,7 +164,8 @@ def test_imaps_idle_gets_an_smtp_delivery_within_a_second(server):
         client.logout()
 
 
-def test_two_sessions_see_each_others_flags(server):
+def test_two_sessions_see_each_others_flags(store_server):
+    server = store_server
     """A flag set by one device is seen by the other's next command, and the other's EXPUNGE at its NOOP."""
     deliver(server, MESSAGE, to="alice@example.org")
     phone, laptop = connect(server, ALICE), connect(server, ALICE)
@@ -233,7 +261,8 @@ def test_starttls_discards_pipelined_plaintext(server):
         d.close()
 
 
-def test_pop3_and_imap_agree_on_the_inbox(server):
+def test_pop3_and_imap_agree_on_the_inbox(store_server):
+    server = store_server
     """POP3 DELE + QUIT is an EXPUNGE for an IMAP session, and IMAP \\Deleted + EXPUNGE is gone for the next POP3 session."""
     user = CAROL
     for subject in (b"one", b"two"):
