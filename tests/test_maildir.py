@@ -929,3 +929,114 @@ def test_deleting_one_watched_folder_leaves_the_others_watched(running, tmp_path
             running.reactor.call(stop)
     finally:
         running.reactor.call(backend.stopService)
+
+
+# --- moving between Dovecot and mailplat, with Dovecot's own doveadm ---------------------
+
+DOVEADM = shutil.which("doveadm")
+DOVECOT_CONF = """\
+base_dir = {base}/run
+state_dir = {base}/state
+log_path = /dev/stderr
+mail_location = maildir:{maildir}
+mail_uid = {uid}
+mail_gid = {uid}
+first_valid_uid = 0
+first_valid_gid = 0
+namespace inbox {{
+  inbox = yes
+  separator = /
+}}
+"""
+
+
+class Doveadm:
+    """Debian's doveadm on one maildir, without a running Dovecot (as the user
+    nobody when we are root: Dovecot refuses mail access as root)."""
+
+    def __init__(self) -> None:
+        self.base = Path(tempfile.mkdtemp(prefix="mailplat-dovecot-"))
+        self.base.chmod(0o755)
+        self.maildir = self.base / "mail" / "example.org" / "alice"
+        self.uid = 65534 if os.geteuid() == 0 else os.geteuid()
+        for sub in ("mail", "home", "run", "state"):
+            (self.base / sub).mkdir()
+        (self.base / "dovecot.conf").write_text(DOVECOT_CONF.format(base=self.base, maildir=self.maildir, uid=self.uid))
+
+    def __call__(self, *args: str, stdin: bytes | None = None) -> list[list[str]]:
+        """Run doveadm (tab-separated output); the rows after the header."""
+        if os.geteuid() == 0:
+            for path in [self.base / "mail", self.base / "home", *(self.base / "mail").rglob("*")]:
+                os.lchown(path, self.uid, self.uid)
+        done = subprocess.run(
+            [DOVEADM, "-c", str(self.base / "dovecot.conf"), "-f", "tab", *args],
+            input=stdin, capture_output=True, timeout=30,
+            env={**os.environ, "USER": "alice", "HOME": str(self.base / "home")},
+        )
+        assert done.returncode == 0, done.stderr.decode(errors="replace")
+        rows = [line.split("\t") for line in done.stdout.decode().splitlines() if line]
+        return rows[1:]
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+@pytest.fixture
+def doveadm():
+    if DOVEADM is None:
+        pytest.skip("doveadm is not installed (apt-get install dovecot-core)")
+    d = Doveadm()
+    yield d
+    d.cleanup()
+
+
+def dovecot_flags(row: str) -> frozenset[str]:
+    return frozenset(row.split()) - {"\\Recent"}
+
+
+def test_from_dovecot_uids_flags_keywords_and_subscriptions_carry_over(doveadm):
+    """A maildir Dovecot made (its UIDs, UIDVALIDITY, flags, keywords, Unicode folders, subscriptions) is the same folder to mailplat."""
+    for i in range(3):
+        doveadm("save", stdin=b"Subject: %d\r\n\r\nbody\r\n" % i)
+    doveadm("flags", "add", "\\Seen $Junk", "mailbox", "INBOX", "uid", "2")
+    doveadm("expunge", "mailbox", "INBOX", "uid", "1")
+    doveadm("mailbox", "create", "Entwürfe/Alt")
+    doveadm("mailbox", "subscribe", "Entwürfe/Alt")
+    doveadm("save", "-m", "Entwürfe/Alt", stdin=b"Subject: draft\r\n\r\nbody\r\n")
+    [[_, uidnext, uidvalidity]] = doveadm("mailbox", "status", "uidnext uidvalidity", "INBOX")
+    [[_, _, sub_uidvalidity]] = doveadm("mailbox", "status", "uidnext uidvalidity", "Entwürfe/Alt")
+    expected = {int(uid): dovecot_flags(flags) for uid, flags in doveadm("fetch", "uid flags", "mailbox", "INBOX", "all")}
+
+    store = MaildirPlus(lambda size: f"{time.time_ns()}.mailplat,S={size}")
+    view = store.view(str(doveadm.maildir), INBOX)
+    assert (view.uidvalidity, view.uidnext) == (int(uidvalidity), int(uidnext))
+    assert {m.uid: m.flags for m in view.messages} == expected == {2: frozenset({FLAG_SEEN, "$Junk"}), 3: frozenset()}
+    folders = {f.name: f for f in store.folders(str(doveadm.maildir))}
+    assert folders["Entwürfe/Alt"].subscribed
+    alt = store.view(str(doveadm.maildir), "Entwürfe/Alt")
+    assert alt.uidvalidity == int(sub_uidvalidity) and [m.uid for m in alt.messages] == [1]
+    content = b"Subject: after\r\n\r\nbody\r\n"
+    assert store.append(str(doveadm.maildir), INBOX, SpooledMessage("", len(content), "", content), frozenset(), DATE)[1] == int(uidnext)
+
+
+def test_to_dovecot_with_the_readmes_steps(doveadm):
+    """After the README's steps (mailplat-uidlist copied to dovecot-uidlist), Dovecot reports mailplat's UIDs, UIDVALIDITY, flags, keywords and subscriptions."""
+    store = MaildirPlus(lambda size: f"{time.time_ns()}.mailplat,S={size}")
+    maildir = str(doveadm.maildir)
+    store.folders(maildir)
+    uids = [append(store, maildir, flags=frozenset({FLAG_SEEN}) if i else frozenset()) for i in range(3)]
+    store.store_flags(maildir, INBOX, [uids[1]], frozenset({FLAG_DELETED}), "add")
+    store.expunge(maildir, INBOX, [uids[1]])
+    store.store_flags(maildir, INBOX, [uids[2]], frozenset({"$Junk", FLAG_FLAGGED}), "add")
+    store.create_folder(maildir, "Straße/2024")
+    store.subscribe(maildir, "Straße/2024", True)
+    append(store, maildir, "Straße/2024")
+    views = {name: store.view(maildir, name) for name in (INBOX, "Straße/2024")}
+    for uidlist in doveadm.maildir.rglob("mailplat-uidlist"):
+        shutil.copy(uidlist, uidlist.with_name("dovecot-uidlist"))
+    for name, view in views.items():
+        [[_, uidnext, uidvalidity]] = doveadm("mailbox", "status", "uidnext uidvalidity", name)
+        assert (int(uidvalidity), int(uidnext)) == (view.uidvalidity, view.uidnext)
+        fetched = {int(uid): dovecot_flags(flags) for uid, flags in doveadm("fetch", "uid flags", "mailbox", name, "all")}
+        assert fetched == {m.uid: m.flags for m in view.messages}
+    assert ["Straße/2024"] in doveadm("mailbox", "list", "-s")

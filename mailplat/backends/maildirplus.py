@@ -930,29 +930,36 @@ class MaildirPlus:
                 if renamed != subscribed:
                     self._write_subscriptions(maildir, renamed)
 
-    # -- subscriptions: Dovecot's file ("V\t2\n\n", then a name a line, levels separated by a tab) --
+    # -- subscriptions: Dovecot's file ("V\t2\n\n", then a name a line, levels in modified UTF-7 separated by a tab) --
 
     @staticmethod
     def _subscriptions(maildir: str) -> set[str]:
         text = _read(os.path.join(maildir, SUBSCRIPTIONS))
         if not text:
             return set()
-        names = set()
         if text.startswith("V\t2\n\n"):
-            for line in text[5:].split("\n"):
-                if line:
-                    names.add("/".join(line.split("\t")))
+            # Version 2: levels separated by a tab.
+            lines = [line.split("\t") for line in text[5:].split("\n") if line]
         else:
-            # Version 1: one name a line with the namespace's separator.
-            for line in text.split("\n"):
-                if line:
-                    names.add(line.replace(".", "/"))
-        return {INBOX if n.upper() == INBOX else n for n in names}
+            # Version 1: the namespace's separator between levels.
+            lines = [line.replace("/", ".").split(".") for line in text.split("\n") if line]
+        names = set()
+        for levels in lines:
+            decoded = []
+            for level in levels:
+                # Each level in modified UTF-7, as Dovecot writes it.
+                try:
+                    decoded.append(level.encode("ascii").decode("imap4-utf-7"))
+                except (UnicodeError, ValueError):
+                    decoded.append(level)
+            name = "/".join(decoded)
+            names.add(INBOX if name.upper() == INBOX else name)
+        return names
 
     @staticmethod
     def _write_subscriptions(maildir: str, names: set[str]) -> None:
-        text = "V\t2\n\n" + "".join("\t".join(n.split("/")) + "\n" for n in sorted(names))
-        _write_atomically(os.path.join(maildir, SUBSCRIPTIONS), text.encode("utf-8"))
+        lines = ("\t".join(level.encode("imap4-utf-7").decode("ascii") for level in n.split("/")) + "\n" for n in sorted(names))
+        _write_atomically(os.path.join(maildir, SUBSCRIPTIONS), ("V\t2\n\n" + "".join(lines)).encode("ascii"))
 
     def subscribe(self, maildir: str, name: str, subscribed: bool) -> None:
         levels = _levels(name)
