@@ -32,6 +32,7 @@ from pathlib import Path
 
 import pytest
 
+import commands
 from conftest import BASE_CONFIG, MAILPLAT, MailplatServer, merge_toml, message, wait_for
 
 DEFAULT_DSN = "host=127.0.0.1 port=5432 dbname=test user=postgres"
@@ -278,7 +279,8 @@ def test_two_processes_migrate_at_once(schema: Schema, tmp_path: Path) -> None:
 
 
 def admin(config: Path, *args: str, password: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
+    """The admin command, forked from the warm process of tests/commands.py (a fresh interpreter each time cost seconds)."""
+    return commands.run(
         [MAILPLAT, "--config", str(config), "user", *args] + (["--password-stdin"] if password is not None else []),
         input=(password + "\n") if password is not None else None, capture_output=True, text=True, timeout=60,
     )
