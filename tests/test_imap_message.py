@@ -89,6 +89,23 @@ def base64_text() -> bytes:
     return m.as_bytes()
 
 
+def related() -> bytes:
+    """multipart/alternative whose html part is multipart/related with an inline image, and a PDF; names in RFC 2231."""
+    m = EmailMessage(policy=_policy())
+    m["From"] = '"Müller, Jörg" <j@example.de>'
+    m["To"] = "a@b.c"
+    m["Subject"] = "Related"
+    m["References"] = "<a@b> <c@d>"
+    m.set_content("plain text\n", subtype="plain", params={"format": "flowed", "delsp": "yes"})
+    m.add_alternative("<html><img src=cid:img1></html>\n", subtype="html")
+    m.get_payload()[1].add_related(b"\x89PNG....", maintype="image", subtype="png", cid="<img1@x>", filename="Bild ä.png")
+    m.add_attachment(b"%PDF-1.4", maintype="application", subtype="pdf", filename="Rechnung – März.pdf")
+    m.set_boundary("o")
+    m.get_payload()[0].set_boundary("a")
+    m.get_payload()[0].get_payload()[1].set_boundary("r")
+    return m.as_bytes()
+
+
 BARE = b"X-Nothing: here\r\n\r\nJust a body\r\nwith two lines\r\n"
 HEADER_ONLY = b"Subject: only a header\r\nFrom: <a@b.c>\r\n"
 # The declared boundary never comes.
@@ -134,6 +151,7 @@ MESSAGES = {
     "alternative": alternative,
     "nested": nested,
     "base64_text": base64_text,
+    "related": related,
     "bare": lambda: BARE,
     "header_only": lambda: HEADER_ONLY,
     "bad_boundary": lambda: BAD_BOUNDARY,
@@ -145,6 +163,11 @@ MESSAGES = {
 
 # (ENVELOPE, BODYSTRUCTURE, BODY) as Dovecot answers them for each message above.
 DOVECOT = {
+    'related': (
+        b'(NIL "Related" (("=?utf-8?q?M=C3=BCller=2C_J=C3=B6rg?=" NIL "j" "example.de")) (("=?utf-8?q?M=C3=BCller=2C_J=C3=B6rg?=" NIL "j" "example.de")) (("=?utf-8?q?M=C3=BCller=2C_J=C3=B6rg?=" NIL "j" "example.de")) ((NIL NIL "a" "b.c")) NIL NIL NIL NIL)',
+        b'((("text" "plain" ("charset" "utf-8" "format" "flowed" "delsp" "yes") NIL NIL "7bit" 12 1 NIL NIL NIL NIL)(("text" "html" ("charset" "utf-8") NIL NIL "7bit" 33 1 NIL NIL NIL NIL)("image" "png" NIL "<img1@x>" NIL "base64" 14 NIL ("attachment" ("filename*" "utf-8\'\'Bild%20%C3%A4.png")) NIL NIL) "related" ("boundary" "r") NIL NIL NIL) "alternative" ("boundary" "a") NIL NIL NIL)("application" "pdf" NIL NIL NIL "base64" 14 NIL ("attachment" ("filename*" "utf-8\'\'Rechnung%20%E2%80%93%20M%C3%A4rz.pdf")) NIL NIL) "mixed" ("boundary" "o") NIL NIL NIL)',
+        b'((("text" "plain" ("charset" "utf-8" "format" "flowed" "delsp" "yes") NIL NIL "7bit" 12 1)(("text" "html" ("charset" "utf-8") NIL NIL "7bit" 33 1)("image" "png" NIL "<img1@x>" NIL "base64" 14) "related") "alternative")("application" "pdf" NIL NIL NIL "base64" 14) "mixed")',
+    ),
     'simple': (
         b'("Wed, 02 Dec 2026 00:35:00 +0100" "Hello there" (("Alice Example" NIL "alice" "example.org")) (("Alice Example" NIL "alice" "example.org")) (("Alice Example" NIL "alice" "example.org")) ((NIL NIL "bob" "example.net")("Carol, C." NIL "carol" "example.com")) ((NIL NIL "Team" NIL)(NIL NIL "dave" "example.org")(NIL NIL "erin" "example.org")(NIL NIL NIL NIL)) NIL NIL "<one@example.org>")',
         b'("text" "plain" ("charset" "utf-8") NIL NIL "7bit" 26 2 NIL NIL NIL NIL)',
