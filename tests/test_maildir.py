@@ -762,19 +762,19 @@ print(" ".join(map(str, uids)))
 
 def test_two_processes_at_once_lose_nothing(store, alice, tmp_path):
     """Two processes appending and flagging every message of one folder at once: every UID distinct, every flag kept."""
-    for _ in range(10):
+    for _ in range(8):
         append(store, alice)
     procs = [
-        subprocess.Popen([sys.executable, "-c", FLAGGER, alice, flag, "15"], stdout=subprocess.PIPE, text=True, cwd=tmp_path)
+        subprocess.Popen([sys.executable, "-c", FLAGGER, alice, flag, "8"], stdout=subprocess.PIPE, text=True, cwd=tmp_path)
         for flag in ("Alpha", "Beta")
     ]
     outputs = [p.communicate(timeout=60)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0]
     given = [int(u) for out in outputs for u in out.split()]
-    assert len(given) == len(set(given)) == 30
+    assert len(given) == len(set(given)) == 16
     view = store.view(alice, INBOX)
-    assert len(view.messages) == 40
-    early = [m for m in view.messages if m.uid <= 10]
+    assert len(view.messages) == 24
+    early = [m for m in view.messages if m.uid <= 8]
     assert all({"Alpha", "Beta"} <= m.flags for m in early), [m.flags for m in early]
     modseqs = [m.modseq for m in view.messages]
     assert len(set(modseqs)) == len(modseqs), "each change has its own modseq"
@@ -782,7 +782,7 @@ def test_two_processes_at_once_lose_nothing(store, alice, tmp_path):
 
 def test_two_threads_storing_flags_at_once_lose_nothing(store, alice):
     """Sessions in two threads storing different flags on the same messages at once: both flags end up on every message."""
-    uids = [append(store, alice) for _ in range(20)]
+    uids = [append(store, alice) for _ in range(12)]
     errors: list[BaseException] = []
 
     def flagger(flag: str) -> None:
