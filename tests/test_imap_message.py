@@ -8,6 +8,7 @@ where ours differ on purpose, the test says so and why.  All in-process.
 from __future__ import annotations
 
 import email.policy
+import functools
 import io
 import time
 import tracemalloc
@@ -24,6 +25,7 @@ def _policy():
     return email.policy.SMTP  # CRLF line ends, as messages are stored
 
 
+@functools.cache
 def simple() -> bytes:
     m = EmailMessage(policy=_policy())
     m["From"] = "Alice Example <alice@example.org>"
@@ -36,6 +38,7 @@ def simple() -> bytes:
     return m.as_bytes()
 
 
+@functools.cache
 def alternative() -> bytes:
     """multipart/mixed of multipart/alternative (plain, html) and two attachments, with non-ASCII headers."""
     m = EmailMessage(policy=_policy())
@@ -55,6 +58,7 @@ def alternative() -> bytes:
     return m.as_bytes()
 
 
+@functools.cache
 def nested() -> bytes:
     """A message forwarding another as message/rfc822, whose own body is multipart."""
     inner = EmailMessage(policy=_policy())
@@ -75,6 +79,7 @@ def nested() -> bytes:
     return outer.as_bytes()
 
 
+@functools.cache
 def base64_text() -> bytes:
     """A text part in base64 and one in quoted-printable, in iso-8859-1 and utf-8."""
     m = EmailMessage(policy=_policy())
@@ -89,6 +94,7 @@ def base64_text() -> bytes:
     return m.as_bytes()
 
 
+@functools.cache
 def related() -> bytes:
     """multipart/alternative whose html part is multipart/related with an inline image, and a PDF; names in RFC 2231."""
     m = EmailMessage(policy=_policy())

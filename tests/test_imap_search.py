@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import calendar
 import email.policy
+import functools
 import io
 import time
 from email.message import EmailMessage
@@ -93,7 +94,8 @@ def report() -> bytes:
     return m.as_bytes()
 
 
-def mailbox() -> list[tuple[int, MessageInfo, bytes]]:
+@functools.cache
+def mailbox() -> tuple[tuple[int, MessageInfo, bytes], ...]:
     """(msn, info, file) of five messages with distinct flags, dates, sizes, headers and bodies."""
     rows = [
         (10, simple(), {"\\Seen", "\\Answered"}, day("2026-11-30 12:00")),
@@ -102,10 +104,10 @@ def mailbox() -> list[tuple[int, MessageInfo, bytes]]:
         (40, report(), set(), day("2026-12-03 08:00")),
         (50, nested(), {"\\Seen"}, day("2026-12-03 09:00")),
     ]
-    return [
+    return tuple(
         (msn, MessageInfo(uid, len(data), frozenset(flags), when, 2 * msn), data)
         for msn, (uid, data, flags, when) in enumerate(rows, 1)
-    ]
+    )
 
 
 class Store:
@@ -363,7 +365,7 @@ def test_messages_are_read_a_few_at_a_time_and_a_failure_fails_the_search():
     a message whose structure cannot be read fails the whole search."""
     from mailplat.imap.search import OPEN_AT_ONCE
 
-    rows = mailbox() * 3
+    rows = list(mailbox()) * 3
     rows = [(msn, MessageInfo(msn, info.size, info.flags, info.internal_date, info.modseq), data)
             for msn, (_, info, data) in enumerate(rows, 1)]
     files = {info.uid: data for _, info, data in rows}
