@@ -27,9 +27,9 @@ from twisted.internet.threads import deferToThreadPool
 from zope.interface import implementer
 
 from mailplat.addresses import AddressError, validate_address
+from mailplat.backends.maildirplus import MaildirPlus, Watcher, folder_path
 from mailplat.config import ConfigError
 from mailplat.fsutil import GroupCommit, fsync_directory, makedirs_durable
-from mailplat.backends.maildirplus import MaildirPlus, Watcher, folder_path
 from mailplat.interfaces import (
     Account,
     BackendContext,
@@ -202,7 +202,6 @@ class Maildir(service.Service):
             raise TemporaryFailure(f"cannot use the mailbox: {failure.value.strerror or failure.value}")
 
         return self._thread(f, *args).addErrback(failed)
-
 
     def folders(self, account: Account) -> Deferred[list[Folder]]:
         return self._store(self.store.folders, self.folder(account))
