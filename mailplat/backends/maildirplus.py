@@ -355,7 +355,7 @@ class _State:
     imported: bool = False
 
     def trusted(self, stamp: Any) -> bool:
-        if self.view is None or stamp != self.stamp:
+        if stamp != self.stamp:
             return False
         newest = max((key[1] for key in stamp if key is not None), default=0)
         return _settled(self.checked_ns, newest)
@@ -670,8 +670,8 @@ class MaildirPlus:
             except FileNotFoundError:
                 pass
             state.imported = False
-        if changed or state.view is None:
-            state.build_view()
+        if changed:
+            state.view = None
         state.stamp, state.checked_ns = stamp, checked
         self._keep(path, state)
         return state
@@ -987,14 +987,14 @@ class MaildirPlus:
         if quick is not None:
             return quick
         with self._locked(path) as state:
-            assert state.view is not None
-            return state.view
+            # Made here, not at each change: a run of appends or stores builds it once.
+            return state.view or state.build_view()
 
     def open_message(self, maildir: str, folder: str, uid: int) -> IO[bytes]:
         path = self._path(maildir, folder)
         for attempt in range(2):
-            cached = self._cached(path) if attempt == 0 and self._quick(path) is not None else None
-            if cached is not None:
+            cached = self._cached(path) if attempt == 0 else None
+            if cached is not None and cached.trusted(self._stamp(path)):
                 state = cached
             else:
                 with self._locked(path) as state:
@@ -1040,7 +1040,7 @@ class MaildirPlus:
                 state.uidnext += 1
                 state.add(record)
                 self._save(state)
-                state.build_view()
+                state.view = None
                 return state.uidvalidity, record.uid
         except BaseException:
             _unlink(tmp)
@@ -1096,7 +1096,7 @@ class MaildirPlus:
             if renamed:
                 fsync_directory(os.path.join(path, "cur"))
                 self._save(state)
-                state.build_view()
+                state.view = None
             return StoreResult(tuple(changed), tuple(modified))
 
     def _take(self, path: str, uids: list[int]) -> list[_Record]:
@@ -1155,7 +1155,7 @@ class MaildirPlus:
             if pairs:
                 fsync_directory(os.path.join(destination, "cur"))
                 self._save(state)
-                state.build_view()
+                state.view = None
             return state.uidvalidity, pairs
 
     def move(self, maildir: str, folder: str, uids: list[int], target: str) -> tuple[int, list[tuple[int, int]]]:
@@ -1201,7 +1201,7 @@ class MaildirPlus:
             if pairs:
                 fsync_directory(os.path.join(destination, "cur"))
                 self._save(state)
-                state.build_view()
+                state.view = None
         if pairs:
             for sub in ("cur", "new"):
                 fsync_directory(os.path.join(source, sub))
@@ -1238,7 +1238,7 @@ class MaildirPlus:
                     fsync_directory(os.path.join(path, sub))
                 state.highest += 1
                 self._save(state)
-                state.build_view()
+                state.view = None
         return removed
 
     def expunge(self, maildir: str, folder: str, uids: list[int]) -> list[int]:
