@@ -27,38 +27,39 @@ from typing import Any
 
 _ENTRY_POINTS = {"mailplat": ("mailplat.cli", "main"), "twistd": ("twisted.scripts.twistd", "run")}
 
-_server: subprocess.Popen[bytes] | None = None
-_server_settings: dict[str, str] = {}
+# One warm server per set of interpreter settings (PYTHONPATH and the like).
+_servers: dict[tuple[tuple[str, str], ...], subprocess.Popen[bytes]] = {}
 
 
-def _start() -> subprocess.Popen[bytes]:
-    global _server, _server_settings
-    if _server is None or _server.poll() is not None:
-        _server_settings = _interpreter_settings(os.environ)
-        _server = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=os.getcwd(),
+def _interpreter_settings(env: dict[str, str] | os._Environ[str]) -> tuple[tuple[str, str], ...]:
+    """What an interpreter reads only as it starts (PYTHONPATH and the like)."""
+    return tuple(sorted((k, v) for k, v in env.items() if k.startswith("PYTHON")))
+
+
+def _start(settings: tuple[tuple[str, str], ...]) -> subprocess.Popen[bytes]:
+    server = _servers.get(settings)
+    if server is None or server.poll() is not None:
+        if not _servers:
+            atexit.register(_stop)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")} | dict(settings)
+        server = _servers[settings] = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=os.getcwd(), env=env,
         )
-        atexit.register(_stop)
-    return _server
+    return server
 
 
 def _stop() -> None:
-    """Closing its stdin ends the server (it exits at EOF)."""
-    global _server
-    if _server is not None:
-        assert _server.stdin is not None
-        _server.stdin.close()
+    """Closing its stdin ends a server (it exits at EOF)."""
+    for server in _servers.values():
+        assert server.stdin is not None
+        server.stdin.close()
+    for server in _servers.values():
         try:
-            _server.wait(10)
+            server.wait(10)
         except subprocess.TimeoutExpired:
-            _server.kill()
-            _server.wait()
-        _server = None
-
-
-def _interpreter_settings(env: dict[str, str] | os._Environ[str]) -> dict[str, str]:
-    """What an interpreter reads only as it starts (PYTHONPATH and the like)."""
-    return {k: v for k, v in env.items() if k.startswith("PYTHON")}
+            server.kill()
+            server.wait()
+    _servers.clear()
 
 
 def run(
@@ -70,21 +71,19 @@ def run(
     ``subprocess.run(args, input=..., capture_output=True, text=..., timeout=..., cwd=..., env=..., check=...)`` would.
 
     An ``env`` that sets up the interpreter differently (say a PYTHONPATH with
-    a third-party plugin) gets a fresh interpreter: the warm one started with ours.
+    a third-party plugin) is served by a warm process started with it.
     """
     assert capture_output, "output is always captured"
     name = os.path.basename(args[0])
     assert name in _ENTRY_POINTS, f"{name}: only {sorted(_ENTRY_POINTS)} run here"
-    settings = _interpreter_settings(os.environ if env is None else env)
-    if settings != (_server_settings if _server is not None else _interpreter_settings(os.environ)):
-        return subprocess.run(args, input=input, cwd=cwd, env=env, timeout=timeout, text=text, capture_output=True, check=check)
+    env = dict(os.environ if env is None else env)
     data = input.encode() if isinstance(input, str) else input
     request = {
         "name": name, "argv": list(map(str, args)), "cwd": os.fspath(cwd) if cwd is not None else os.getcwd(),
-        "env": dict(os.environ if env is None else env), "timeout": timeout,
+        "env": env, "timeout": timeout,
         "stdin": None if data is None else base64.b64encode(data).decode(),
     }
-    server = _start()
+    server = _start(_interpreter_settings(env))
     assert server.stdin is not None and server.stdout is not None
     server.stdin.write(json.dumps(request).encode() + b"\n")
     server.stdin.flush()

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import os
 import smtplib
-import subprocess
 from pathlib import Path
 
 import pytest
 
+import commands
 from conftest import MAILPLAT, Dialog, message, wait_for
 
 # A filter whose verdict at each step comes from its options, written next
@@ -283,6 +283,15 @@ def test_filters_apply_to_the_mx_listener_only_by_default(filtered_server):
     assert len(server.messages("bob@example.org")) == 1
 
 
+@pytest.fixture(scope="module")
+def filter_modules(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding scriptedfilter.py, for PYTHONPATH: one for the module, so that
+    each check-config below is served by one warm process (tests/commands.py)."""
+    modules = tmp_path_factory.mktemp("filter-modules")
+    (modules / "scriptedfilter.py").write_text(SCRIPTED_FILTER)
+    return modules
+
+
 @pytest.mark.parametrize(
     "table, error",
     [
@@ -295,17 +304,16 @@ def test_filters_apply_to_the_mx_listener_only_by_default(filtered_server):
         ('filter = "spamd"\n', r"filter: must be a list"),
     ],
 )
-def test_bad_filter_tables(tmp_path: Path, table: str, error: str) -> None:
+def test_bad_filter_tables(tmp_path: Path, filter_modules: Path, table: str, error: str) -> None:
     import re
 
     from conftest import BASE_CONFIG, MailplatServer, merge_toml
 
     root = tmp_path / "bad"
     MailplatServer(root, merge_toml(BASE_CONFIG, table))
-    (tmp_path / "scriptedfilter.py").write_text(SCRIPTED_FILTER)
-    result = subprocess.run(
+    result = commands.run(
         [MAILPLAT, "--config", str(root / "mailplat.toml"), "check-config"],
-        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(tmp_path)},
+        text=True, env={**os.environ, "PYTHONPATH": str(filter_modules)},
     )
     assert result.returncode == 1, result.stdout
     assert re.search(error, result.stderr), result.stderr

@@ -16,6 +16,7 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
+import commands
 from conftest import BASE_CONFIG, MAILPLAT, message
 from mailplat.config import BackendSettings, ConfigError
 from mailplat.interfaces import BackendContext, IAuthBackend, IBackendFactory, IDeliveryBackend, IMailboxBackend
@@ -412,7 +413,7 @@ def test_broken_drop_in_named_by_check_config(tmp_path):
     config.write_text('hostname = "mail.example.org"\ndomains = ["example.org"]\n[auth]\nbackend = "ldap"\n[mailbox]\nbackend = "maildir"\npath = "mail"\n')
     env = {k: v for k, v in os.environ.items() if k != "MAILPLAT_CONFIG"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
-    result = subprocess.run([MAILPLAT, "--config", str(config), "check-config"], capture_output=True, text=True, timeout=60, env=env)
+    result = commands.run([MAILPLAT, "--config", str(config), "check-config"], text=True, timeout=60, env=env)
     assert result.returncode == 1
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
