@@ -995,18 +995,20 @@ class PostgresMailbox(_Pooled):
         self, address: str, key: str, message: SpooledMessage, head: bytes, flags: list[str], received: float | None, create: bool
     ) -> tuple[int, int, str]:
         """Store a message; (uidvalidity, uid, POP3 uid).  A missing folder is made when ``create`` (INBOX always)."""
-        for attempt in range(2):
+        for _ in range(3):
             try:
                 with self._connection() as conn:
                     return self._insert(conn, address, key, message, head, flags, received)
             except psycopg.errors.ForeignKeyViolation:
                 # The message row names its folder's: it is missing.
-                if attempt or not (create or key == ""):
+                if not (create or key == ""):
                     raise NoSuchFolder(f"there is no folder {_folder_name(key)}")
                 with self._connection() as conn:
                     _create_parents(conn, self.channel, address, key)
                     _create_folder(conn, self.channel, address, key)
-        raise AssertionError("unreachable")
+        # Made, and renamed or deleted by another session each time: a
+        # delivery is not refused for good for that.
+        raise TemporaryFailure(f"the folder {_folder_name(key)} is being changed; try again later")
 
     def _insert(
         self, conn: Any, address: str, key: str, message: SpooledMessage, head: bytes, flags: list[str], received: float | None
