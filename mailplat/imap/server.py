@@ -39,10 +39,10 @@ import array
 import base64
 import bisect
 import calendar
+import collections
 import os
 import re
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import IO, Any
 
@@ -99,6 +99,8 @@ _WRITE_BUFFER = 256 * 1024
 _PUMP_PER_TURN = 256 * 1024
 # Seconds between "* OK Still here" lines during IDLE.
 IDLE_KEEPALIVE = 120.0
+# Messages a FETCH opens ahead of the one it is sending.
+_OPEN_AHEAD = 8
 # Messages whose MIME structure a session keeps (a client asks BODYSTRUCTURE, then a part).
 _PARTS_CACHED = 8
 
@@ -1488,23 +1490,35 @@ class IMAPServer(CommandReader, TLSHandshakeDeadline, TimeoutMixin, protocol.Pro
         pump = OutputPump(self.output_consumer(), self.clock, self.settings.idle_timeout)
         missing = 0
         add_modseq = self.condstore and request.changed_since is not None
-        try:
-            for msn, u in targets:
+        account, folder = self._account, self._folder
+        # The next few messages are opened while one is sent: a store opens a
+        # message in a thread, and waiting for each in turn would leave the
+        # connection idle between messages.
+        ahead: collections.deque[tuple[int, int, MessageInfo | None, defer.Deferred[IO[bytes] | None] | None]] = collections.deque()
+        queue = iter(targets)
+
+        def fill() -> None:
+            while len(ahead) < _OPEN_AHEAD:
+                try:
+                    msn, u = next(queue)
+                except StopIteration:
+                    return
                 info = present.get(u)
-                if info is None:
+                opening = call(self.store.read, account, folder, u).addErrback(_gone) if info is not None and request.needs_message else None
+                ahead.append((msn, u, info, opening))
+
+        try:
+            fill()
+            while ahead:
+                msn, u, info, opening = ahead.popleft()
+                fill()
+                source = await opening if opening is not None else None
+                if info is None or (request.needs_message and source is None):
                     # Gone since (another session expunged it): RFC 3501 7.4.1.
                     missing += 1
                     continue
-                source: IO[bytes] | None = None
-                parts = None
-                if request.needs_message:
-                    try:
-                        source = await call(self.store.read, self._account, self._folder, u)
-                    except (NoSuchFolder, PermanentFailure):
-                        # Gone since (another session expunged it): RFC 3501 7.4.1.
-                        missing += 1
-                        continue
                 try:
+                    parts = None
                     if request.needs_structure:
                         assert source is not None
                         parts = await self._parts(u, source)
@@ -1523,6 +1537,9 @@ class IMAPServer(CommandReader, TLSHandshakeDeadline, TimeoutMixin, protocol.Pro
                         source.close()
         finally:
             pump.close()
+            for _, _, _, opening in ahead:
+                if opening is not None:
+                    opening.addCallback(_close).addErrback(lambda _: None)
         if missing:
             raise NO("Some of the requested messages no longer exist", "EXPUNGEISSUED")
         return "FETCH completed"
@@ -1608,6 +1625,17 @@ class IMAPServer(CommandReader, TLSHandshakeDeadline, TimeoutMixin, protocol.Pro
         return f"{code}{verb} completed"
 
 
+def _gone(failure: Failure) -> None:
+    """A message that could not be opened because it is gone (expunged since): None, not a failure."""
+    failure.trap(NoSuchFolder, PermanentFailure)
+    return None
+
+
+def _close(source: IO[bytes] | None) -> None:
+    if source is not None:
+        source.close()
+
+
 def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     merged: list[tuple[int, int]] = []
     for low, high in sorted(ranges):
@@ -1639,7 +1667,7 @@ class IMAPFactory(protocol.ServerFactory):
 
     def __init__(
         self, settings: IMAPSettings, login_guard: LoginGuard, tls: Any, implicit_tls: bool, store: Any, quota: int, clock: Any,
-        spool_dir: str = "", threads: Any = None, user_connections: Counter[tuple[str, str]] | None = None,
+        spool_dir: str = "", threads: Any = None, user_connections: collections.Counter[tuple[str, str]] | None = None,
     ) -> None:
         self.settings = settings
         # Shared by every listener: a guesser may switch ports.
@@ -1659,7 +1687,7 @@ class IMAPFactory(protocol.ServerFactory):
         self.connections = ConnectionCounter(settings.max_connections, settings.max_connections_per_ip)
         # Logged-in sessions per (user, client address): one count for the
         # imap and imaps listeners, as Dovecot's mail_max_userip_connections.
-        self.user_connections: Counter[tuple[str, str]] = Counter() if user_connections is None else user_connections
+        self.user_connections: collections.Counter[tuple[str, str]] = collections.Counter() if user_connections is None else user_connections
 
     def buildProtocol(self, addr: Any) -> IMAPServer:
         return IMAPServer(self)
