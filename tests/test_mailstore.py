@@ -444,6 +444,20 @@ def test_move_removes_from_the_source(store):
     assert uids(store("view", ALICE, INBOX)) == [a]
 
 
+def test_copy_and_move_within_one_folder(store):
+    """COPY and MOVE to the folder itself are allowed: new UIDs for the copies, and MOVE leaves only those."""
+    a, b = fill(store, count=2)
+    store("store_flags", ALICE, INBOX, [a], frozenset({FLAG_SEEN}), "add")
+    _, copied = store("copy", ALICE, INBOX, [a], INBOX)
+    [(old, new)] = copied
+    assert old == a and new > b
+    assert flags_of(store("view", ALICE, INBOX), new) == frozenset({FLAG_SEEN})
+    _, moved = store("move", ALICE, INBOX, [b], INBOX)
+    [(old, newer)] = moved
+    assert old == b and newer > new
+    assert uids(store("view", ALICE, INBOX)) == [a, new, newer]
+
+
 def test_create_and_delete_folders(store):
     """create makes a folder and its missing parents (FolderExists when it exists); delete removes it and its messages, never INBOX."""
     store("create_folder", ALICE, "Work/Clients/2024")
