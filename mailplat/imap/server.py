@@ -929,7 +929,12 @@ class IMAPServer(CommandReader, TLSHandshakeDeadline, TimeoutMixin, protocol.Pro
         self._send(f"* OK [HIGHESTMODSEQ {view.highest_modseq}] Highest")
         if qresync is not None:
             self._qresync(view, qresync)
-        self._unwatch = self.store.watch(self._account, name, self._changed)
+        try:
+            self._unwatch = self.store.watch(self._account, name, self._changed)
+        except Exception:
+            # The folder is selected all the same: changes then reach the
+            # client at its next command instead of during IDLE.
+            log.error("{session} imap watch of {folder} failed: {error}", session=self.session, folder=name, error=describe_failure(Failure()))
         return f"[{'READ-ONLY' if readonly else 'READ-WRITE'}] {'EXAMINE' if readonly else 'SELECT'} completed"
 
     def _qresync(self, view: FolderView, params: list[Token]) -> None:
