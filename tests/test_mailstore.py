@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 import types
 import uuid
 from collections.abc import Callable, Iterator
@@ -664,10 +663,8 @@ def test_watch_sees_another_instance_change_within_a_second(store):
 
     stop = store("watch", ALICE, INBOX, changed)
     try:
-        started = time.monotonic()
         store("append", ALICE, INBOX, message(), frozenset(), DATE, store=other)
         assert fired.wait(1.0), "no change notification within 1 s"
-        assert time.monotonic() - started < 1.5
         assert all(calls)
         fired.clear()
         uid = store("view", ALICE, INBOX, store=other).messages[0].uid
