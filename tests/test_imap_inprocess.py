@@ -461,3 +461,12 @@ def test_list_shows_levels_that_are_not_folders_as_noselect():
     assert wire.lines() == ['* LIST (\\HasNoChildren) "/" "Lists/dev"', "b OK LIST completed"]
     wire.send("c SELECT Lists")
     assert wire.lines()[0].startswith("c NO [NONEXISTENT]")
+
+
+def test_a_spool_that_cannot_be_written_is_a_temporary_no(tmp_path):
+    """When a large APPEND cannot be spooled (the folder is gone), the client gets NO [UNAVAILABLE] before sending it, and the session goes on."""
+    wire = login(Platform().imap(spool_dir=str(tmp_path / "missing")))
+    wire.send("a APPEND INBOX {100000}")
+    assert wire.lines() == ["a NO [UNAVAILABLE] The message cannot be received now; try again later"]
+    wire.send("b NOOP")
+    assert wire.lines() == ["b OK NOOP completed"]

@@ -622,7 +622,16 @@ class IMAPServer(CommandReader, TLSHandshakeDeadline, TimeoutMixin, protocol.Pro
         path = ""
         if name == "APPEND" and announced.size > _SPOOL_ABOVE:
             path = os.path.join(self.factory.spool_dir, f"imap-{self.session}-{new_id()}")
-        self._literal = _LiteralSink(announced.size, path)
+        try:
+            self._literal = _LiteralSink(announced.size, path)
+        except OSError as e:
+            log.error("{session} imap cannot spool a message to {path}: {error}", session=self.session, path=path, error=e.strerror)
+            self._drop_literal()
+            self._send(f"{tag} NO [UNAVAILABLE] The message cannot be received now; try again later")
+            if not announced.synchronizing:
+                self._send("* BYE The message cannot be received now; closing the connection")
+                self._close()
+            return
         if announced.synchronizing:
             self._send("+ Ready for literal data")
         if announced.size == 0:
