@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet import defer
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
