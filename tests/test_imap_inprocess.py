@@ -470,3 +470,27 @@ def test_a_spool_that_cannot_be_written_is_a_temporary_no(tmp_path):
     assert wire.lines() == ["a NO [UNAVAILABLE] The message cannot be received now; try again later"]
     wire.send("b NOOP")
     assert wire.lines() == ["b OK NOOP completed"]
+
+
+def test_a_message_the_disk_refuses_midway_is_read_to_its_end_and_refused(tmp_path):
+    """When writing a spooled APPEND fails halfway (here: past RLIMIT_FSIZE), the rest of the literal is not read as commands: NO [UNAVAILABLE], no file left."""
+    import resource
+    import signal
+
+    wire = login(Platform().imap(spool_dir=str(tmp_path)))
+    message = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 1000
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, hard))
+    try:
+        wire.send(f"a APPEND INBOX {{{len(message)}+}}")
+        for i in range(0, len(message), 65536):
+            wire.protocol.dataReceived(message[i:i + 65536])
+        wire.protocol.dataReceived(b"\r\n")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    assert wire.lines() == ["a NO [UNAVAILABLE] The message could not be received; try again later"]
+    assert os.listdir(tmp_path) == []
+    wire.send("b NOOP")
+    assert wire.lines() == ["b OK NOOP completed"]

@@ -343,12 +343,18 @@ class OutputPump:
 
 
 class _LiteralSink:
-    """Where one literal's octets go as they arrive: memory, or a file for a large APPEND."""
+    """Where one literal's octets go as they arrive: memory, or a file for a large APPEND.
+
+    A file that cannot be written (a full disk) is given up, and the rest of
+    the literal read and dropped, so that it is not taken for commands;
+    ``error`` then says why.
+    """
 
     def __init__(self, size: int, path: str) -> None:
         self.remaining = size
         self.size = size
         self.path = path
+        self.error = ""
         self._memory = bytearray() if not path else None
         self._file: IO[bytes] | None = open(path, "xb", buffering=_WRITE_BUFFER) if path else None
 
@@ -356,22 +362,34 @@ class _LiteralSink:
         self.remaining -= len(data)
         if self._memory is not None:
             self._memory += data
-        else:
-            assert self._file is not None
-            self._file.write(data)
+        elif self._file is not None:
+            try:
+                self._file.write(data)
+            except OSError as e:
+                self.error = e.strerror or str(e)
+                self.discard()
 
     def finish(self) -> bytes | FileLiteral:
         if self._memory is not None:
             return bytes(self._memory)
-        assert self._file is not None
-        self._file.close()
-        self._file = None
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError as e:
+                self.error = e.strerror or str(e)
+            self._file = None
+        if self.error:
+            self.discard()
+            return b""
         return FileLiteral(self.path, self.size)
 
     def discard(self) -> None:
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            file, self._file = self._file, None
+            try:
+                file.close()
+            except OSError:
+                pass  # what it still held is thrown away with it
         if self.path:
             _unlink(self.path)
 
@@ -423,6 +441,7 @@ class IMAPServer(CommandReader, TLSHandshakeDeadline, TimeoutMixin, protocol.Pro
         self._pieces: list[bytes | FileLiteral] = []
         self._line_octets = 0
         self._literal: _LiteralSink | None = None
+        self._spool_failed = False
         self._tag = ""
         # AUTHENTICATE in progress: (tag, exchange).
         self._sasl: tuple[str, sasl.SASLExchange] | None = None
@@ -552,8 +571,12 @@ class IMAPServer(CommandReader, TLSHandshakeDeadline, TimeoutMixin, protocol.Pro
         sink, self._literal = self._literal, None
         assert sink is not None
         self._pieces.append(sink.finish())
+        if sink.error:
+            log.error("{session} imap cannot spool a message to {path}: {error}", session=self.session, path=sink.path, error=sink.error)
+            self._spool_failed = True
 
     def _drop_literal(self) -> None:
+        self._spool_failed = False
         sink, self._literal = self._literal, None
         if sink is not None:
             sink.discard()
@@ -587,6 +610,11 @@ class IMAPServer(CommandReader, TLSHandshakeDeadline, TimeoutMixin, protocol.Pro
         if announced is not None:
             return self._literal_announced(tag or "*", name, announced)
         pieces, self._pieces, self._line_octets = self._pieces, [], 0
+        if self._spool_failed:
+            self._spool_failed = False
+            self._remove_files(pieces)
+            self._send(f"{tag or '*'} NO [UNAVAILABLE] The message could not be received; try again later")
+            return None
         try:
             command = parse_command(pieces)
         except ParseError as e:
