@@ -418,6 +418,7 @@ class _State:
 
 
 _OUR_RECORD = re.compile(r"([0-9]+) M([0-9]+) S([0-9]+) T([0-9]+) :(.+)")
+_OUR_RECORDS = re.compile(r"^([0-9]+) M([0-9]+) S([0-9]+) T([0-9]+) :([^\n]+)$", re.MULTILINE)
 
 # (uid, modseq, size, date, file name); -1 where the line does not say.
 _Line = tuple[int, int, int, int, str]
@@ -430,15 +431,15 @@ def _number(fields: dict[str, str], key: str) -> int:
 
 def _parse_uidlist(text: str) -> tuple[dict[str, int], list[_Line]] | None:
     """A ``dovecot-uidlist`` (version 1 or 3, ours or Dovecot's): the header's fields and the records."""
-    lines = text.split("\n")
-    head = lines[0].split()
+    first, _, body = text.partition("\n")
+    head = first.split()
     if not head:
         return None
     header: dict[str, int] = {}
     records: list[_Line] = []
     if head[0] == "1" and len(head) >= 3 and is_digits(head[1]) and is_digits(head[2]):
         header = {"V": int(head[1]), "N": int(head[2])}
-        for line in lines[1:]:
+        for line in body.split("\n"):
             uid, _, name = line.partition(" ")
             if is_digits(uid) and name:
                 records.append((int(uid), -1, -1, -1, name))
@@ -448,7 +449,11 @@ def _parse_uidlist(text: str) -> tuple[dict[str, int], list[_Line]] | None:
     for word in head[1:]:
         if word[:1] in ("V", "N", "M") and is_digits(word[1:]):
             header[word[0]] = int(word[1:])
-    for line in lines[1:]:
+    ours = _OUR_RECORDS.findall(body)
+    if len(ours) == body.count("\n"):
+        # Every line is one of ours (the common case): read in one pass.
+        return header, [(int(uid), int(modseq), int(size), int(date), name) for uid, modseq, size, date, name in ours]
+    for line in body.split("\n"):
         match = _OUR_RECORD.fullmatch(line)
         if match is not None:
             # Our own lines, the common case, in one step.
