@@ -622,6 +622,11 @@ def test_usage_counts_every_folder(store):
     assert store("usage", ALICE) == (a.size + b.size, 2)
     store("expunge", ALICE, "Archive", [uid])
     assert store("usage", ALICE) == (a.size, 1)
+    store("create_folder", ALICE, "Doomed")
+    store("append", ALICE, "Doomed", b, frozenset(), DATE)
+    assert store("usage", ALICE) == (a.size + b.size, 2)
+    store("delete_folder", ALICE, "Doomed")
+    assert store("usage", ALICE) == (a.size, 1)
     assert store("usage", BOB) == (0, 0)
 
 
