@@ -494,3 +494,21 @@ def test_a_message_the_disk_refuses_midway_is_read_to_its_end_and_refused(tmp_pa
     assert os.listdir(tmp_path) == []
     wire.send("b NOOP")
     assert wire.lines() == ["b OK NOOP completed"]
+
+
+def test_utf8_accept_names_folders_in_utf8():
+    """Before ENABLE UTF8=ACCEPT folder names are modified UTF-7 both ways; after it, UTF-8, and APPEND takes UTF8 (~{n})."""
+    wire = login(Platform().imap())
+    wire.send("a CREATE &AMk-t&AOk-")
+    wire.send('b LIST "" "&AMk-*"')
+    assert wire.lines()[-2:] == ['* LIST (\\HasNoChildren) "/" "&AMk-t&AOk-"', "b OK LIST completed"]
+    wire.send("c ENABLE UTF8=ACCEPT")
+    assert wire.lines() == ["* ENABLED UTF8=ACCEPT", "c OK ENABLE completed"]
+    wire.send('d LIST "" "É*"')
+    assert wire.lines() == ['* LIST (\\HasNoChildren) "/" "Été"', "d OK LIST completed"]
+    message = "Subject: Été\r\n\r\nbonjour\r\n".encode()
+    wire.send(f'e APPEND "Été" UTF8 (~{{{len(message)}+}}')
+    wire.protocol.dataReceived(message + b")\r\n")
+    assert wire.lines()[-1].startswith("e OK [APPENDUID")
+    wire.send('f STATUS "Été" (MESSAGES)')
+    assert wire.lines() == ['* STATUS "Été" (MESSAGES 1)', "f OK STATUS completed"]

@@ -159,17 +159,23 @@ def _list(token: Token, what: str) -> list[Token]:
     return token
 
 
-def mailbox_name(token: Token) -> str:
-    """A folder name from the client: modified UTF-7 (RFC 3501 5.1.3) to Unicode, "INBOX" in any case."""
+def decode_name(raw: bytes, utf8: bool = False) -> str:
+    """A folder name or pattern as the client wrote it: modified UTF-7 (RFC 3501 5.1.3),
+    or UTF-8 once it enabled UTF8=ACCEPT (RFC 6855 3); raw UTF-8 is taken either way."""
+    try:
+        return raw.decode("utf-8") if utf8 or not raw.isascii() else raw.decode("imap4-utf-7")
+    except UnicodeDecodeError:
+        raise BAD("Invalid modified UTF-7 in the mailbox name" if raw.isascii() else "Invalid UTF-8 in the mailbox name")
+
+
+def mailbox_name(token: Token, utf8: bool = False) -> str:
+    """A folder name from the client, in Unicode, "INBOX" in any case."""
     raw = _text(token, "mailbox name")
     if not raw:
         raise BAD("Empty mailbox name")
     if b"\0" in raw or b"\r" in raw or b"\n" in raw:
         raise BAD("Invalid character in the mailbox name")
-    try:
-        name = raw.decode("imap4-utf-7") if raw.isascii() else raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise BAD("Invalid modified UTF-7 in the mailbox name")
+    name = decode_name(raw, utf8)
     if name.upper() == INBOX:
         return INBOX
     if name.upper().startswith(INBOX + "/"):
@@ -177,9 +183,9 @@ def mailbox_name(token: Token) -> str:
     return name
 
 
-def wire_name(name: str) -> str:
-    """A folder name as a quoted string on the wire (modified UTF-7)."""
-    return quoted(name.encode("imap4-utf-7").decode("ascii"))
+def wire_name(name: str, utf8: bool = False) -> str:
+    """A folder name as a quoted string on the wire: modified UTF-7, or UTF-8 under UTF8=ACCEPT."""
+    return quoted(name if utf8 else name.encode("imap4-utf-7").decode("ascii"))
 
 
 def format_flags(flags: Iterable[str]) -> str:
@@ -437,6 +443,7 @@ class IMAPServer(CommandReader, TLSHandshakeDeadline, TimeoutMixin, protocol.Pro
         self._errors = 0
         self.condstore = False
         self.qresync = False
+        self.utf8 = False  # RFC 6855 UTF8=ACCEPT
         # The command being read: its lines and literals, and the literal being read.
         self._pieces: list[bytes | FileLiteral] = []
         self._line_octets = 0
@@ -534,7 +541,7 @@ class IMAPServer(CommandReader, TLSHandshakeDeadline, TimeoutMixin, protocol.Pro
         caps += [
             "LITERAL+", f"APPENDLIMIT={self.settings.max_message_size}", "ID", "ENABLE", "IDLE", "NAMESPACE",
             "UIDPLUS", "MOVE", "UNSELECT", "CHILDREN", "SPECIAL-USE", "LIST-EXTENDED", "LIST-STATUS", "STATUS=SIZE",
-            "CONDSTORE", "QRESYNC", "ESEARCH", "QUOTA", "QUOTA=RES-STORAGE",
+            "CONDSTORE", "QRESYNC", "ESEARCH", "QUOTA", "QUOTA=RES-STORAGE", "UTF8=ACCEPT",
         ]
         return caps
 
@@ -910,6 +917,10 @@ class IMAPServer(CommandReader, TLSHandshakeDeadline, TimeoutMixin, protocol.Pro
                 # RFC 7162 3.2.3: QRESYNC implies CONDSTORE.
                 self.qresync = self.condstore = True
                 enabled.append(name)
+            elif name == "UTF8=ACCEPT" and not self.utf8:
+                # RFC 6855: folder names in UTF-8 from now on, and UTF-8 in headers.
+                self.utf8 = True
+                enabled.append(name)
         self._send("* ENABLED" + "".join(" " + e for e in enabled))
         return "ENABLE completed"
 
@@ -926,7 +937,7 @@ class IMAPServer(CommandReader, TLSHandshakeDeadline, TimeoutMixin, protocol.Pro
     async def _select(self, args: list[Token], readonly: bool) -> str:
         if not 1 <= len(args) <= 2:
             raise BAD("Syntax: SELECT mailbox [(CONDSTORE | QRESYNC (...))]")
-        name = mailbox_name(args[0])
+        name = mailbox_name(args[0], self.utf8)
         qresync: list[Token] | None = None
         if len(args) == 2:
             params = _list(args[1], "SELECT parameters")
@@ -1018,7 +1029,7 @@ class IMAPServer(CommandReader, TLSHandshakeDeadline, TimeoutMixin, protocol.Pro
     async def do_CREATE(self, tag: str, args: list[Token], uid: bool) -> str:
         if len(args) != 1:
             raise BAD("Syntax: CREATE mailbox")
-        name = mailbox_name(args[0]).rstrip("/")
+        name = mailbox_name(args[0], self.utf8).rstrip("/")
         if name == INBOX:
             raise NO("INBOX always exists", "ALREADYEXISTS")
         self._check_name(name)
@@ -1032,7 +1043,7 @@ class IMAPServer(CommandReader, TLSHandshakeDeadline, TimeoutMixin, protocol.Pro
     async def do_DELETE(self, tag: str, args: list[Token], uid: bool) -> str:
         if len(args) != 1:
             raise BAD("Syntax: DELETE mailbox")
-        name = mailbox_name(args[0])
+        name = mailbox_name(args[0], self.utf8)
         if name == INBOX:
             raise NO("INBOX cannot be deleted", "CANNOT")
         if name == self.folder:
@@ -1043,7 +1054,7 @@ class IMAPServer(CommandReader, TLSHandshakeDeadline, TimeoutMixin, protocol.Pro
     async def do_RENAME(self, tag: str, args: list[Token], uid: bool) -> str:
         if len(args) != 2:
             raise BAD("Syntax: RENAME old new")
-        old, new = mailbox_name(args[0]), mailbox_name(args[1]).rstrip("/")
+        old, new = mailbox_name(args[0], self.utf8), mailbox_name(args[1], self.utf8).rstrip("/")
         if new == INBOX:
             raise NO("INBOX exists", "ALREADYEXISTS")
         self._check_name(new)
@@ -1059,7 +1070,7 @@ class IMAPServer(CommandReader, TLSHandshakeDeadline, TimeoutMixin, protocol.Pro
     async def _subscribe(self, args: list[Token], subscribed: bool) -> str:
         if len(args) != 1:
             raise BAD("Syntax: SUBSCRIBE mailbox")
-        await call(self.store.subscribe, self._account, mailbox_name(args[0]), subscribed)
+        await call(self.store.subscribe, self._account, mailbox_name(args[0], self.utf8), subscribed)
         return f"{'SUBSCRIBE' if subscribed else 'UNSUBSCRIBE'} completed"
 
     async def do_LIST(self, tag: str, args: list[Token], uid: bool) -> str:
@@ -1089,15 +1100,9 @@ class IMAPServer(CommandReader, TLSHandshakeDeadline, TimeoutMixin, protocol.Pro
         unknown = selection - {"SUBSCRIBED", "RECURSIVEMATCH", "REMOTE", "SPECIAL-USE"}
         if unknown:
             raise BAD(f"Unknown selection option {printable(sorted(unknown)[0], 20)}")
-        reference = _text(args[0], "reference").decode("imap4-utf-7", "replace") if _text(args[0]).isascii() else _text(args[0]).decode("utf-8", "replace")
+        reference = decode_name(_text(args[0], "reference"), self.utf8)
         patterns = args[1] if isinstance(args[1], list) else [args[1]]
-        texts = []
-        for p in patterns:
-            raw = _text(p, "pattern")
-            try:
-                texts.append(raw.decode("imap4-utf-7") if raw.isascii() else raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                raise BAD("Invalid modified UTF-7 in the pattern")
+        texts = [decode_name(_text(p, "pattern"), self.utf8) for p in patterns]
         if len(texts) == 1 and not texts[0] and not selection:
             # RFC 3501 6.3.8: the hierarchy delimiter.
             self._send('* LIST (\\Noselect) "/" ""')
@@ -1108,8 +1113,8 @@ class IMAPServer(CommandReader, TLSHandshakeDeadline, TimeoutMixin, protocol.Pro
     async def do_LSUB(self, tag: str, args: list[Token], uid: bool) -> str:
         if len(args) != 2:
             raise BAD("Syntax: LSUB reference mailbox")
-        reference = _text(args[0]).decode("imap4-utf-7", "replace")
-        await self._list("LSUB", reference, [_text(args[1]).decode("imap4-utf-7", "replace")], {"SUBSCRIBED"}, set(), None)
+        reference, pattern = (decode_name(_text(a), self.utf8) for a in args)
+        await self._list("LSUB", reference, [pattern], {"SUBSCRIBED"}, set(), None)
         return "LSUB completed"
 
     async def _list(self, verb: str, reference: str, patterns: list[str], selection: set[str], returns: set[str], status: list[str] | None) -> None:
@@ -1139,13 +1144,13 @@ class IMAPServer(CommandReader, TLSHandshakeDeadline, TimeoutMixin, protocol.Pro
                     attributes.append("\\Subscribed")
             elif folder is None:
                 continue
-            self._send(f"* {verb} ({' '.join(attributes)}) \"/\" {wire_name(name)}")
+            self._send(f"* {verb} ({' '.join(attributes)}) \"/\" {wire_name(name, self.utf8)}")
             if status is not None and folder is not None:
                 try:
                     view = await call(self.store.view, self._account, name)
                 except NoSuchFolder:
                     continue
-                self._send(f"* STATUS {wire_name(name)} ({self._status_values(view, status)})")
+                self._send(f"* STATUS {wire_name(name, self.utf8)} ({self._status_values(view, status)})")
 
     def _status_items(self, tokens: list[Token]) -> list[str]:
         items = _upper_atoms(tokens, "status item")
@@ -1174,20 +1179,27 @@ class IMAPServer(CommandReader, TLSHandshakeDeadline, TimeoutMixin, protocol.Pro
     async def do_STATUS(self, tag: str, args: list[Token], uid: bool) -> str:
         if len(args) != 2:
             raise BAD("Syntax: STATUS mailbox (items)")
-        name = mailbox_name(args[0])
+        name = mailbox_name(args[0], self.utf8)
         items = self._status_items(_list(args[1], "status items"))
         view = await call(self.store.view, self._account, name)
-        self._send(f"* STATUS {wire_name(name)} ({self._status_values(view, items)})")
+        self._send(f"* STATUS {wire_name(name, self.utf8)} ({self._status_values(view, items)})")
         return "STATUS completed"
 
     async def do_APPEND(self, tag: str, args: list[Token], uid: bool) -> str:
+        options = args[1:-1]
+        if len(args) >= 3 and isinstance(args[-2], str) and args[-2].upper() == "UTF8":
+            # RFC 6855 4: APPEND ... UTF8 (~{n} message with UTF-8 headers).
+            options = args[1:-2]
+            if not (isinstance(args[-1], list) and len(args[-1]) == 1):
+                raise BAD("Syntax: APPEND mailbox [(flags)] [date-time] UTF8 (~{size})")
+            args = [*args[:-2], args[-1][0]]
         if not 2 <= len(args) <= 4:
             raise BAD("Syntax: APPEND mailbox [(flags)] [date-time] {size}")
-        name = mailbox_name(args[0])
+        name = mailbox_name(args[0], self.utf8)
         content = args[-1]
         flags: frozenset[str] = frozenset()
         date = self.clock.seconds()
-        for option in args[1:-1]:
+        for option in options:
             if isinstance(option, list):
                 flags = parse_flags(option)
             elif isinstance(option, bytes):
@@ -1196,7 +1208,7 @@ class IMAPServer(CommandReader, TLSHandshakeDeadline, TimeoutMixin, protocol.Pro
                 raise BAD("Syntax: APPEND mailbox [(flags)] [date-time] {size}")
         if isinstance(content, FileLiteral):
             message = SpooledMessage(content.path, content.size, "")
-        elif isinstance(content, bytes) and not isinstance(args[-1], str):
+        elif isinstance(content, bytes):
             message = SpooledMessage("", len(content), "", content)
         else:
             raise BAD("The message must be a literal")
@@ -1214,14 +1226,14 @@ class IMAPServer(CommandReader, TLSHandshakeDeadline, TimeoutMixin, protocol.Pro
     async def do_GETQUOTAROOT(self, tag: str, args: list[Token], uid: bool) -> str:
         if len(args) != 1:
             raise BAD("Syntax: GETQUOTAROOT mailbox")
-        name = mailbox_name(args[0])
+        name = mailbox_name(args[0], self.utf8)
         await call(self.store.view, self._account, name)
         used, limit = await self.factory.quota.state(self._account)
         if limit:
-            self._send(f'* QUOTAROOT {wire_name(name)} ""')
+            self._send(f'* QUOTAROOT {wire_name(name, self.utf8)} ""')
             self._send(f'* QUOTA "" (STORAGE {(used + 1023) // 1024} {limit // 1024})')
         else:
-            self._send(f"* QUOTAROOT {wire_name(name)}")
+            self._send(f"* QUOTAROOT {wire_name(name, self.utf8)}")
         return "GETQUOTAROOT completed"
 
     async def do_GETQUOTA(self, tag: str, args: list[Token], uid: bool) -> str:
@@ -1645,7 +1657,7 @@ class IMAPServer(CommandReader, TLSHandshakeDeadline, TimeoutMixin, protocol.Pro
         if move:
             self._require_writable()
         targets = self._targets(args[0], uid)
-        target = mailbox_name(args[1])
+        target = mailbox_name(args[1], self.utf8)
         uids = [u for _, u in targets]
         if not uids:
             if not uid:
