@@ -512,3 +512,14 @@ def test_utf8_accept_names_folders_in_utf8():
     assert wire.lines()[-1].startswith("e OK [APPENDUID")
     wire.send('f STATUS "Été" (MESSAGES)')
     assert wire.lines() == ['* STATUS "Été" (MESSAGES 1)', "f OK STATUS completed"]
+
+
+def test_flags_a_fetch_returned_are_not_reported_again():
+    """Another session's flag change that a FETCH FLAGS already showed is not sent again as an unsolicited FETCH after it."""
+    platform = Platform()
+    a = selected(platform, messages=1)
+    b = selected(platform)
+    a.send("s STORE 1 +FLAGS.SILENT (\\Flagged)")
+    a.output()
+    b.send("f FETCH 1 (FLAGS)")
+    assert b.lines() == ["* 1 FETCH (FLAGS (\\Flagged))", "f OK FETCH completed"]

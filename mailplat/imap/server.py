@@ -1544,6 +1544,8 @@ class IMAPServer(CommandReader, TLSHandshakeDeadline, TimeoutMixin, protocol.Pro
         pump = OutputPump(self.output_consumer(), self.clock, self.settings.idle_timeout)
         missing = 0
         add_modseq = self.condstore and request.changed_since is not None
+        # Flags a response carries are not reported again after the command.
+        tells_flags = any(item.name == "FLAGS" for item in request.items)
         account, folder = self._account, self._folder
         # The next few messages are opened while one is sent: a store opens a
         # message in a thread, and waiting for each in turn would leave the
@@ -1578,6 +1580,8 @@ class IMAPServer(CommandReader, TLSHandshakeDeadline, TimeoutMixin, protocol.Pro
                         parts = await self._parts(u, source)
                     response = fetch.render(request, msn, info, source, parts, add_uid=uid, add_modseq=add_modseq, flags_changed=u in seen)
                     await pump.send(response.chunks())
+                    if tells_flags or u in seen:
+                        self._reported[u] = info.modseq
                 except (ConnectionLost, defer.CancelledError):
                     raise
                 except Exception:
