@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import poplib
+import re
 import smtplib
 import ssl
 import textwrap
@@ -95,7 +96,9 @@ def test_async_mailbox_over_smtp_and_pop3(make_server, tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])))
     mailbox = '[mailbox]\nbackend = "maildir"\npath = "mail"\n'
     assert mailbox in BASE_CONFIG
-    server = make_server(config=BASE_CONFIG.replace(mailbox, '[mailbox]\nbackend = "async_mailbox_plugin:factory"\n'))
+    # The plugin is a mailbox for POP3 only (no IMessageStore): no IMAP listeners.
+    config = re.sub(r"(?m)^imaps? = .*\n", "", BASE_CONFIG.replace(mailbox, '[mailbox]\nbackend = "async_mailbox_plugin:factory"\n'))
+    server = make_server(config=config)
 
     with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
         client.sendmail("someone@remote.test", ["alice@example.org"], message("first"))
