@@ -7,10 +7,11 @@ Written on our CommandReader rather than as a subclass of Twisted's
   ``LiteralFile`` spooled to a temporary file only for APPEND) and announces
   no limit, so a client cannot learn the largest APPEND (RFC 7889), and it
   has no LITERAL+ (RFC 7888);
-- it parses and runs pipelined commands at once, each reply when its
-  Deferred fires (replies may come out of order relative to untagged
-  updates), and its line reader is LineReceiver's, which cuts the connection
-  after an over-long line instead of answering BAD;
+- it runs pipelined commands as they arrive (only FETCH holds the next
+  one), each replying when its Deferred fires, so a slow command's untagged
+  responses can land inside a later one's; its line reader is
+  LineReceiver's, which drops the connection after a 16 KiB line instead of
+  answering BAD (RFC 7162 4 asks servers to take 8 KiB and more);
 - it has none of CONDSTORE/QRESYNC, MOVE, UIDPLUS, ENABLE, ESEARCH,
   LIST-EXTENDED or SPECIAL-USE, and keeps the MSN<->UID bookkeeping in the
   mailbox object (``IMailbox``), where it cannot be per session: two sessions
@@ -28,9 +29,17 @@ output valve that stops reading from a client that does not read, and the
 one place failures are caught.
 
 Extensions: LITERAL+ (a non-synchronizing literal over the limit ends the
-session, RFC 7888 4), APPENDLIMIT, SASL-IR, ID, ENABLE, IDLE, NAMESPACE,
-UIDPLUS, MOVE, UNSELECT, CHILDREN, SPECIAL-USE, LIST-EXTENDED, LIST-STATUS,
-STATUS=SIZE, CONDSTORE, QRESYNC, ESEARCH and QUOTA.
+session, RFC 7888 4), APPENDLIMIT, SASL-IR, ID, ENABLE, IDLE (with a
+keepalive line every two minutes), NAMESPACE, UIDPLUS, MOVE, UNSELECT,
+CHILDREN, SPECIAL-USE, LIST-EXTENDED, LIST-STATUS, STATUS=SIZE, CONDSTORE,
+QRESYNC, ESEARCH, QUOTA and UTF8=ACCEPT.
+
+Each session keeps its own message numbering (the UIDs of the selected
+folder, four octets a message) and learns what others changed by asking
+the store's ``view`` before its replies and when ``watch`` calls during
+IDLE: new UIDs are EXISTS, missing ones EXPUNGE (or VANISHED under QRESYNC)
+when RFC 3501 7.4.1 allows, and a message whose modseq passed the last one
+compared is an unsolicited FETCH of its flags.
 """
 
 from __future__ import annotations
