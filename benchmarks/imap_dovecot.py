@@ -13,8 +13,11 @@ below 1 means mailplat uses less):
 
   a. fetch   login + SELECT + FETCH 1:* BODY[] of 2,000 messages of 10 KB
              (the clock includes the login), each byte checked
-  b. flags   FETCH 1:* FLAGS, then 10,000 UID STORE +FLAGS / -FLAGS of
-             single messages over a 10,000-message folder, pipelined 50 deep
+  b. flags   over a 10,000-message folder: FETCH 1:* FLAGS, 1,000 UID STORE
+             +FLAGS (\Flagged) of single messages spread over it, pipelined
+             50 deep, FETCH 1:* FLAGS to check, then the same with -FLAGS
+             (--stores: each STORE of mailplat's maildir rewrites the
+             folder's state, so 10,000 of them took half an hour)
   c. mbsync  mbsync's initial sync of the 10,000-message folder into an
              empty local maildir (the clock includes mbsync's own logins)
   d. idle    1,000 sessions logged in, SELECTed and in IDLE at once: the
@@ -41,7 +44,8 @@ as nobody; otherwise as the caller.
 
 Options: --loads (fetch,flags,mbsync,idle,big), --rounds, --only
 mailplat|dovecot, --twistd PATH, --dovecot PATH, --keep (keep the temp
-folder), --json.
+folder), --json; the sizes: --fetch-count, --fetch-size, --flags-count,
+--flags-size (2 KB), --stores, --pipeline, --idle-count, --big-size.
 """
 
 from __future__ import annotations
@@ -245,6 +249,10 @@ class Dovecot:
     def pids(self) -> list[int]:
         return process_tree([self.process.pid]) if self.process else []
 
+    def version(self) -> str:
+        found = subprocess.run([self.program, "--version"], capture_output=True, text=True, timeout=30)
+        return found.stdout.split()[0] if found.stdout else "?"
+
     def stop(self) -> None:
         stop(self.process)
         self.process = None
@@ -355,6 +363,13 @@ class Mailplat:
 
     def pids(self) -> list[int]:
         return process_tree([self.process.pid]) if self.process else []
+
+    def version(self) -> str:
+        """The commit of the checkout the benchmark runs from (mailplat's code is the repository's)."""
+        found = subprocess.run(
+            ["git", "-C", str(Path(__file__).resolve().parent), "describe", "--always", "--dirty"], capture_output=True, text=True, timeout=30,
+        )
+        return found.stdout.strip() or "?"
 
     def stop(self) -> None:
         stop(self.process)
@@ -530,6 +545,7 @@ class Bench:
         depth = self.args.pipeline
         begin = time.perf_counter()
         commands = 0
+        stored = 0
         for how in ("+", "-"):
             before = session.command("FETCH 1:* (FLAGS)")
             uids = [int(m.group(1)) for text, _ in before for m in [re.search(rb"UID (\d+)", text)] if m]
@@ -540,19 +556,22 @@ class Bench:
             if len(uids) != count:
                 raise SystemExit(f"{server.name}: FETCH FLAGS saw {len(uids)} messages, not {count}")
             commands += 1
-            for at in range(0, count, depth):
-                tags = [session.send(f"UID STORE {uid} {how}FLAGS (\\Flagged)") for uid in uids[at:at + depth]]
+            # --stores messages spread over the folder, one STORE each.
+            targets = uids[::max(1, count // self.args.stores)][:self.args.stores]
+            for at in range(0, len(targets), depth):
+                tags = [session.send(f"UID STORE {uid} {how}FLAGS (\\Flagged)") for uid in targets[at:at + depth]]
                 for tag in tags:
                     session.until(tag)
                 commands += len(tags)
+            stored += len(targets)
             after = session.command("FETCH 1:* (FLAGS)")
             commands += 1
             flagged = sum(b"\\Flagged" in text for text, _ in after)
-            if flagged != (count if how == "+" else 0):
-                raise SystemExit(f"{server.name}: {flagged} of {count} messages are \\Flagged after {how}FLAGS")
+            if flagged != (len(targets) if how == "+" else 0):
+                raise SystemExit(f"{server.name}: {flagged} of {count} messages are \\Flagged after {how}FLAGS of {len(targets)}")
         elapsed = time.perf_counter() - begin
         session.close()
-        return {"s": elapsed, "commands/s": commands / elapsed}
+        return {"s": elapsed, "commands/s": commands / elapsed, "ms/STORE": 1000 * elapsed / stored}
 
     def mbsync(self, server: Mailplat | Dovecot, work: Path) -> dict[str, float]:
         home = work / f"mbsync-{server.name}"
@@ -711,6 +730,7 @@ def main() -> int:
     parser.add_argument("--fetch-size", type=int, default=10 * 1024)
     parser.add_argument("--flags-count", type=int, default=10000)
     parser.add_argument("--flags-size", type=int, default=2 * 1024)
+    parser.add_argument("--stores", type=int, default=1000)
     parser.add_argument("--pipeline", type=int, default=50)
     parser.add_argument("--idle-count", type=int, default=1000)
     parser.add_argument("--big-size", type=int, default=100 * 1000 * 1000)
@@ -721,6 +741,8 @@ def main() -> int:
         parser.error(f"unknown loads {sorted(unknown)}; choose from {','.join(LOADS)}")
     if "mbsync" in loads and shutil.which("mbsync") is None:
         raise SystemExit("load mbsync needs mbsync: apt-get install -y isync")
+    # A SIGTERM (or an interrupt from a job without SIGINT) still stops both servers.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     # 1,000 sessions, each a socket on both sides.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -770,9 +792,11 @@ def main() -> int:
                     for figure, value in figures.items():
                         results[load][server.name].setdefault(figure, []).append(value)
         names = [s.name for s in servers]
+        versions = {s.name: s.version() for s in servers}
         if args.json:
-            print(json.dumps({"servers": names, "rounds": args.rounds, "results": results}))
+            print(json.dumps({"servers": versions, "rounds": args.rounds, "results": results}))
         else:
+            print("; ".join(f"{name} {version}" for name, version in versions.items()) + f"; median of {args.rounds} rounds [range]")
             print(table(results, names))
         return 0
     finally:
