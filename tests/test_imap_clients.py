@@ -451,7 +451,7 @@ def test_neomutt_sends_by_smtp_and_files_a_copy_over_imap(peer: Peer, tmp_path: 
     draft.write_text(f"From: {user}\nTo: bob@example.org\nSubject: sent-by-neomutt\n\nHello Bob, from neomutt.\n")
     status, screen = in_terminal(
         ["neomutt", "-n", "-F", str(rc), "-H", str(draft)],
-        {"HOME": str(tmp_path), "TERM": "xterm", "PATH": os.environ["PATH"], "LANG": "C.UTF-8"}, typed=((b"Mix:", b"y"),),
+        {"HOME": str(tmp_path), "TERM": "xterm", "PATH": os.environ["PATH"], "LANG": "C.UTF-8"}, typed=((b"Fcc:", b"y"),),
     )
     assert status == 0, screen[-2000:]
     assert server_state(peer, user, "Sent") == {"sent-by-neomutt": {"\\Seen"}}, screen[-2000:]
