@@ -528,6 +528,20 @@ def test_a_27th_keyword_is_refused_with_the_reason(store, alice):
     assert "kw3" not in store.view(alice, INBOX).messages[0].flags
 
 
+@pytest.mark.parametrize("how", ["copy", "move"])
+def test_a_copy_the_target_cannot_hold_changes_nothing(store, alice, how):
+    """Copying or moving a keyword into a folder that already has 26 others is refused before any file is made or moved."""
+    store.create_folder(alice, "Full")
+    append(store, alice, "Full", flags=frozenset(f"full{i}" for i in range(26)))
+    plain = append(store, alice)
+    tagged = append(store, alice, flags=frozenset({"$Unheard"}))
+    before = (cur_names(alice), cur_names(os.path.join(alice, ".Full")), store.view(alice, "Full"))
+    with pytest.raises(PermanentFailure, match="26 keywords"):
+        getattr(store, how)(alice, INBOX, [plain, tagged], "Full")
+    assert (cur_names(alice), cur_names(os.path.join(alice, ".Full")), store.view(alice, "Full")) == before
+    assert os.listdir(os.path.join(alice, ".Full", "tmp")) == []
+
+
 def test_a_delivered_message_moves_to_cur_and_gets_a_uid_at_the_next_view(maildir, reactor, store, alice):
     """deliver writes into new/; the next view moves it to cur/ with ":2,", gives it the next UID, and its mtime is its INTERNALDATE."""
     first = append(store, alice)

@@ -1129,91 +1129,81 @@ class MaildirPlus:
         return None
 
     def copy(self, maildir: str, folder: str, uids: list[int], target: str) -> tuple[int, list[tuple[int, int]]]:
-        source = self._path(maildir, folder)
-        destination = self._path(maildir, target)
-        taken = self._take(source, uids)
-        pairs: list[tuple[int, int]] = []
-        with self._locked(destination) as state:
-            for record in taken:
-                assert record.info is not None
-                base = self.unique_name(record.size)
-                name = self._name_with(state, base, record.info.flags)
-                final = os.path.join(destination, "cur", name)
-                origin: str | None = os.path.join(source, record.sub, record.name)
-                for _ in range(2):
-                    assert origin is not None
-                    try:
-                        _link_or_copy(origin, final, os.path.join(destination, "tmp", base))
-                        break
-                    except FileNotFoundError:
-                        origin = self._relocate(source, record) if source != destination else None
-                        if origin is None:
-                            break
-                else:
-                    origin = None
-                if origin is None:
-                    continue
-                state.highest += 1
-                state.add(_Record(state.uidnext, base, name, "cur", record.size, record.date, state.highest))
-                pairs.append((record.uid, state.uidnext))
-                state.uidnext += 1
-            if pairs:
-                fsync_directory(os.path.join(destination, "cur"))
-                self._save(state)
-                state.view = None
-            return state.uidvalidity, pairs
+        return self._transfer(maildir, folder, uids, target, move=False)
 
     def move(self, maildir: str, folder: str, uids: list[int], target: str) -> tuple[int, list[tuple[int, int]]]:
         source = self._path(maildir, folder)
-        destination = self._path(maildir, target)
-        if source == destination:
-            uidvalidity, copied = self.copy(maildir, folder, uids, target)
+        if source == self._path(maildir, target):
+            uidvalidity, copied = self._transfer(maildir, folder, uids, target, move=False)
             self._remove(source, [old for old, _ in copied])
             return uidvalidity, copied
+        return self._transfer(maildir, folder, uids, target, move=True)
+
+    def _transfer(self, maildir: str, folder: str, uids: list[int], target: str, move: bool) -> tuple[int, list[tuple[int, int]]]:
+        """Copy (a hard link, else a durable copy) or move (a rename) messages into
+        ``target`` with their flags, giving them the target's next UIDs.
+
+        The names are all worked out first, so that a refusal (a 27th keyword
+        in the target) changes nothing; a disk error half-way keeps what was
+        done, with its UIDs, before it is raised.
+        """
+        source = self._path(maildir, folder)
+        destination = self._path(maildir, target)
         taken = self._take(source, uids)
         pairs: list[tuple[int, int]] = []
         with self._locked(destination) as state:
+            plans = []
             for record in taken:
                 assert record.info is not None
-                base = record.base if record.base not in state.bases else self.unique_name(record.size)
-                name = self._name_with(state, base, record.info.flags)
-                final = os.path.join(destination, "cur", name)
-                origin: str | None = os.path.join(source, record.sub, record.name)
-                moved = False
-                for _ in range(2):
-                    assert origin is not None
-                    try:
-                        os.rename(origin, final)
-                        moved = True
-                        break
-                    except FileNotFoundError:
-                        origin = self._relocate(source, record)
-                        if origin is None:
-                            break
-                    except OSError as e:
-                        if e.errno != errno.EXDEV:
-                            raise
-                        _link_or_copy(origin, final, os.path.join(destination, "tmp", base))
-                        os.unlink(origin)
-                        moved = True
-                        break
-                if not moved:
-                    continue
-                state.highest += 1
-                state.add(_Record(state.uidnext, base, name, "cur", record.size, record.date, state.highest))
-                pairs.append((record.uid, state.uidnext))
-                state.uidnext += 1
-            if pairs:
-                fsync_directory(os.path.join(destination, "cur"))
-                self._save(state)
-                state.view = None
-        if pairs:
+                keep = move and record.base not in state.bases
+                base = record.base if keep else self.unique_name(record.size)
+                plans.append((record, base, self._name_with(state, base, record.info.flags)))
+            try:
+                for record, base, name in plans:
+                    if not self._place(source, destination, record, base, name, move):
+                        continue
+                    state.highest += 1
+                    state.add(_Record(state.uidnext, base, name, "cur", record.size, record.date, state.highest))
+                    pairs.append((record.uid, state.uidnext))
+                    state.uidnext += 1
+            finally:
+                if pairs:
+                    fsync_directory(os.path.join(destination, "cur"))
+                    self._save(state)
+                    state.view = None
+        if move and pairs:
             for sub in ("cur", "new"):
                 fsync_directory(os.path.join(source, sub))
             # The source's next scan sees the files gone: an expunge there.
             with self._locked(source):
                 pass
         return state.uidvalidity, pairs
+
+    def _place(self, source: str, destination: str, record: _Record, base: str, name: str, move: bool) -> bool:
+        """One message into ``destination``'s cur/ as ``name``; False when it is gone from the source."""
+        final = os.path.join(destination, "cur", name)
+        origin: str | None = os.path.join(source, record.sub, record.name)
+        for _ in range(2):
+            assert origin is not None
+            try:
+                if not move:
+                    _link_or_copy(origin, final, os.path.join(destination, "tmp", base))
+                    return True
+                try:
+                    os.rename(origin, final)
+                except OSError as e:
+                    if e.errno != errno.EXDEV:
+                        raise
+                    _link_or_copy(origin, final, os.path.join(destination, "tmp", base))
+                    os.unlink(origin)
+                return True
+            except FileNotFoundError:
+                # Renamed since we looked (a flag change, POP3): the file as it is now.
+                origin = self._relocate(source, record)
+                if origin is None:
+                    return False
+        # The source file is there, twice over: it is the target that went away.
+        raise NoSuchFolder("the target folder is gone")
 
     def _remove(self, path: str, uids: list[int], only_deleted: bool = False) -> list[int]:
         removed: list[int] = []
