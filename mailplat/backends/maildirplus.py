@@ -521,6 +521,15 @@ class MaildirPlus:
             yield self._sync(path)
 
     @contextmanager
+    def _quiet(self, path: str) -> Iterator[None]:
+        """A folder's lock without a scan: no change of it is under way (before it is renamed or deleted).
+
+        Always taken after the account's lock, never the other way round.
+        """
+        with self._thread_lock(path), _flock(os.path.join(path, _FOLDER_LOCK)):
+            yield
+
+    @contextmanager
     def _account(self, maildir: str) -> Iterator[None]:
         """The account's folder list locked (create, delete, rename, subscriptions)."""
         self._ensure_inbox(maildir)
@@ -884,9 +893,10 @@ class MaildirPlus:
                 raise NoSuchFolder(f"no folder {_shown(name)}")
             # Out of the folder list in one step, then removed at leisure.
             doomed = os.path.join(maildir, f"mailplat-deleted.{uuid.uuid4().hex}")
-            os.rename(path, doomed)
-            fsync_directory(maildir)
-            self._forget(path)
+            with self._quiet(path):
+                os.rename(path, doomed)
+                fsync_directory(maildir)
+                self._forget(path)
         shutil.rmtree(doomed, ignore_errors=True)
 
     def rename_folder(self, maildir: str, old: str, new: str) -> None:
@@ -922,8 +932,9 @@ class MaildirPlus:
                 if parent != maildir and not _is_folder(parent):
                     self._create(maildir, parent)
             for entry, to in moves:
-                os.rename(os.path.join(maildir, entry), os.path.join(maildir, to))
-                self._forget(os.path.join(maildir, entry))
+                with self._quiet(os.path.join(maildir, entry)):
+                    os.rename(os.path.join(maildir, entry), os.path.join(maildir, to))
+                    self._forget(os.path.join(maildir, entry))
             fsync_directory(maildir)
             subscribed = self._subscriptions(maildir)
             old_name, new_name = _folder_name(old_disk), _folder_name(new_disk)
