@@ -13,9 +13,9 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import argon2
 import pytest
 
-from mailplat.passwords import hash_password
 from mailplat.tls import make_self_signed
 
 BIN = Path(sys.executable).parent
@@ -62,6 +62,11 @@ USERS = {"alice@example.org": "alice-password", "bob@example.org": "bob-password
 
 # Hashing is slow on purpose; hash the test users once per run.
 _HASHES: dict[str, str] = {}
+# The test servers' users are argon2id hashes as `mailplat user add` writes
+# them, but at a small cost (8 MiB, one pass, one lane): each login
+# verifies one, and the suite logs in hundreds of times.  The server checks
+# them with the same code; test_users.py checks what `user add` stores.
+_TEST_HASHER = argon2.PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1)
 
 
 def wait_for(condition: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> object:
@@ -94,7 +99,7 @@ def write_users(path: Path, users: dict[str, str]) -> None:
     for address, password in users.items():
         key = f"{address}:{password}"
         if key not in _HASHES:
-            _HASHES[key] = hash_password(password)
+            _HASHES[key] = "{ARGON2ID}" + _TEST_HASHER.hash(password)
         lines.append(f"{address}:{_HASHES[key]}\n")
     path.write_text("".join(lines))
 
