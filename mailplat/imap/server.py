@@ -1386,8 +1386,15 @@ class IMAPServer(CommandReader, TLSHandshakeDeadline, TimeoutMixin, protocol.Pro
         except ValueError:
             raise BAD(f"Invalid sequence set {printable(text, 40)}")
         if uid:
-            chosen = set(numbers.select(self.uids, self.uids[-1] if self.uids else 0))
-            return [(msn, u) for msn, u in enumerate(self.uids, 1) if u in chosen]
+            # Each range cut out of the sorted UIDs by bisection: "UID STORE 7"
+            # costs the same in a folder of ten or of ten thousand.
+            largest = self.uids[-1] if self.uids else 0
+            chosen: set[int] = set()
+            for a, b in numbers.ranges:
+                x, y = largest if a is None else a, largest if b is None else b
+                low, high = bisect.bisect_left(self.uids, min(x, y)), bisect.bisect_right(self.uids, max(x, y))
+                chosen.update(range(low, high))
+            return [(i + 1, self.uids[i]) for i in sorted(chosen)]
         if not self.uids:
             # As Dovecot: message numbers in an empty mailbox name nothing that can exist.
             raise BAD("Invalid message set: the mailbox is empty")
