@@ -45,20 +45,23 @@ DATE = 1_700_000_000.0
 
 
 class ReactorThread:
-    """The global reactor, running in a thread of the test process.
+    """A real reactor of our own, running in a thread of the test process.
 
     Stores are driven as the server drives them: their methods are called on
     the reactor thread, their disk and database work runs in the service's
     pools, and their Deferreds fire on the reactor thread.  A test thread
-    waits for each result with :meth:`call`.  The reactor cannot be started
-    twice in a process, so it runs until the process ends.
+    waits for each result with :meth:`call`.  It is not the global reactor
+    (other test files pump that one from the main thread), which also proves
+    that the stores use only the reactor they are given; it runs until the
+    process ends.
     """
 
     _instance: ReactorThread | None = None
 
     def __init__(self) -> None:
-        from twisted.internet import reactor
+        from twisted.internet.epollreactor import EPollReactor
 
+        reactor = EPollReactor()
         self.reactor: Any = reactor
         started = threading.Event()
         reactor.callWhenRunning(started.set)
