@@ -523,3 +523,23 @@ def test_flags_a_fetch_returned_are_not_reported_again():
     a.output()
     b.send("f FETCH 1 (FLAGS)")
     assert b.lines() == ["* 1 FETCH (FLAGS (\\Flagged))", "f OK FETCH completed"]
+
+
+def test_implicit_tls_handshake_deadline():
+    """On imaps a client that never finishes the TLS handshake is cut off after tls_handshake_timeout, freeing its slot."""
+    from twisted.internet import address
+    from twisted.internet.testing import StringTransport
+
+    platform = Platform(imap=IMAPSettings(max_connections_per_ip=1))
+    first = platform.imap()
+    factory = first.protocol.factory
+    first.protocol.connectionLost(None)
+    protocol = factory.buildProtocol(None)
+    transport = StringTransport(peerAddress=address.IPv4Address("TCP", "192.0.2.1", 40000))
+    protocol.makeConnection(transport)
+    platform.clock.advance(29)
+    assert not transport.disconnecting
+    platform.clock.advance(2)
+    assert transport.disconnecting
+    protocol.connectionLost(None)
+    assert not platform.imap(factory=factory).closed
