@@ -543,3 +543,22 @@ def test_implicit_tls_handshake_deadline():
     assert transport.disconnecting
     protocol.connectionLost(None)
     assert not platform.imap(factory=factory).closed
+
+
+def test_selected_folder_renamed_here_or_deleted_elsewhere():
+    """RENAME of the selected folder keeps it selected under its new name; its DELETE by another session ends this one with BYE."""
+    platform = Platform()
+    wire = login(platform.imap())
+    wire.send("c CREATE Projects")
+    assert append(wire, folder="Projects").startswith("A OK")
+    wire.send("s SELECT Projects")
+    wire.send("r RENAME Projects Work")
+    assert wire.lines()[-1] == "r OK RENAME completed"
+    wire.send("f FETCH 1 (UID)")
+    assert wire.lines() == ["* 1 FETCH (UID 1)", "f OK FETCH completed"]
+    other = login(platform.imap())
+    other.send("d DELETE Work")
+    assert other.lines() == ["d OK DELETE completed"]
+    wire.send("n NOOP")
+    assert wire.lines() == ["* BYE [NONEXISTENT] The selected mailbox was deleted or renamed elsewhere"]
+    assert wire.closed

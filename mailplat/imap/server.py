@@ -749,7 +749,7 @@ class IMAPServer(CommandReader, TLSHandshakeDeadline, TimeoutMixin, protocol.Pro
             log.error("{session} imap {command} failed: {error}", session=self.session, command=name, error=describe_failure(Failure()))
             self._send(f"{tag} NO [SERVERBUG] Internal error, try again later")
         else:
-            if text is not None:
+            if text is not None and not self.transport.disconnecting:
                 self._send(f"{tag} OK {text}")
         finally:
             self._remove_files(pieces)
@@ -1068,7 +1068,22 @@ class IMAPServer(CommandReader, TLSHandshakeDeadline, TimeoutMixin, protocol.Pro
             raise NO("INBOX exists", "ALREADYEXISTS")
         self._check_name(new)
         await call(self.store.rename_folder, self._account, old, new)
+        if self.folder is not None and old != INBOX and (self.folder == old or self.folder.startswith(old + "/")):
+            # The session's own folder (or one inside it) goes on under its
+            # new name, with its messages and UIDs, as Dovecot does.
+            renamed = new + self.folder[len(old):]
+            self._rewatch(renamed)
         return "RENAME completed"
+
+    def _rewatch(self, name: str) -> None:
+        if self._unwatch is not None:
+            unwatch, self._unwatch = self._unwatch, None
+            unwatch()
+        self.folder = name
+        try:
+            self._unwatch = self.store.watch(self._account, name, self._changed)
+        except Exception:
+            log.error("{session} imap watch of {folder} failed: {error}", session=self.session, folder=name, error=describe_failure(Failure()))
 
     async def do_SUBSCRIBE(self, tag: str, args: list[Token], uid: bool) -> str:
         return await self._subscribe(args, True)
@@ -1333,7 +1348,17 @@ class IMAPServer(CommandReader, TLSHandshakeDeadline, TimeoutMixin, protocol.Pro
         if self.folder is None:
             return
         folder = self.folder
-        view: FolderView = await call(self.store.view, self._account, folder)
+        try:
+            view: FolderView = await call(self.store.view, self._account, folder)
+        except NoSuchFolder:
+            if self.folder == folder:
+                # Deleted or renamed by another session: nothing this one
+                # numbers exists any more.
+                log.info("{session} imap selected folder {folder} is gone, closing", session=self.session, folder=folder)
+                self._send("* BYE [NONEXISTENT] The selected mailbox was deleted or renamed elsewhere")
+                self._deselect()
+                self._close()
+            return
         if self.folder != folder:
             return
         if view.highest_modseq == self._modseq and view.uidnext == self._uidnext and not self._stale:
