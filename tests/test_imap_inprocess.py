@@ -562,3 +562,14 @@ def test_selected_folder_renamed_here_or_deleted_elsewhere():
     wire.send("n NOOP")
     assert wire.lines() == ["* BYE [NONEXISTENT] The selected mailbox was deleted or renamed elsewhere"]
     assert wire.closed
+
+
+def test_a_store_text_cannot_break_the_response_line():
+    """A backend failure whose text holds CRLF becomes one NO line: nothing it says can pass for another response."""
+    from mailplat.interfaces import TemporaryFailure
+
+    platform = Platform()
+    wire = login(platform.imap())
+    platform.store.broken = TemporaryFailure("database busy\r\n* OK [ALERT] injected")
+    wire.send("a STATUS INBOX (MESSAGES)")
+    assert wire.lines() == ["a NO [UNAVAILABLE] database busy * OK [ALERT] injected"]

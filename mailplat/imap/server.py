@@ -255,6 +255,12 @@ def gaps(present: Sequence[int], last: int) -> list[tuple[int, int]]:
     return found
 
 
+def one_line(text: str, default: str) -> str:
+    """A backend's text as the rest of a response line: no line ends or other controls, 200 characters at most."""
+    cleaned = " ".join("".join(c if c.isprintable() else " " for c in text[:200]).split())
+    return cleaned or default
+
+
 def _upper_atoms(tokens: list[Token], what: str) -> list[str]:
     return [_atom(t, what).upper() for t in tokens]
 
@@ -734,15 +740,15 @@ class IMAPServer(CommandReader, TLSHandshakeDeadline, TimeoutMixin, protocol.Pro
         except NO as e:
             self._send(f"{tag} NO {e.line}")
         except NoSuchFolder as e:
-            self._send(f"{tag} NO [NONEXISTENT] {printable(e.text, 200) if e.text else 'No such mailbox'}")
+            self._send(f"{tag} NO [NONEXISTENT] {one_line(e.text, 'No such mailbox')}")
         except FolderExists as e:
-            self._send(f"{tag} NO [ALREADYEXISTS] {e.text or 'Mailbox exists'}")
+            self._send(f"{tag} NO [ALREADYEXISTS] {one_line(e.text, 'Mailbox exists')}")
         except OverQuota as e:
-            self._send(f"{tag} NO [OVERQUOTA] {e.text}")
+            self._send(f"{tag} NO [OVERQUOTA] {one_line(e.text, 'Over quota')}")
         except PermanentFailure as e:
-            self._send(f"{tag} NO {e.text}")
+            self._send(f"{tag} NO {one_line(e.text, 'Refused')}")
         except TemporaryFailure as e:
-            self._send(f"{tag} NO [UNAVAILABLE] {e.text}")
+            self._send(f"{tag} NO [UNAVAILABLE] {one_line(e.text, 'Try again later')}")
         except (ConnectionLost, defer.CancelledError):
             pass
         except Exception:
