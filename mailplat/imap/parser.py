@@ -221,6 +221,9 @@ class _Scanner:
 
 
 def quoted(value: str | bytes) -> str:
-    """``value`` as an IMAP quoted string (the caller keeps CR and LF out of it)."""
+    """``value`` as an IMAP string: quoted, or a literal when it holds CR, LF or NUL
+    (which a quoted string cannot), so that no value can break a response line."""
     text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+    if any(c in text for c in "\r\n\0"):
+        return f"{{{len(text.encode('utf-8'))}}}\r\n{text}"
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'

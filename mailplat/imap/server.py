@@ -198,8 +198,10 @@ def wire_name(name: str, utf8: bool = False) -> str:
 
 
 def format_flags(flags: Iterable[str]) -> str:
+    """A flag list; a keyword a store holds that is no IMAP atom (another tool's) is left out, as it could not be parsed."""
+    flags = set(flags)
     system = [f for f in SYSTEM_FLAGS if f in flags]
-    return "(" + " ".join(system + sorted(f for f in flags if f not in SYSTEM_FLAGS)) + ")"
+    return "(" + " ".join(system + sorted(f for f in flags if f not in SYSTEM_FLAGS and _KEYWORD.fullmatch(f))) + ")"
 
 
 def parse_flags(tokens: list[Token]) -> frozenset[str]:
