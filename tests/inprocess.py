@@ -1,9 +1,9 @@
-"""Driving SMTPServer and POP3Server in-process: a StringTransport for the wire,
+"""Driving SMTPServer, POP3Server and IMAPServer in-process: a StringTransport for the wire,
 a task.Clock for time (as Twisted's own test_smtp.py does).
 
 For what only needs time to pass (timeouts, login delays and blocks), so
 that no test waits on the wall clock.  The backends here are small real
-providers of our interfaces (an in-memory user table and mailbox); the
+providers of our interfaces (an in-memory user table, mailbox and IMAP store); the
 protocol code is ours, unchanged.
 """
 
