@@ -1016,9 +1016,8 @@ class IMAPServer(CommandReader, TLSHandshakeDeadline, TimeoutMixin, protocol.Pro
                 known = SequenceSet.parse(known_text)
             except ValueError:
                 raise BAD("Invalid known-uids set")
-            numbers = known.resolve(last) if last < 1_000_000 else None
-            if numbers is not None:
-                last = max(numbers, default=0)
+            # Nothing above the highest UID the client knows vanished for it.
+            last = min(last, max(last if x is None else x for pair in known.ranges for x in pair))
         vanished = gaps([m.uid for m in view.messages], last)
         if vanished:
             self._send(f"* VANISHED (EARLIER) {format_ranges(vanished)}")
