@@ -491,6 +491,8 @@ class IMAPServer(CommandReader, TLSHandshakeDeadline, TimeoutMixin, protocol.Pro
         self._stale = False  # messages gone from the store, not yet announced (RFC 3501 7.4.1)
         self._unwatch: Callable[[], None] | None = None
         self._parts_cache: dict[tuple[str, int], MessageParts] = {}
+        # The folder's view a command read, for the updates after it (see _present).
+        self._fresh_view: FolderView | None = None
 
     # -- connection ---------------------------------------------------------
 
@@ -718,6 +720,7 @@ class IMAPServer(CommandReader, TLSHandshakeDeadline, TimeoutMixin, protocol.Pro
     ) -> None:
         """One command, start to tagged reply: every refusal and store failure is mapped here."""
         self._tag = tag
+        self._fresh_view = None
         uid = False
         if name == "UID" and self.folder is not None and self.account is not None:
             if not args or not isinstance(args[0], str) or args[0].upper() not in _UID_COMMANDS:
@@ -1355,8 +1358,9 @@ class IMAPServer(CommandReader, TLSHandshakeDeadline, TimeoutMixin, protocol.Pro
         if self.folder is None:
             return
         folder = self.folder
+        fresh, self._fresh_view = self._fresh_view, None
         try:
-            view: FolderView = await call(self.store.view, self._account, folder)
+            view: FolderView = fresh if fresh is not None else await call(self.store.view, self._account, folder)
         except NoSuchFolder:
             if self.folder == folder:
                 # Deleted or renamed by another session: nothing this one
@@ -1545,6 +1549,7 @@ class IMAPServer(CommandReader, TLSHandshakeDeadline, TimeoutMixin, protocol.Pro
             if unseen:
                 # Stored before the data goes out (RFC 3501 6.4.5), and the
                 # new flags are part of each response.
+                self._fresh_view = None
                 result = await call(self.store.store_flags, self._account, self._folder, unseen, frozenset({"\\Seen"}), "add")
                 for m in result.changed:
                     present[m.uid] = m
@@ -1553,8 +1558,13 @@ class IMAPServer(CommandReader, TLSHandshakeDeadline, TimeoutMixin, protocol.Pro
         return await self._fetch(request, targets, present, uid, seen)
 
     async def _present(self) -> dict[int, MessageInfo]:
-        """The selected folder's messages as they are now, by UID (for the command that asks)."""
+        """The selected folder's messages as they are now, by UID (for the command that asks).
+
+        The view is kept for the updates after the command (one trip to the
+        store's thread instead of two), unless the command changes the folder.
+        """
         view: FolderView = await call(self.store.view, self._account, self._folder)
+        self._fresh_view = view
         return {m.uid: m for m in view.messages}
 
     def _fetch_vanished(self, token: Token) -> None:
