@@ -958,7 +958,7 @@ class IMAPServer(CommandReader, TLSHandshakeDeadline, TimeoutMixin, protocol.Pro
         if not 1 <= len(args) <= 2:
             raise BAD("Syntax: SELECT mailbox [(CONDSTORE | QRESYNC (...))]")
         name = mailbox_name(args[0], self.utf8)
-        qresync: list[Token] | None = None
+        qresync: tuple[int, int, SequenceSet | None] | None = None
         if len(args) == 2:
             params = _list(args[1], "SELECT parameters")
             i = 0
@@ -969,7 +969,7 @@ class IMAPServer(CommandReader, TLSHandshakeDeadline, TimeoutMixin, protocol.Pro
                 elif param == "QRESYNC" and i + 1 < len(params):
                     if not self.qresync:
                         raise BAD("QRESYNC must be enabled first (ENABLE QRESYNC)")
-                    qresync = _list(params[i + 1], "QRESYNC parameters")
+                    qresync = self._qresync_parameters(_list(params[i + 1], "QRESYNC parameters"))
                     i += 1
                 else:
                     raise BAD(f"Unknown SELECT parameter {printable(param, 20)}")
@@ -1005,20 +1005,27 @@ class IMAPServer(CommandReader, TLSHandshakeDeadline, TimeoutMixin, protocol.Pro
             log.error("{session} imap watch of {folder} failed: {error}", session=self.session, folder=name, error=describe_failure(Failure()))
         return f"[{'READ-ONLY' if readonly else 'READ-WRITE'}] {'EXAMINE' if readonly else 'SELECT'} completed"
 
-    def _qresync(self, view: FolderView, params: list[Token]) -> None:
-        """RFC 7162 3.2.5: what changed since the client's last session, as VANISHED (EARLIER) and FETCH."""
+    @staticmethod
+    def _qresync_parameters(params: list[Token]) -> tuple[int, int, SequenceSet | None]:
+        """(uidvalidity, modseq, known UIDs) of SELECT's QRESYNC parameter, read before anything is selected."""
         if len(params) < 2:
             raise BAD("Syntax: QRESYNC (uidvalidity modseq [known-uids])")
         uidvalidity, modseq = _number(params[0], "UIDVALIDITY"), _number(params[1], "mod-sequence")
-        if uidvalidity != view.uidvalidity:
-            return
-        known_text = params[2] if len(params) > 2 and isinstance(params[2], str) else None
-        last = view.uidnext - 1
-        if known_text is not None:
+        known = None
+        if len(params) > 2 and isinstance(params[2], str):
             try:
-                known = SequenceSet.parse(known_text)
+                known = SequenceSet.parse(params[2])
             except ValueError:
                 raise BAD("Invalid known-uids set")
+        return uidvalidity, modseq, known
+
+    def _qresync(self, view: FolderView, parameters: tuple[int, int, SequenceSet | None]) -> None:
+        """RFC 7162 3.2.5: what changed since the client's last session, as VANISHED (EARLIER) and FETCH."""
+        uidvalidity, modseq, known = parameters
+        if uidvalidity != view.uidvalidity:
+            return
+        last = view.uidnext - 1
+        if known is not None:
             # Nothing above the highest UID the client knows vanished for it.
             last = min(last, max(last if x is None else x for pair in known.ranges for x in pair))
         vanished = gaps([m.uid for m in view.messages], last)
