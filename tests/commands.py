@@ -12,6 +12,12 @@ exits 1, as the interpreter would.  ``run`` answers as ``subprocess.run``
 does, so a test reads the same result either way; the tests that are about
 the process itself (it starts, it exits before it listens) still start the
 real console scripts.
+
+``spawn`` starts a long-running one the same way (a test's `twistd -n
+mailplat`): a process of its own with its own listening sockets, which
+SIGTERM stops and SIGKILL kills; the child installs a reactor of its own
+before twistd runs, so nothing of the warm process's reactor is shared.
+``ForkedProcess`` answers as much of ``subprocess.Popen`` as the fixtures use.
 """
 
 from __future__ import annotations
@@ -20,8 +26,10 @@ import atexit
 import base64
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -79,18 +87,11 @@ def run(
     env = dict(os.environ if env is None else env)
     data = input.encode() if isinstance(input, str) else input
     request = {
-        "name": name, "argv": list(map(str, args)), "cwd": os.fspath(cwd) if cwd is not None else os.getcwd(),
+        "kind": "run", "name": name, "argv": list(map(str, args)), "cwd": os.fspath(cwd) if cwd is not None else os.getcwd(),
         "env": env, "timeout": timeout,
         "stdin": None if data is None else base64.b64encode(data).decode(),
     }
-    server = _start(_interpreter_settings(env))
-    assert server.stdin is not None and server.stdout is not None
-    server.stdin.write(json.dumps(request).encode() + b"\n")
-    server.stdin.flush()
-    line = server.stdout.readline()
-    if not line:
-        raise RuntimeError(f"the command server exited with {server.wait()}")
-    reply = json.loads(line)
+    reply = _ask(_start(_interpreter_settings(env)), request)
     stdout, stderr = base64.b64decode(reply["stdout"]), base64.b64decode(reply["stderr"])
     if reply["timed_out"]:
         raise subprocess.TimeoutExpired(list(args), timeout, stdout, stderr)
@@ -102,7 +103,85 @@ def run(
     return result
 
 
+_lock = threading.Lock()
+
+
+def _ask(server: subprocess.Popen[bytes], request: dict[str, Any]) -> dict[str, Any]:
+    """One request to a server and its reply (one at a time: a test's threads may share it)."""
+    assert server.stdin is not None and server.stdout is not None
+    with _lock:
+        server.stdin.write(json.dumps(request).encode() + b"\n")
+        server.stdin.flush()
+        line = server.stdout.readline()
+    if not line:
+        raise RuntimeError(f"the command server exited with {server.wait()}")
+    reply: dict[str, Any] = json.loads(line)
+    return reply
+
+
+class ForkedProcess:
+    """A spawned command, as far as ``subprocess.Popen`` goes for the fixtures:
+    ``pid``, ``returncode``, ``poll``, ``wait``, ``send_signal``, ``terminate``, ``kill``.
+    Its parent is the warm server, which reaps it and tells its exit status."""
+
+    def __init__(self, server: subprocess.Popen[bytes], pid: int, args: list[str]) -> None:
+        self.server = server
+        self.pid = pid
+        self.args = args
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self.returncode = _ask(self.server, {"kind": "wait", "pid": self.pid, "timeout": 0})["returncode"]
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            reply = _ask(self.server, {"kind": "wait", "pid": self.pid, "timeout": timeout})
+            if reply["returncode"] is None:
+                raise subprocess.TimeoutExpired(self.args, timeout or 0)
+            self.returncode = reply["returncode"]
+        assert self.returncode is not None
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+def spawn(args: Sequence[str], *, cwd: str | os.PathLike[str], output: str | os.PathLike[str],
+          env: dict[str, str] | None = None) -> ForkedProcess:
+    """Start ``args`` (the `twistd` script and its arguments) as a process of its own, forked from the
+    warm one, with stdin from /dev/null and stdout and stderr appended to ``output``, as
+    ``subprocess.Popen(args, cwd=cwd, env=env, stdout=open(output, "ab"), stderr=subprocess.STDOUT)`` would."""
+    name = os.path.basename(args[0])
+    assert name in _ENTRY_POINTS, f"{name}: only {sorted(_ENTRY_POINTS)} run here"
+    env = dict(os.environ if env is None else env)
+    server = _start(_interpreter_settings(env))
+    request = {"kind": "spawn", "name": name, "argv": list(map(str, args)), "cwd": os.fspath(cwd), "env": env, "output": os.fspath(output)}
+    return ForkedProcess(server, _ask(server, request)["pid"], list(map(str, args)))
+
+
 # --- the server (this file run as a script) ---------------------------------------------
+
+
+def _fresh_reactor() -> None:
+    """Install a new default reactor in a spawned child: the warm process's one
+    (installed by its imports, never run) has an epoll and a waker that every
+    child shares with it."""
+    import twisted.internet
+    from twisted.internet import default
+
+    sys.modules.pop("twisted.internet.reactor", None)
+    if hasattr(twisted.internet, "reactor"):
+        del twisted.internet.reactor
+    default.install()
 
 
 def _child(request: dict[str, Any], stdin_path: str, out_fd: int, err_fd: int) -> None:
@@ -112,6 +191,8 @@ def _child(request: dict[str, Any], stdin_path: str, out_fd: int, err_fd: int) -
 
     code: Any = 1
     try:
+        if request["kind"] == "spawn":
+            _fresh_reactor()
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
@@ -136,6 +217,10 @@ def _child(request: dict[str, Any], stdin_path: str, out_fd: int, err_fd: int) -
     elif not isinstance(code, int):
         print(code, file=sys.stderr)
         code = 1
+    if request["kind"] == "spawn":
+        # The interpreter's own exit, as the console script's: it flushes the
+        # streams, runs atexit and waits for threads still running.
+        raise SystemExit(code)
     try:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -146,7 +231,6 @@ def _child(request: dict[str, Any], stdin_path: str, out_fd: int, err_fd: int) -
 def _serve() -> None:
     """Read one request a line, fork a child for it, answer with its exit status and output."""
     import select
-    import signal
     import tempfile
 
     # As in the console scripts: the scripts' folder first on the path, not this one.
@@ -159,11 +243,41 @@ def _serve() -> None:
         except Exception:
             pass
     requests, replies = sys.stdin.buffer, sys.stdout.buffer
+    spawned: dict[int, int | None] = {}  # pid -> exit status, once reaped
+
+    def answer(reply: dict[str, Any]) -> None:
+        replies.write(json.dumps(reply).encode() + b"\n")
+        replies.flush()
+
     while True:
         line = requests.readline()
         if not line:
+            # The tests are gone: nothing they started may outlive them.
+            for pid, returncode in spawned.items():
+                if returncode is None:
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
             return
         request = json.loads(line)
+        if request["kind"] == "spawn":
+            out_fd = os.open(request["output"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            pid = os.fork()
+            if pid == 0:
+                _child(request, os.devnull, out_fd, out_fd)
+            os.close(out_fd)
+            spawned[pid] = None
+            answer({"pid": pid})
+            continue
+        if request["kind"] == "wait":
+            pid = request["pid"]
+            if spawned.get(pid) is None:
+                pidfd = os.pidfd_open(pid)
+                ready, _, _ = select.select([pidfd], [], [], request["timeout"])
+                os.close(pidfd)
+                if ready:
+                    spawned[pid] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+            answer({"returncode": spawned[pid]})
+            continue
         with tempfile.TemporaryDirectory(prefix="mailplat-command-") as folder:
             stdin_path = os.path.join(folder, "stdin")
             with open(stdin_path, "wb") as f:
@@ -183,12 +297,10 @@ def _serve() -> None:
             os.close(pidfd)
             _, status = os.waitpid(pid, 0)
             output = [open(p, "rb").read() for p in paths]
-        reply = {
+        answer({
             "returncode": os.waitstatus_to_exitcode(status), "timed_out": timed_out,
             "stdout": base64.b64encode(output[0]).decode(), "stderr": base64.b64encode(output[1]).decode(),
-        }
-        replies.write(json.dumps(reply).encode() + b"\n")
-        replies.flush()
+        })
 
 
 if __name__ == "__main__":

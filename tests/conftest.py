@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import socket
@@ -12,6 +13,7 @@ import textwrap
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import argon2
 import pytest
@@ -83,7 +85,7 @@ def wait_for(condition: Callable[[], object], timeout: float = 10.0, what: str =
         delay = min(delay * 2, 0.1)
 
 
-def stop_process(process: subprocess.Popen[bytes]) -> None:
+def stop_process(process: Any) -> None:
     """SIGTERM, then SIGKILL if it has not exited within ten seconds."""
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
@@ -113,7 +115,7 @@ class MailplatServer:
         self.config_path = root / "mailplat.toml"
         self.log_path = root / "twistd.log"
         self.ports: dict[str, int] = {}
-        self.process: subprocess.Popen[bytes] | None = None
+        self.process: Any = None  # a subprocess.Popen, or a commands.ForkedProcess
         root.mkdir(parents=True, exist_ok=True)
         if not (root / "tls" / "cert.pem").exists():
             make_self_signed("mail.example.org", str(root / "tls" / "cert.pem"), str(root / "tls" / "key.pem"))
@@ -139,14 +141,17 @@ class MailplatServer:
 
     def start(self) -> MailplatServer:
         self.log_path.write_text("")
-        log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(
-            [self.twistd, "-n", "--pidfile=", "--logfile", str(self.log_path), "mailplat", "--config", str(self.config_path)],
-            cwd=self.root,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        log.close()
+        args = [self.twistd, "-n", "--pidfile=", "--logfile", str(self.log_path), "mailplat", "--config", str(self.config_path)]
+        if self.twistd == TWISTD and not os.environ.get("MAILPLAT_TEST_FRESH_TWISTD"):
+            # A process of its own, forked from a warm interpreter (tests/commands.py):
+            # a fresh one's imports are most of a start's CPU, and the suite starts hundreds.
+            import commands
+
+            self.process = commands.spawn(args, cwd=self.root, output=self.log_path)
+        else:
+            log = open(self.log_path, "ab")
+            self.process = subprocess.Popen(args, cwd=self.root, stdout=log, stderr=subprocess.STDOUT)
+            log.close()
         wanted = set(re.findall(r'^(\w+)\s*=\s*"tcp6?:', self.config_path.read_text().split("[listen]")[1].split("\n[")[0], re.M))
 
         def ready() -> bool:
