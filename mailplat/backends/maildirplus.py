@@ -70,6 +70,7 @@ from mailplat.interfaces import (
     StoreResult,
     TemporaryFailure,
 )
+from mailplat.folders import canonical_flags, folder_levels, shown
 from mailplat.numerals import is_digits
 from mailplat.wire.lines import printable
 
@@ -124,8 +125,7 @@ _CACHED_MESSAGES = 100_000
 _COPY_BUFFER = 1 << 20
 
 
-def _shown(name: str) -> str:
-    return repr(printable(name, 60))
+_shown = shown
 
 
 # --- folder names -------------------------------------------------------------
@@ -133,22 +133,11 @@ def _shown(name: str) -> str:
 
 def _levels(name: str) -> list[str] | None:
     """The levels of a folder name, None for INBOX; PermanentFailure for a name the maildir cannot hold."""
-    if not isinstance(name, str) or not name:
-        raise PermanentFailure("a folder needs a name")
-    parts = name.split("/")
-    if parts[0].upper() == INBOX:
-        parts[0] = INBOX
-        if len(parts) == 1:
-            return None
-    for part in parts:
-        if not part:
-            raise PermanentFailure(f"folder name {_shown(name)} has an empty level (a / at an end or two in a row)")
-        if "." in part:
-            raise PermanentFailure(f"folder name {_shown(name)} may not contain '.' (the maildir separates levels with it)")
-        if any(ord(c) < 0x20 or ord(c) == 0x7F or 0xD800 <= ord(c) <= 0xDFFF for c in part):
-            raise PermanentFailure(f"folder name {_shown(name)} contains a control character")
-        if "%" in part or "*" in part:
-            raise PermanentFailure(f"folder name {_shown(name)} contains a LIST wildcard (% or *)")
+    parts = folder_levels(name)
+    if parts is not None:
+        for part in parts:
+            if "." in part:
+                raise PermanentFailure(f"folder name {shown(name)} may not contain '.' (the maildir separates levels with it)")
     return parts
 
 
@@ -300,13 +289,7 @@ def _size_in_name(base: str) -> int | None:
 
 def _check_flags(flags: frozenset[str]) -> None:
     """PermanentFailure for a flag no message can have (before anything is changed)."""
-    for flag in flags:
-        if flag.lower() in _SYSTEM or flag.lower() == "\\recent":
-            continue
-        if flag.startswith("\\"):
-            raise PermanentFailure(f"{printable(flag, 40)} is not a flag a message can have")
-        if not flag or len(flag) > 200 or any(ord(c) <= 0x20 or ord(c) >= 0x7F or c in '(){%*"\\]' for c in flag):
-            raise PermanentFailure(f"{printable(flag, 40)!r} is not a valid keyword")
+    canonical_flags(flags)
 
 
 # --- a folder's state -------------------------------------------------------------

@@ -101,10 +101,7 @@ from zope.interface import implementer
 from mailplat.addresses import AddressError, validate_address
 from mailplat.config import ConfigError
 from mailplat.interfaces import (
-    FLAG_ANSWERED,
     FLAG_DELETED,
-    FLAG_DRAFT,
-    FLAG_FLAGGED,
     FLAG_SEEN,
     INBOX,
     SPECIAL_USE,
@@ -127,9 +124,9 @@ from mailplat.interfaces import (
     StoreResult,
     TemporaryFailure,
 )
+from mailplat.folders import canonical_flags, folder_levels
 from mailplat.options import OptionReader, toml_value
 from mailplat.passwords import hash_password, verify_password
-from mailplat.wire.lines import printable
 
 try:
     import psycopg
@@ -532,10 +529,8 @@ class PostgresAuth(_Pooled):
 
 # --- mailbox ------------------------------------------------------------------
 
-_SYSTEM_FLAGS = {flag.lower(): flag for flag in (FLAG_SEEN, FLAG_ANSWERED, FLAG_FLAGGED, FLAG_DELETED, FLAG_DRAFT)}
 # Characters of a folder name; 500 keeps a NOTIFY payload far below its 8000 bytes.
 MAX_FOLDER_NAME = 500
-MAX_FOLDER_LEVEL = 255
 # Folder views kept by the process for view()'s cheap answer (sessions
 # hold their own): at most this many folders and messages in all (about
 # 120 bytes a message).
@@ -558,22 +553,9 @@ def _folder_key(name: str) -> str:
         return ""
     if name[:6].upper() == INBOX + "/":
         name = INBOX + name[5:]
-    if not name or len(name) > MAX_FOLDER_NAME:
+    if len(name) > MAX_FOLDER_NAME:
         raise PermanentFailure(f"a folder name has 1 to {MAX_FOLDER_NAME} characters")
-    levels = name.split("/")
-    if "" in levels:
-        raise PermanentFailure('a folder name has no empty level (no "//", no "/" at either end)')
-    # What a filesystem store could not hold either: one suite, one behaviour.
-    if any(level in (".", "..") or len(level) > MAX_FOLDER_LEVEL for level in levels):
-        raise PermanentFailure(f'a level of a folder name is not "." or ".." and has at most {MAX_FOLDER_LEVEL} characters')
-    if "*" in name or "%" in name:
-        raise PermanentFailure("a folder name has no LIST wildcard (* or %)")
-    if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in name):
-        raise PermanentFailure("a folder name has no control characters")
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        raise PermanentFailure("a folder name must be valid Unicode")
+    folder_levels(name)
     return name
 
 
@@ -581,23 +563,7 @@ def _folder_name(key: str) -> str:
     return key or INBOX
 
 
-def _flag_list(flags: frozenset[str] | set[str] | list[str]) -> list[str]:
-    """Flags as stored: system flags spelled as RFC 3501 does, each once
-    whatever its case (RFC 3501 9: flag names match without case), and
-    \\Recent, which no one sets, left out.  PermanentFailure for a flag no
-    message can have: another backslash flag, or a keyword that is not an atom."""
-    found: dict[str, str] = {}
-    for flag in sorted(flags):
-        if flag.lower() in _SYSTEM_FLAGS:
-            flag = _SYSTEM_FLAGS[flag.lower()]
-        elif flag.lower() == "\\recent":
-            continue
-        elif flag.startswith("\\"):
-            raise PermanentFailure(f"{printable(flag, 40)} is not a flag a message can have")
-        elif not flag or len(flag) > 200 or any(ord(c) <= 0x20 or ord(c) >= 0x7F or c in '(){%*"\\]' for c in flag):
-            raise PermanentFailure(f"{printable(flag, 40)!r} is not a valid keyword")
-        found.setdefault(flag.lower(), flag)
-    return sorted(found.values())
+_flag_list = canonical_flags
 
 
 _uid_of = operator.attrgetter("uid")
