@@ -25,6 +25,7 @@ from twisted.internet.defer import Deferred
 
 from mailplat.interfaces import FLAG_ANSWERED, FLAG_DELETED, FLAG_DRAFT, FLAG_FLAGGED, FLAG_SEEN, MessageInfo
 from mailplat.imap.message import MessageParts
+from mailplat.imap.parser import quoted
 from mailplat.imap.sequences import SequenceSet
 from mailplat.numerals import is_digits
 
@@ -516,7 +517,7 @@ def format_esearch(
     (MSNs, or UIDs when ``uid``); with none, only COUNT is there.  ``modseq``: RFC 7162 3.1.5's highest
     MODSEQ of the messages found, when the query used MODSEQ."""
     found = sorted(set(numbers))
-    words = [f'* ESEARCH (TAG "{tag}")']
+    words = [f"* ESEARCH (TAG {quoted(tag)})"]
     if uid:
         words.append("UID")
     if found:

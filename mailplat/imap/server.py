@@ -1515,20 +1515,7 @@ class IMAPServer(CommandReader, TLSHandshakeDeadline, TimeoutMixin, protocol.Pro
         if returns is None:
             self._send("* SEARCH" + "".join(f" {n}" for n in numbers) + (f" (MODSEQ {modseq})" if modseq else ""))
             return "SEARCH completed"
-        # RFC 4731 ESEARCH.
-        parts = [f"(TAG {quoted(tag)})"] + (["UID"] if uid else [])
-        if numbers:
-            if "MIN" in returns:
-                parts.append(f"MIN {numbers[0]}")
-            if "MAX" in returns:
-                parts.append(f"MAX {numbers[-1]}")
-        if "COUNT" in returns:
-            parts.append(f"COUNT {len(numbers)}")
-        if numbers and "ALL" in returns:
-            parts.append(f"ALL {SequenceSet.format(numbers)}")
-        if modseq:
-            parts.append(f"MODSEQ {modseq}")
-        self._send("* ESEARCH " + " ".join(parts))
+        self._send(search.format_esearch(tag, numbers, returns, uid=uid, modseq=modseq or None))
         return "SEARCH completed"
 
     async def do_FETCH(self, tag: str, args: list[Token], uid: bool) -> str:
