@@ -425,6 +425,19 @@ def test_quota_refuses_an_append_over_it_and_getquotaroot_reports_it():
     assert wire.lines()[0].startswith("s NO [NOPERM]")
 
 
+def test_quota_refuses_a_copy_over_it_and_not_a_move():
+    """RFC 9208 4.2: a COPY that would go over the quota is refused whole; a MOVE within the account adds nothing."""
+    platform = Platform(quota=8 * 1024)
+    wire = login(platform.imap())
+    assert append(wire, b"Subject: a\r\n\r\n" + b"x" * 5000 + b"\r\n").startswith("A OK [APPENDUID")
+    wire.send("c SELECT INBOX")
+    wire.output()
+    wire.send("c COPY 1 Archive")
+    assert wire.lines()[-1].startswith("c NO [OVERQUOTA]")
+    wire.send("m MOVE 1 Archive")
+    assert wire.lines()[-1].startswith("m OK")
+
+
 def test_tags_and_names_that_are_not_imap():
     """A tag with "+" or a command name with digits is BAD; an unknown command in the right shape is BAD and names it."""
     wire = Platform().imap()

@@ -1719,6 +1719,11 @@ class IMAPServer(CommandReader, TLSHandshakeDeadline, TimeoutMixin, protocol.Pro
             if not uid:
                 raise NO("No messages to copy")
             return f"{verb} completed"
+        if not move:
+            # RFC 9208 4.2: a COPY that would take the account over its quota is
+            # refused whole (a MOVE within the account adds nothing).
+            present = await self._present()
+            await self.factory.quota.check(self._account, sum(present[u].size for u in uids if u in present))
         try:
             uidvalidity, pairs = await call(self.store.move if move else self.store.copy, self._account, self._folder, uids, target)
         except NoSuchFolder:
