@@ -27,14 +27,16 @@ __all__ = ["Outbound", "Router", "smtp_status"]
 log = Logger()
 
 
-def smtp_status(failure: DeliveryFailure) -> tuple[int, str]:
-    """The one mapping of a delivery failure to an SMTP reply code and RFC 3463 status."""
+def smtp_status(failure: DeliveryFailure) -> tuple[int, str, str]:
+    """The one mapping of a delivery failure to an SMTP reply: code, RFC 3463
+    status and the text a sender (and a bounce) may read."""
     if isinstance(failure, OverQuota):
-        # X.2.2 mailbox full, as Postfix and Dovecot's LMTP answer it.
-        return 552, "5.2.2"
+        # X.2.2 mailbox full, as Postfix and Dovecot's LMTP answer it; how big
+        # the mailbox is stays in our log, not with whoever sent the mail.
+        return 552, "5.2.2", "Mailbox is full"
     if isinstance(failure, PermanentFailure):
-        return 554, "5.0.0"
-    return 451, "4.3.0"
+        return 554, "5.0.0", failure.text
+    return 451, "4.3.0", failure.text
 
 
 class SenderRewriter(Protocol):

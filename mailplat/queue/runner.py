@@ -329,6 +329,7 @@ class QueueRunner(service.Service):
                 continue
             permanent = isinstance(failure, PermanentFailure)
             # The bounce and `queue list` say what the SMTP client would have been told.
+            # `queue list`, the log and the bounce keep the whole text.
             r.last_error, r.status = failure.text, smtp_status(failure)[1]
             self._failed(message, r, permanent, now)
 

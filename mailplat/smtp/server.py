@@ -698,9 +698,9 @@ class SMTPServer(CommandReader, TLSHandshakeDeadline, smtp.ESMTP):
                 queued = await self.factory.router.hand_off(envelope, message, transaction.remote, transaction.forwarded)
             except DeliveryFailure as e:
                 # The one mapping of a delivery failure to a reply (RFC 5321 4.2.5).
-                code, status = smtp_status(e)
+                code, status, text = smtp_status(e)
                 log.info("{session} {queue_id} not delivered: {text}", session=self.session, queue_id=queue_id, text=e.text)
-                self.reply(code, status, e.text)
+                self.reply(code, status, text)
                 return
             log.info(
                 "{session} {queue_id} delivered from=<{sender}> size={size} to={rcpts}",
