@@ -522,7 +522,6 @@ def test_a_20_mb_message_is_read_and_fetched_in_little_memory(tmp_path):
     header["Content-Type"] = "text/plain"
     size = _write_big(path, header.as_bytes(), b"0123456789" * 7 + b"abcd\r\n", 20_000_000)
     request = FetchRequest.parse(["BODY.PEEK[TEXT]"])
-    started = time.monotonic()
     tracemalloc.start()
     try:
         with open(path, "rb") as source:
@@ -540,7 +539,6 @@ def test_a_20_mb_message_is_read_and_fetched_in_little_memory(tmp_path):
     assert parts.root.body_lines == parts.root.size // 76
     assert total > size - 100 and biggest <= 64 * 1024
     assert peak < 1024 * 1024, peak
-    assert time.monotonic() - started < 3
 
 
 def test_a_20_mb_attachment_in_a_multipart_is_read_in_little_memory(tmp_path):
@@ -564,6 +562,12 @@ def test_a_20_mb_attachment_in_a_multipart_is_read_in_little_memory(tmp_path):
     assert peak < 1024 * 1024, peak
 
 
+# Not a performance claim (those are in benchmarks/): a guard against the
+# quadratic parsing these inputs cost before (30 to 45 s each), with room for
+# a loaded machine (these take milliseconds).
+HANG = 10.0
+
+
 @pytest.mark.parametrize(
     "field",
     [
@@ -583,7 +587,7 @@ def test_hostile_address_fields_cost_little(field):
     started = time.monotonic()
     envelope = parse(data).envelope()
     assert envelope.startswith(b"(NIL NIL ((NIL NIL \"a\" \"b.c\"))")
-    assert time.monotonic() - started < 1
+    assert time.monotonic() - started < HANG
 
 
 @pytest.mark.parametrize("subject", ["=?utf-8?q?a" * 10000, ("=?utf-8?q?a" * 90 + " ") * 100, "=?utf-8?q?a?= " * 10000])
@@ -594,7 +598,7 @@ def test_hostile_encoded_words_cost_little(subject):
     parts = parse(data)
     assert parts.header_values("subject")[0].startswith(("=?utf-8?q?a", "a"))
     assert not parts.text_contains(io.BytesIO(data), "zz")
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < HANG
 
 
 def test_a_long_list_of_addresses_is_read_in_full():
@@ -605,7 +609,7 @@ def test_a_long_list_of_addresses_is_read_in_full():
     envelope = parse(data).envelope()
     # The group's name is lost past MAX_GROUP_LIST, its members are not.
     assert envelope.count(b'"example.org"') == 4000
-    assert time.monotonic() - started < 1
+    assert time.monotonic() - started < HANG
 
 
 def test_limits_on_parts_and_header_size():
