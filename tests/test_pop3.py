@@ -365,8 +365,16 @@ def test_pipelined_commands_answer_in_order(mailbox):
 # --- retention ----------------------------------------------------------------------
 
 
+def age_pop3_records(maildir, seconds: float) -> None:
+    """Make what POP3 recorded retrieving or trashing ``seconds`` older (the maildir's expiry record)."""
+    record = maildir / "mailplat-pop3-expiry"
+    lines = [line.split(" ", 1) for line in record.read_text().splitlines()]
+    record.write_text("".join(f"{float(when) - seconds:.0f} {rest}\n" for when, rest in lines))
+
+
 def test_trash_instead_of_remove(make_server):
-    """With on_delete = "trash" a deleted message moves to .Trash and is purged after trash_days."""
+    """With on_delete = "trash" a deleted message moves to .Trash and is purged trash_days after POP3
+    trashed it; an old message put in Trash otherwise (an IMAP MOVE keeps its time) is not purged then."""
     server = make_server('[pop3]\non_delete = "trash"\ntrash_days = 1\n')
     deliver(server, message("keep"), message("bin-me"))
     client = login(server)
@@ -376,26 +384,39 @@ def test_trash_instead_of_remove(make_server):
     trashed = list(trash.iterdir())
     assert len(trashed) == 1 and b"Subject: bin-me" in trashed[0].read_bytes()
     old = time.time() - 2 * 86400
+    moved = trash / "1000000000.M1P1Q1.elsewhere:2,S"
+    moved.write_bytes(b"Subject: moved here over IMAP\r\n\r\nx\r\n")
+    os.utime(moved, (old, old))
     os.utime(trashed[0], (old, old))
     login(server).quit()
-    assert list(trash.iterdir()) == []
+    assert sorted(trash.iterdir()) == sorted([trashed[0], moved])  # trashed a moment ago
+    age_pop3_records(server.maildir("bob@example.org"), 2 * 86400)
+    login(server).quit()
+    assert list(trash.iterdir()) == [moved]
 
 
 def test_expire_retrieved_mail(make_server):
-    """With expire_days, CAPA says EXPIRE N and retrieved mail older than that is removed; unretrieved mail stays."""
+    """With expire_days, CAPA says EXPIRE N and mail POP3 retrieved longer ago than that is removed;
+    unretrieved mail stays, and so does old mail read only over IMAP (seen, but never retrieved)."""
     server = make_server("[pop3]\nexpire_days = 3\n")
     deliver(server, message("read-me"), message("unread"))
     client = login(server)
     assert client.capa()["EXPIRE"] == ["3"]
     client.retr(1)
     client.quit()
-    seen = [p for p in (server.maildir("bob@example.org") / "cur").iterdir() if p.name.endswith(":2,S")]
+    cur = server.maildir("bob@example.org") / "cur"
+    seen = [p for p in cur.iterdir() if p.name.endswith(":2,S")]
     assert len(seen) == 1
     old = time.time() - 4 * 86400
+    read_over_imap = cur / "1000000000.M1P1Q1.elsewhere:2,S"
+    read_over_imap.write_bytes(b"Subject: read over IMAP\r\n\r\nx\r\n")
+    os.utime(read_over_imap, (old, old))
     os.utime(seen[0], (old, old))
+    age_pop3_records(server.maildir("bob@example.org"), 4 * 86400)
     client = login(server)
-    assert client.stat()[0] == 1
-    assert b"Subject: unread" in b"\n".join(client.retr(1)[1])
+    assert client.stat()[0] == 2
+    subjects = [b"\n".join(client.retr(n)[1]) for n in (1, 2)]
+    assert b"Subject: read over IMAP" in subjects[0] and b"Subject: unread" in subjects[1]
     client.quit()
 
 

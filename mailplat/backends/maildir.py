@@ -249,13 +249,27 @@ class Maildir(service.Service):
         return self._store(self.store.usage, self.folder(account))
 
 
+# "<seconds> seen|trash <base name>" a line, appended at each POP3 commit.
+EXPIRY_FILE = "mailplat-pop3-expiry"
+
+
+def _by_base(folder: str) -> dict[str, str]:
+    """The files of a cur/ folder by base name (the name without its flags)."""
+    if not os.path.isdir(folder):
+        return {}
+    return {entry.name.split(":", 1)[0]: entry.path for entry in os.scandir(folder) if not entry.name.startswith(".")}
+
+
 @implementer(IMaildrop)
 class MaildirDrop:
     """A locked snapshot of a maildir for one retrieval session.
 
-    Retrieved messages move to ``cur/`` with the maildir "S" (seen) flag,
-    and their mtime records when: that is what ``expire`` goes by.  Trash is
-    the Maildir++ folder ``.Trash``.  Work on many files runs in a thread.
+    Retrieved messages move to ``cur/`` with the maildir "S" (seen) flag;
+    when POP3 retrieved or trashed a message is written in POP3's own
+    record (:data:`EXPIRY_FILE`), which is what ``expire`` goes by: IMAP sets
+    the same flag and moves into the same ``.Trash`` without changing a
+    file's time, so flags and mtimes alone would expire at once mail that was
+    read or trashed over IMAP.  Work on many files runs in a thread.
     """
 
     def __init__(self, folder: str, lock: IO[bytes], reactor: Any, threads: Any) -> None:
@@ -347,8 +361,11 @@ class MaildirDrop:
                     for sub in ("tmp", "new", "cur"):
                         makedirs_durable(os.path.join(self.folder, ".Trash", sub))
                 touched.add(trash_cur)
+            records: list[str] = []
+
             def remove(path: str) -> None:
                 if trash:
+                    records.append(f"{now:.0f} trash {os.path.basename(path).split(':', 1)[0]}")
                     os.utime(path, (now, now))
                     os.rename(path, os.path.join(self.folder, ".Trash", "cur", os.path.basename(path)))
                 else:
@@ -357,9 +374,10 @@ class MaildirDrop:
             def mark_seen(path: str) -> None:
                 name = os.path.basename(path)
                 flags = name.split(":2,", 1)[1] if ":2," in name else ""
+                base = name.split(":", 1)[0]
+                records.append(f"{now:.0f} seen {base}")
                 if "S" in flags:
                     return
-                base = name.split(":", 1)[0]
                 os.utime(path, (now, now))
                 os.rename(path, os.path.join(self.folder, "cur", f"{base}:2,{''.join(sorted(flags + 'S'))}"))
 
@@ -367,6 +385,12 @@ class MaildirDrop:
                 self._apply(uid, remove)
             for uid in set(retrieved) - set(deleted):
                 self._apply(uid, mark_seen)
+            if records:
+                with open(os.path.join(self.folder, EXPIRY_FILE), "a", encoding="ascii") as out:
+                    out.write("".join(line + "\n" for line in records))
+                    out.flush()
+                    os.fsync(out.fileno())
+                touched.add(self.folder)
             for folder in touched:
                 fsync_directory(folder)
         finally:
@@ -376,21 +400,49 @@ class MaildirDrop:
         return self._thread(self._expire, retrieved_days, trash_days)
 
     def _expire(self, retrieved_days: float | None, trash_days: float) -> None:
+        path = os.path.join(self.folder, EXPIRY_FILE)
+        try:
+            with open(path, encoding="ascii", errors="replace") as f:
+                lines = f.read().splitlines()
+        except FileNotFoundError:
+            return
         now = time.time()
-        removed = False
-        if retrieved_days is not None:
-            for entry in os.scandir(os.path.join(self.folder, "cur")):
-                flags = entry.name.split(":2,", 1)[1] if ":2," in entry.name else ""
-                if "S" in flags and entry.stat().st_mtime < now - retrieved_days * 86400:
-                    os.unlink(entry.path)
-                    removed = True
-        trash_cur = os.path.join(self.folder, ".Trash", "cur")
-        if os.path.isdir(trash_cur):
-            for entry in os.scandir(trash_cur):
-                if entry.stat().st_mtime < now - trash_days * 86400:
-                    os.unlink(entry.path)
-        if removed:
-            fsync_directory(os.path.join(self.folder, "cur"))
+        cur, trash = _by_base(os.path.join(self.folder, "cur")), _by_base(os.path.join(self.folder, ".Trash", "cur"))
+        keep: list[str] = []
+        removed: set[str] = set()
+        for line in lines:
+            when, kind, base = (line.split(" ", 2) + ["", ""])[:3]
+            try:
+                age = now - float(when)
+            except ValueError:
+                continue
+            if kind == "seen" and retrieved_days is not None and base in cur:
+                found, days = cur[base], retrieved_days
+                # Marked unread since (over IMAP): not expired as read.
+                if "S" not in (found.split(":2,", 1)[1] if ":2," in found else ""):
+                    continue
+            elif kind == "trash" and base in trash:
+                found, days = trash[base], trash_days
+            else:
+                continue  # gone, or kept for good: nothing to remember
+            if age < days * 86400:
+                keep.append(line)
+                continue
+            try:
+                os.unlink(found)
+            except FileNotFoundError:
+                pass
+            removed.add(os.path.dirname(found))
+        for folder in removed:
+            fsync_directory(folder)
+        if keep != lines:
+            with open(path + ".tmp", "w", encoding="ascii") as out:
+                out.write("".join(line + "\n" for line in keep))
+                out.flush()
+                os.fsync(out.fileno())
+            os.rename(path + ".tmp", path)
+            fsync_directory(self.folder)
+        if os.path.join(self.folder, "cur") in removed:
             self._scan()
 
     def close(self) -> None:
