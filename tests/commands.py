@@ -8,7 +8,9 @@ mailplat once and forks a child per command: the child gets its own argv,
 environment, cwd, stdin and stdout/stderr files, runs the same entry point
 as the console script (``mailplat.cli:main``, ``twisted.scripts.twistd:run``)
 and exits with its exit status.  A crash prints its traceback to stderr and
-exits 1, as the interpreter would.  ``run`` answers as ``subprocess.run``
+exits 1, as the interpreter would.  ``python SCRIPT.py ARGS`` runs the same
+way (the script as __main__, its folder first on the path, a reactor of its
+own).  ``run`` answers as ``subprocess.run``
 does, so a test reads the same result either way; the tests that are about
 the process itself (it starts, it exits before it listens) still start the
 real console scripts.
@@ -34,6 +36,15 @@ from collections.abc import Sequence
 from typing import Any
 
 _ENTRY_POINTS = {"mailplat": ("mailplat.cli", "main"), "twistd": ("twisted.scripts.twistd", "run")}
+
+
+def _entry(args: Sequence[str]) -> str:
+    """What ``args`` runs: a console script's name, or "script" for ``python SCRIPT.py ...``."""
+    name = os.path.basename(args[0])
+    if os.path.realpath(args[0]) == os.path.realpath(sys.executable) and len(args) > 1 and args[1].endswith(".py"):
+        return "script"
+    assert name in _ENTRY_POINTS, f"{name}: only {sorted(_ENTRY_POINTS)} and python scripts run here"
+    return name
 
 # One warm server per set of interpreter settings (PYTHONPATH and the like).
 _servers: dict[tuple[tuple[str, str], ...], subprocess.Popen[bytes]] = {}
@@ -82,8 +93,7 @@ def run(
     a third-party plugin) is served by a warm process started with it.
     """
     assert capture_output, "output is always captured"
-    name = os.path.basename(args[0])
-    assert name in _ENTRY_POINTS, f"{name}: only {sorted(_ENTRY_POINTS)} run here"
+    name = _entry(args)
     env = dict(os.environ if env is None else env)
     data = input.encode() if isinstance(input, str) else input
     request = {
@@ -160,8 +170,7 @@ def spawn(args: Sequence[str], *, cwd: str | os.PathLike[str], output: str | os.
     """Start ``args`` (the `twistd` script and its arguments) as a process of its own, forked from the
     warm one, with stdin from /dev/null and stdout and stderr appended to ``output``, as
     ``subprocess.Popen(args, cwd=cwd, env=env, stdout=open(output, "ab"), stderr=subprocess.STDOUT)`` would."""
-    name = os.path.basename(args[0])
-    assert name in _ENTRY_POINTS, f"{name}: only {sorted(_ENTRY_POINTS)} run here"
+    name = _entry(args)
     env = dict(os.environ if env is None else env)
     server = _start(_interpreter_settings(env))
     request = {"kind": "spawn", "name": name, "argv": list(map(str, args)), "cwd": os.fspath(cwd), "env": env, "output": os.fspath(output)}
@@ -191,7 +200,7 @@ def _child(request: dict[str, Any], stdin_path: str, out_fd: int, err_fd: int) -
 
     code: Any = 1
     try:
-        if request["kind"] == "spawn":
+        if request["kind"] == "spawn" or request["name"] == "script":
             _fresh_reactor()
         os.chdir(request["cwd"])
         os.environ.clear()
@@ -204,9 +213,18 @@ def _child(request: dict[str, Any], stdin_path: str, out_fd: int, err_fd: int) -
             stream = open(fd, mode, encoding=old.encoding, errors=old.errors, newline="\n", closefd=False)
             setattr(sys, name, stream)
             setattr(sys, "__" + name + "__", stream)
-        sys.argv = request["argv"]
-        module, function = _ENTRY_POINTS[request["name"]]
-        code = getattr(importlib.import_module(module), function)()
+        if request["name"] == "script":
+            import runpy
+
+            # As `python SCRIPT.py ARGS`: its folder first on the path, run as __main__.
+            sys.argv = request["argv"][1:]
+            sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))
+            runpy.run_path(sys.argv[0], run_name="__main__")
+            code = 0
+        else:
+            sys.argv = request["argv"]
+            module, function = _ENTRY_POINTS[request["name"]]
+            code = getattr(importlib.import_module(module), function)()
     except SystemExit as e:
         code = e.code
     except BaseException:

@@ -243,8 +243,8 @@ def scan(tmp_path: Path, options: dict[str, Any], message: bytes, *extra: str) -
     """check_data once in a reactor of its own (tests/check_filter.py); its outcome."""
     path = tmp_path / f"message-{time.time_ns()}"
     path.write_bytes(message)
-    result = subprocess.run(
-        [sys.executable, *SCAN, json.dumps(options), str(path), *extra], capture_output=True, text=True, timeout=60,
+    result = commands.run(
+        [sys.executable, *SCAN, json.dumps(options), str(path), *extra], text=True, timeout=60,
     )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)

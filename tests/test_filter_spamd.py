@@ -161,8 +161,8 @@ def check(tmp_path: Path, options: dict, content: bytes, *flags: str) -> dict:
     """The filter's verdict on ``content``, run once in its own reactor."""
     path = tmp_path / f"message-{time.time_ns()}.eml"
     path.write_bytes(content)
-    result = subprocess.run(
-        [sys.executable, *CHECK, json.dumps(options), str(path), *flags], capture_output=True, text=True, timeout=60,
+    result = commands.run(
+        [sys.executable, *CHECK, json.dumps(options), str(path), *flags], text=True, timeout=60,
     )
     assert result.returncode == 0, result.stderr
     # Nothing went wrong behind the verdict's back (an unhandled error, a failed callback).
