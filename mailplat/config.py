@@ -157,6 +157,10 @@ class IMAPSettings:
     # Invalid commands before login, and after it; then BYE.
     max_errors_before_login: int = 10
     max_errors: int = 20
+    # Commands per user (or per address before login) a minute, over all its
+    # sessions: past a burst of this many, further commands wait their turn
+    # (are paced, not refused); 0 turns it off.
+    max_commands_per_minute: int = 20000
 
 
 @dataclass(frozen=True)
@@ -688,6 +692,9 @@ def _imap_settings(table: OptionReader) -> IMAPSettings:
         max_message_size=table.integer("max_message_size", d.max_message_size, unit="of octets"),
         max_errors_before_login=table.integer("max_errors_before_login", d.max_errors_before_login),
         max_errors=table.integer("max_errors", d.max_errors),
+        max_commands_per_minute=table.integer(
+            "max_commands_per_minute", d.max_commands_per_minute, at_least=0, fix="e.g. max_commands_per_minute = 20000, or 0 for no limit",
+        ),
     )
     table.finish(list(vars(d)))
     return settings

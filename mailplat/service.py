@@ -29,6 +29,7 @@ from mailplat.interfaces import BackendContext, IMessageStore, TemporaryFailure
 from mailplat.plugins import build_backend, call
 from mailplat.imap.server import IMAPFactory
 from mailplat.pop3.server import POP3Factory
+from mailplat.ratelimit import TokenBuckets
 from mailplat.smtp.filtering import ConfiguredFilter, FilterChain
 from mailplat.queue.runner import QueueRunner
 from mailplat.queue.store import Queue
@@ -209,6 +210,7 @@ def make_service(
     quota = SendingQuota(reactor, submission.max_messages_per_hour, submission.max_recipients_per_hour)
     # IMAP sessions per (user, client address), counted over imap and imaps together.
     imap_sessions: collections.Counter[tuple[str, str]] = collections.Counter()
+    imap_commands = TokenBuckets(settings.imap.max_commands_per_minute, 60.0, reactor)
 
     top = _StopInReverse()
     # The thread pools start first and stop last: every backend may use them.
@@ -243,7 +245,7 @@ def make_service(
         elif name in ("imap", "imaps"):
             factory = IMAPFactory(
                 settings.imap, login_guard, tls, name == "imaps", imap_store(settings, providers["mailbox"]), settings.mailbox_quota, reactor,
-                spool_dir=spool.directory, threads=threads, user_connections=imap_sessions,
+                spool_dir=spool.directory, threads=threads, user_connections=imap_sessions, command_rate=imap_commands,
             )
         else:
             factory = POP3Factory(settings.pop3, login_guard, tls, name == "pop3s", reactor)

@@ -586,3 +586,23 @@ def test_a_store_text_cannot_break_the_response_line():
     platform.store.broken = TemporaryFailure("database busy\r\n* OK [ALERT] injected")
     wire.send("a STATUS INBOX (MESSAGES)")
     assert wire.lines() == ["a NO [UNAVAILABLE] database busy * OK [ALERT] injected"]
+
+
+def test_commands_over_the_rate_wait_their_turn_shared_by_a_users_sessions():
+    """[imap] max_commands_per_minute: past the burst a user's next command is answered
+    when its token is there (paced, not refused), whichever of its sessions sends it."""
+    platform = Platform(imap=IMAPSettings(max_commands_per_minute=6))
+    first = login(platform.imap())  # LOGIN counts for the address, the rest for the user
+    second = login(platform.imap(factory=first.protocol.factory, peer="192.0.2.2"))
+    for n in range(6):
+        first.send(f"n{n} NOOP")
+        assert first.lines()[-1] == f"n{n} OK NOOP completed"
+    # Six a minute: one every 10 s, and the burst of six is spent.
+    second.send("late NOOP")
+    first.send("later NOOP")
+    assert second.lines() == [] and first.lines() == []
+    platform.clock.advance(10)
+    assert second.lines() == ["late OK NOOP completed"]
+    assert first.lines() == []
+    platform.clock.advance(10)
+    assert first.lines() == ["later OK NOOP completed"]

@@ -57,7 +57,7 @@ from typing import IO, Any
 
 import twisted.mail.imap4  # noqa: F401  # registers the "imap4-utf-7" codec (RFC 3501 5.1.3)
 from twisted.cred import error
-from twisted.internet import defer, protocol
+from twisted.internet import defer, protocol, task
 from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
@@ -87,6 +87,7 @@ from mailplat.interfaces import (
 )
 from mailplat.mailquota import MailboxQuota
 from mailplat.numerals import is_digits
+from mailplat.ratelimit import TokenBuckets
 from mailplat.plugins import call
 from mailplat.wire import sasl
 from mailplat.wire.connections import ConnectionCounter, TLSHandshakeDeadline, set_no_delay
@@ -646,7 +647,15 @@ class IMAPServer(CommandReader, TLSHandshakeDeadline, TimeoutMixin, protocol.Pro
         except ParseError as e:
             self._remove_files(pieces)
             return self._invalid(e.tag or "*", e.text)
-        return defer.Deferred.fromCoroutine(self._run(command.tag, command.name, command.arguments, pieces))
+        def run(_: object) -> defer.Deferred[None]:
+            return defer.Deferred.fromCoroutine(self._run(command.tag, command.name, command.arguments, pieces))
+
+        # [imap] max_commands_per_minute: a user (an address before login) over
+        # its rate waits for its turn; CommandReader holds what follows meanwhile.
+        wait = self.factory.command_rate.delay(self.account.address if self.account is not None else self.peer)
+        if wait:
+            return task.deferLater(self.factory.clock, wait, lambda: None).addCallback(run)
+        return run(None)
 
     def _literal_announced(self, tag: str, name: str, announced: Announcement) -> None:
         """A line ends with {n}: refuse it now, unread, or start reading its octets."""
@@ -1783,6 +1792,7 @@ class IMAPFactory(protocol.ServerFactory):
     def __init__(
         self, settings: IMAPSettings, login_guard: LoginGuard, tls: Any, implicit_tls: bool, store: Any, quota: int, clock: Any,
         spool_dir: str = "", threads: Any = None, user_connections: collections.Counter[tuple[str, str]] | None = None,
+        command_rate: TokenBuckets | None = None,
     ) -> None:
         self.settings = settings
         # Shared by every listener: a guesser may switch ports.
@@ -1803,6 +1813,8 @@ class IMAPFactory(protocol.ServerFactory):
         # Logged-in sessions per (user, client address): one count for the
         # imap and imaps listeners, as Dovecot's mail_max_userip_connections.
         self.user_connections: collections.Counter[tuple[str, str]] = collections.Counter() if user_connections is None else user_connections
+        # [imap] max_commands_per_minute, shared by the imap and imaps listeners as the count above.
+        self.command_rate = command_rate or TokenBuckets(settings.max_commands_per_minute, 60.0, clock)
 
     def buildProtocol(self, addr: Any) -> IMAPServer:
         return IMAPServer(self)
