@@ -46,8 +46,11 @@ def _entry(args: Sequence[str]) -> str:
     assert name in _ENTRY_POINTS, f"{name}: only {sorted(_ENTRY_POINTS)} and python scripts run here"
     return name
 
-# One warm server per set of interpreter settings (PYTHONPATH and the like).
+
+# One warm server per set of interpreter settings (PYTHONPATH and the like),
+# and what each has spawned.
 _servers: dict[tuple[tuple[str, str], ...], subprocess.Popen[bytes]] = {}
+_spawned: dict[tuple[tuple[str, str], ...], list[ForkedProcess]] = {}
 
 
 def _interpreter_settings(env: dict[str, str] | os._Environ[str]) -> tuple[tuple[str, str], ...]:
@@ -60,6 +63,11 @@ def _start(settings: tuple[tuple[str, str], ...]) -> subprocess.Popen[bytes]:
     if server is None or server.poll() is not None:
         if not _servers:
             atexit.register(_stop)
+        # A test's own PYTHONPATH is mostly its own: its server goes once nothing it spawned runs.
+        for other in [k for k in _servers if k != _interpreter_settings(os.environ)]:
+            if all(p.poll() is not None for p in _spawned.get(other, [])):
+                _close(_servers.pop(other))
+                _spawned.pop(other, None)
         env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")} | dict(settings)
         server = _servers[settings] = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=os.getcwd(), env=env,
@@ -67,17 +75,22 @@ def _start(settings: tuple[tuple[str, str], ...]) -> subprocess.Popen[bytes]:
     return server
 
 
-def _stop() -> None:
+def _close(server: subprocess.Popen[bytes]) -> None:
     """Closing its stdin ends a server (it exits at EOF)."""
+    assert server.stdin is not None
+    server.stdin.close()
+    try:
+        server.wait(10)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+    assert server.stdout is not None
+    server.stdout.close()
+
+
+def _stop() -> None:
     for server in _servers.values():
-        assert server.stdin is not None
-        server.stdin.close()
-    for server in _servers.values():
-        try:
-            server.wait(10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        _close(server)
     _servers.clear()
 
 
@@ -172,9 +185,12 @@ def spawn(args: Sequence[str], *, cwd: str | os.PathLike[str], output: str | os.
     ``subprocess.Popen(args, cwd=cwd, env=env, stdout=open(output, "ab"), stderr=subprocess.STDOUT)`` would."""
     name = _entry(args)
     env = dict(os.environ if env is None else env)
-    server = _start(_interpreter_settings(env))
+    settings = _interpreter_settings(env)
+    server = _start(settings)
     request = {"kind": "spawn", "name": name, "argv": list(map(str, args)), "cwd": os.fspath(cwd), "env": env, "output": os.fspath(output)}
-    return ForkedProcess(server, _ask(server, request)["pid"], list(map(str, args)))
+    process = ForkedProcess(server, _ask(server, request)["pid"], list(map(str, args)))
+    _spawned.setdefault(settings, []).append(process)
+    return process
 
 
 # --- the server (this file run as a script) ---------------------------------------------

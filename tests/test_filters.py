@@ -105,12 +105,9 @@ service_factory = LifecycleFactory()
 
 
 @pytest.fixture
-def filtered_server(make_server, tmp_path, monkeypatch):
+def filtered_server(make_server, tmp_path, monkeypatch, filter_modules):
     """Start a server whose [[filter]] tables are ``filters`` (TOML text)."""
-    modules = tmp_path / "modules"
-    modules.mkdir()
-    (modules / "scriptedfilter.py").write_text(SCRIPTED_FILTER)
-    monkeypatch.setenv("PYTHONPATH", str(modules))
+    monkeypatch.setenv("PYTHONPATH", str(filter_modules))
 
     def start(filters: str, name: str = "server"):
         root = tmp_path / name
@@ -286,7 +283,7 @@ def test_filters_apply_to_the_mx_listener_only_by_default(filtered_server):
 @pytest.fixture(scope="module")
 def filter_modules(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder holding scriptedfilter.py, for PYTHONPATH: one for the module, so that
-    each check-config below is served by one warm process (tests/commands.py)."""
+    its servers and check-configs are forked from one warm process (tests/commands.py)."""
     modules = tmp_path_factory.mktemp("filter-modules")
     (modules / "scriptedfilter.py").write_text(SCRIPTED_FILTER)
     return modules
