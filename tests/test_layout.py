@@ -122,3 +122,12 @@ def test_no_import_cycle():
         if node not in state:
             visit(node)
     assert not cycles, "import cycles: " + " | ".join(cycles)
+
+
+def test_every_package_is_installed():
+    """pyproject.toml lists every package of mailplat/: one left out is missing from the wheel (as mailplat.imap once was)."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {module_name(init) for init in ROOT.rglob("__init__.py")}
+    assert found <= listed, f"add to [tool.setuptools] packages: {sorted(found - listed)}"
