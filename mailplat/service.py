@@ -69,6 +69,8 @@ def build_providers(settings: Settings, reactor: Any) -> tuple[BackendContext, l
     context = backend_context(settings, reactor)
     for section in (settings.auth, settings.mailbox, settings.delivery):
         context.providers[section.section] = build_backend(section, context, settings.path)
+    if "imap" in settings.listen or "imaps" in settings.listen:
+        imap_store(settings, context.providers["mailbox"])
     filters = [ConfiguredFilter(f, build_backend(f.backend, context, settings.path)) for f in settings.filters]
     return context, filters
 
