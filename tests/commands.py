@@ -10,10 +10,9 @@ as the console script (``mailplat.cli:main``, ``twisted.scripts.twistd:run``)
 and exits with its exit status.  A crash prints its traceback to stderr and
 exits 1, as the interpreter would.  ``python SCRIPT.py ARGS`` runs the same
 way (the script as __main__, its folder first on the path, a reactor of its
-own).  ``run`` answers as ``subprocess.run``
-does, so a test reads the same result either way; the tests that are about
-the process itself (it starts, it exits before it listens) still start the
-real console scripts.
+own).  ``run`` answers as ``subprocess.run`` does, so a test reads the same
+result either way; the tests that are about the process itself (it starts,
+it exits before it listens) still start the real console scripts.
 
 ``spawn`` starts a long-running one the same way (a test's `twistd -n
 mailplat`): a process of its own with its own listening sockets, which
