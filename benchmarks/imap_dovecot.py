@@ -518,6 +518,7 @@ class Bench:
         self.cert = cert
         self.expected = expected  # X-Bench-Index -> bytes, of the fetch set
         self.big_digest = big_digest
+        self.idle_baseline: dict[str, tuple[int, int]] = {}
 
     def fetch(self, server: Mailplat | Dovecot) -> dict[str, float]:
         session = Session(server.ports["imaps"], self.cert)
@@ -597,8 +598,12 @@ class Bench:
 
     def idle(self, server: Mailplat | Dovecot) -> dict[str, float]:
         root = server.process.pid if server.process else 0
-        time.sleep(1)
-        rss0, pss0 = memory_kb(root)
+        # "Before" is before the first round: a Python process keeps the memory a round
+        # took, and Dovecot's processes of the last round may still be exiting.
+        if server.name not in self.idle_baseline:
+            time.sleep(1)
+            self.idle_baseline[server.name] = memory_kb(root)
+        rss0, pss0 = self.idle_baseline[server.name]
         sessions: list[Session] = []
         lock = threading.Lock()
         failures: list[str] = []
