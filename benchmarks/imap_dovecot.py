@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""IMAP benchmark: mailplat against Debian's dovecot-imapd, same machine, same run.
+r"""IMAP benchmark: mailplat against Debian's dovecot-imapd, same machine, same run.
 
 (Python 3.11+, standard library only; mbsync for load c.)
 

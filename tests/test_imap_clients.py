@@ -243,6 +243,8 @@ class Mbsync:
             env={**os.environ, "HOME": str(self.home)},
         )
         assert result.returncode == 0, f"mbsync exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
+        # e.g. "Warning: lost track of 1 pushed message(s)": a UID the server gave (APPENDUID) that mbsync could not find.
+        assert "Warning" not in result.stdout + result.stderr, result.stdout + result.stderr
         return result
 
     def inbox(self) -> dict[str, Path]:
