@@ -509,7 +509,7 @@ class _Doctor:
     # -- listeners --
 
     async def listener(self, name: str, description: str) -> Row:
-        from twisted.internet import endpoints, protocol
+        from twisted.internet import endpoints
 
         subject = f"{name} {description}"
         kind, target, port = connect_target(description)
