@@ -603,3 +603,25 @@ def test_two_devices_converge(peer: Peer, tmp_path: Path):
 def sorted_by_uid(client: imaplib.IMAP4) -> list[str]:
     """The subjects of the selected folder in UID (= sequence) order."""
     return [s for s, _ in sorted(uid_by_subject(client).items(), key=lambda item: int(item[1]))]
+
+
+# --- what docs/plugins.md promises a store without IMAP ---------------------------------------------
+
+
+def test_a_store_without_imap_is_refused_with_the_documented_line(make_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A mailbox plugin that does not provide IMessageStore and an imap listener: the start stops with the line docs/plugins.md quotes."""
+    from test_async_plugin import ASYNC_MAILBOX
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "async_mailbox_plugin.py").write_text(ASYNC_MAILBOX)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])))
+    config = BASE_CONFIG.replace('[mailbox]\nbackend = "maildir"\npath = "mail"\n', '[mailbox]\nbackend = "async_mailbox_plugin:factory"\n')
+    assert "async_mailbox_plugin" in config
+    with pytest.raises(AssertionError, match="mailplat exited with 1") as refused:
+        make_server(config=config)
+    guide = (Path(__file__).resolve().parent.parent / "docs" / "plugins.md").read_text()
+    documented = re.search(r"^mailplat: /etc/mailplat/mailplat\.toml: \[listen\] imap: the 'mystore' mailbox backend .*$", guide, re.M)
+    assert documented, "docs/plugins.md no longer quotes the refusal"
+    expected = documented.group(0).replace("/etc/mailplat/mailplat.toml", str(tmp_path / "server" / "mailplat.toml"))
+    assert expected.replace("'mystore'", "'async_mailbox_plugin:factory'") in str(refused.value), str(refused.value)
