@@ -14,6 +14,10 @@ The layout is Dovecot's, so that an admin can move either way (README,
   INTERNALDATE, kept here because POP3 sets a message's mtime when it is
   retrieved).  When only ``dovecot-uidlist`` exists, its UIDVALIDITY and
   UIDs are taken over;
+- a flag change does not rewrite the uidlist: its line (``<uid> M<modseq>
+  :<file name>``) is appended to ``mailplat-uidlist.log``, which is folded
+  into the uidlist when it grows past the uidlist's size and at the next
+  whole rewrite (an append, an expunge); see :meth:`MaildirPlus._log`;
 - subscriptions are Dovecot's ``subscriptions`` file.
 
 Every function of :class:`MaildirPlus` blocks: the backend calls them in
@@ -79,6 +83,7 @@ __all__ = [
     "KEYWORDS_FILE",
     "MaildirPlus",
     "UIDLIST",
+    "UIDLIST_LOG",
     "Watcher",
     "disk_name",
     "folder_path",
@@ -88,6 +93,8 @@ log = Logger()
 
 FORWARDED = "$Forwarded"
 UIDLIST = "mailplat-uidlist"
+# Flag changes since the uidlist was last written, one line each (see MaildirPlus._log).
+UIDLIST_LOG = "mailplat-uidlist.log"
 DOVECOT_UIDLIST = "dovecot-uidlist"
 KEYWORDS_FILE = "dovecot-keywords"
 SUBSCRIPTIONS = "subscriptions"
@@ -119,6 +126,15 @@ def _settled(checked_ns: int, mtime_ns: int) -> bool:
     slack = _SLACK_NS if mtime_ns % 1_000_000_000 == 0 else _SLACK_NS // 10
     return checked_ns - mtime_ns > slack
 _LOCK_TIMEOUT = 30.0
+# The change log is folded into the uidlist once it is larger than the
+# uidlist itself (and this): reading it back then costs at most a second
+# reading of the uidlist, and a fold is one rewrite per that many changes.
+_LOG_FOLD_MIN = 64 * 1024
+# After a change of our own, a folder is trusted without listing cur/ again
+# (see _State.trusted) for at most this long since the last listing.
+_RELIST_NS = 500_000_000
+# The Watcher's second call after a change, in seconds: past _RELIST_NS.
+_AGAIN = 0.6
 # Messages whose state a process keeps in memory, over all folders (about
 # a kilobyte each, measured): the least recently used folders are dropped beyond.
 _CACHED_MESSAGES = 100_000
@@ -328,10 +344,20 @@ class _State:
     keywords: dict[int, str] = field(default_factory=dict)
     keywords_key: Any = None
     uidlist_key: Any = None
-    # (new/, cur/, uidlist, keywords) as stat keys, taken before the scan.
+    # (new/, cur/, uidlist, keywords, log) as stat keys, taken before the scan
+    # (or, with ``ours``, after a change of our own since it).
     stamp: Any = None
     checked_ns: int = 0
+    ours: bool = False
+    # How much of the change log has been read (and the log's inode).
+    log_offset: int = 0
+    log_ino: int | None = None
     view: FolderView | None = None
+    # The view's messages as a list kept in UID order, and each UID's place
+    # in it: a flag change replaces one entry instead of building the whole
+    # view again (None: built again at the next view).
+    infos: list[MessageInfo] | None = None
+    places: dict[int, int] | None = None
     # info letters -> flags, for the current keyword table.
     flag_cache: dict[str, frozenset[str]] = field(default_factory=dict)
     # Read from Dovecot's uidlist: set aside once ours is written.
@@ -341,7 +367,17 @@ class _State:
         if stamp != self.stamp:
             return False
         newest = max((key[1] for key in stamp if key is not None), default=0)
-        return _settled(self.checked_ns, newest)
+        if not self.ours:
+            return _settled(self.checked_ns, newest)
+        # The stamp was taken after a change of our own, under the lock:
+        # every locked writer's change is in it, but one by a program that
+        # takes no lock (POP3) within the same clock tick would not show in
+        # the mtimes.  Trusted meanwhile for a short while, so that a storm
+        # of flag changes does not list cur/ after each one; listed again
+        # once the mtimes have settled, or after _RELIST_NS at the latest
+        # (the Watcher calls back again after that long).
+        now = time.time_ns()
+        return not _settled(now, newest) and now - self.checked_ns < _RELIST_NS
 
     def flags_of(self, name: str) -> frozenset[str]:
         letters = _info_letters(name)
@@ -376,30 +412,60 @@ class _State:
                 del self.names[_base(name)]
 
     def add(self, record: _Record) -> None:
+        last = next(reversed(self.records), 0) if self.records else 0
         self.records[record.uid] = record
         self.bases[record.base] = record.uid
         self.listed(record.sub, record.name, True)
+        if self.infos is not None and self.places is not None and record.uid > last:
+            self.places[record.uid] = len(self.infos)
+            self.infos.append(self.info(record))
+        else:
+            self.infos = None
 
     def remove(self, uid: int) -> _Record | None:
         record = self.records.pop(uid, None)
         if record is not None:
             self.bases.pop(record.base, None)
             self.listed(record.sub, record.name, False)
+            self.infos = None
         return record
 
-    def rename(self, record: _Record, sub: str, name: str, modseq: int) -> None:
-        self.listed(record.sub, record.name, False)
+    def rename(self, record: _Record, sub: str, name: str, modseq: int, listed: bool = True) -> None:
+        """A message's new file name (and modseq); ``listed``: it is on disk now (not only in another process's log)."""
+        if listed:
+            self.listed(record.sub, record.name, False)
         record.sub, record.name, record.modseq, record.info, record.line = sub, name, modseq, None, None
-        self.listed(sub, name, True)
+        if listed:
+            self.listed(sub, name, True)
+        if self.infos is not None and self.places is not None:
+            self.infos[self.places[record.uid]] = self.info(record)
 
     def file(self, record: _Record) -> str:
         return os.path.join(self.path, record.sub, record.name)
 
     def build_view(self) -> FolderView:
-        self.view = FolderView(self.uidvalidity, self.uidnext, self.highest, tuple(self.info(r) for r in self.records.values()))
+        if self.infos is None:
+            self.infos = [self.info(r) for r in self.records.values()]
+            self.places = {uid: place for place, uid in enumerate(self.records)}
+        self.view = FolderView(self.uidvalidity, self.uidnext, self.highest, tuple(self.infos))
         return self.view
 
+    def apply_log(self, text: str) -> None:
+        """Another process's flag changes (or ours, read back at a load): each line newer than its record wins."""
+        for uid_text, modseq_text, name in _LOG_RECORDS.findall(text):
+            modseq = int(modseq_text)
+            if modseq > self.highest:
+                self.highest = modseq
+            record = self.records.get(int(uid_text))
+            if record is None or modseq <= record.modseq or _base(name) != record.base:
+                continue
+            # Whether the file is there under that name is for the next scan to say.
+            self.rename(record, "cur", name, modseq, listed=False)
+            self.view = None
 
+
+# The change log's lines: "<uid> M<modseq> :<file name>".
+_LOG_RECORDS = re.compile(r"^([0-9]+) M([0-9]+) :([^\n]+)$", re.MULTILINE)
 _OUR_RECORD = re.compile(r"([0-9]+) M([0-9]+) S([0-9]+) T([0-9]+) :(.+)")
 _OUR_RECORDS = re.compile(r"^([0-9]+) M([0-9]+) S([0-9]+) T([0-9]+) :([^\n]+)$", re.MULTILINE)
 
@@ -539,6 +605,7 @@ class MaildirPlus:
             _stat_key(os.path.join(path, "cur")),
             _stat_key(os.path.join(path, UIDLIST)),
             _stat_key(os.path.join(path, KEYWORDS_FILE)),
+            _stat_key(os.path.join(path, UIDLIST_LOG)),
         )
 
     def _next_uidvalidity(self, path: str) -> int:
@@ -582,7 +649,9 @@ class MaildirPlus:
             bases[base] = uid
         if records:
             state.uidnext = max(state.uidnext, max(records) + 1)
-        if not ours:
+        if ours:
+            self._read_log(state)
+        else:
             # Dovecot's modseqs are in its index, which we do not read: start
             # above any it can have reached (a count of changes), so that a
             # CONDSTORE client's cached HIGHESTMODSEQ is lower and it resyncs
@@ -602,7 +671,7 @@ class MaildirPlus:
             state.flag_cache = {}
             for record in state.records.values():
                 record.info = None
-            state.view = None
+            state.view = state.infos = None
 
     def _cached(self, path: str) -> _State | None:
         with self._guard:
@@ -637,12 +706,16 @@ class MaildirPlus:
             # The uidlist was replaced by another process (or never read).
             state = self._load(path)
             state.keywords_key = object()
+        elif (None if stamp[4] is None else (stamp[4][0], stamp[4][2])) != (None if state.log_ino is None else (state.log_ino, state.log_offset)):
+            # Another process changed flags (or folded the log).
+            self._read_log(state)
         self._load_keywords(state, stamp[3])
         try:
             listing = (set(os.listdir(os.path.join(path, "new"))), set(os.listdir(os.path.join(path, "cur"))))
         except FileNotFoundError:
             raise NoSuchFolder("no such folder")
-        changed = False
+        changed = structural = False
+        renamed: list[_Record] = []
         if listing != state.listing:
             found: dict[str, tuple[str, str]] = {}
             for sub, names in (("new", listing[0]), ("cur", listing[1])):
@@ -654,9 +727,14 @@ class MaildirPlus:
                     found[name.split(":", 1)[0]] = (sub, name)
             previous = state.names
             state.names, state.listing = dict(found), listing
-            changed = found != previous and self._reconcile(state, found)
-        if changed or not os.path.exists(os.path.join(path, UIDLIST)):
+            if found != previous:
+                structural = self._reconcile(state, found, renamed)
+            changed = structural or bool(renamed)
+        if structural or not os.path.exists(os.path.join(path, UIDLIST)):
             self._save(state)
+        elif renamed:
+            # Renamed by a program that logs nothing (POP3 marking a message seen).
+            self._log(state, renamed)
         if state.imported:
             # Set aside, so that neither we (were our uidlist lost) nor Dovecot
             # (started again on this maildir without the README's steps) go on
@@ -669,12 +747,36 @@ class MaildirPlus:
             state.imported = False
         if changed:
             state.view = None
-        state.stamp, state.checked_ns = stamp, checked
+        state.stamp, state.checked_ns, state.ours = stamp, checked, False
         self._keep(path, state)
         return state
 
-    def _reconcile(self, state: _State, found: dict[str, tuple[str, str]]) -> bool:
-        """Apply what the scan found: messages gone, renamed (flags changed), new (given UIDs)."""
+    def _restamp(self, state: _State, uidlist: bool = False) -> None:
+        """Take our own change (to cur/, the log, or the uidlist) into the stamp, so that it needs no listing.
+
+        Only the parts we changed are stat'ed again: a change by another
+        process to the rest still shows as a difference.  See _State.trusted.
+        """
+        if state.stamp is None:
+            return
+        path = state.path
+        old = state.stamp
+        state.stamp = (
+            old[0],
+            _stat_key(os.path.join(path, "cur")),
+            _stat_key(os.path.join(path, UIDLIST)) if uidlist else old[2],
+            old[3],
+            _stat_key(os.path.join(path, UIDLIST_LOG)),
+        )
+        state.ours = True
+
+    def _reconcile(self, state: _State, found: dict[str, tuple[str, str]], renamed: list[_Record]) -> bool:
+        """Apply what the scan found: messages gone, renamed (flags changed), new (given UIDs).
+
+        True when messages came, went or moved (the uidlist is written
+        again); those whose flags alone changed are added to ``renamed``
+        (their lines go to the log).
+        """
         changed = False
         found = dict(found)
         expunged = False
@@ -689,13 +791,17 @@ class MaildirPlus:
                 if flags_changed:
                     state.highest += 1
                 state.rename(record, where[0], where[1], state.highest if flags_changed else record.modseq)
-                changed = True
+                if flags_changed and where[0] == "cur" == record.sub:
+                    renamed.append(record)
+                else:
+                    changed = True
             if record.size < 0 or record.date < 0:
                 try:
                     self._fill(state, record)
                 except FileNotFoundError:
                     state.remove(uid)
                     expunged = True
+                record.info = state.infos = None
                 changed = True
         if expunged:
             state.highest += 1
@@ -747,10 +853,85 @@ class MaildirPlus:
         record.line = None
 
     def _save(self, state: _State) -> None:
+        """Write the whole uidlist (durably), with the log folded in."""
         lines = [f"3 V{state.uidvalidity} N{state.uidnext} M{state.highest}\n"]
         lines.extend(r.uidlist_line() for r in state.records.values())
         _write_atomically(os.path.join(state.path, UIDLIST), "".join(lines).encode("utf-8", "surrogateescape"))
         state.uidlist_key = _stat_key(os.path.join(state.path, UIDLIST))
+        # Only once the uidlist holds every line of the log: should this be
+        # lost in a crash, reading the log again changes nothing (a line
+        # applies only when its modseq is above its message's).
+        _unlink(os.path.join(state.path, UIDLIST_LOG))
+        state.log_offset, state.log_ino = 0, None
+
+    def _log(self, state: _State, records: list[_Record]) -> bool:
+        """Flag changes, appended to the change log: a few bytes per change instead of the whole uidlist.
+
+        Under the folder's lock, after a sync that read the log to its end.
+        Not fsynced (as Dovecot's ``mail_fsync = optimized`` does not sync a
+        flag change): a crash may lose the latest flag changes (the file
+        names, renamed without a sync of cur/, go back with them), never a
+        message or a UID.  Folded into the uidlist once the log outgrows it
+        (then True: the uidlist was written).
+        """
+        path = os.path.join(state.path, UIDLIST_LOG)
+        data = "".join(f"{r.uid} M{r.modseq} :{r.name}\n" for r in records).encode("utf-8", "surrogateescape")
+        size = state.uidlist_key[2] if state.uidlist_key is not None else 0
+        if state.log_offset + len(data) > max(_LOG_FOLD_MIN, size):
+            self._save(state)
+            return True
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                ino = os.fstat(fd).st_ino
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+            finally:
+                os.close(fd)
+        except OSError:
+            # A disk error half-way leaves a torn line, cut off by the next
+            # reader; the whole uidlist then (or the error).
+            self._save(state)
+            return True
+        state.log_ino = ino
+        state.log_offset += len(data)
+        return False
+
+    def _read_log(self, state: _State) -> None:
+        """The change log's lines since we last read it (all of it, when it is not the one we read)."""
+        path = os.path.join(state.path, UIDLIST_LOG)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            state.log_offset, state.log_ino = 0, None
+            return
+        try:
+            st = os.fstat(fd)
+            if st.st_ino != state.log_ino or st.st_size < state.log_offset:
+                state.log_offset, state.log_ino = 0, st.st_ino
+            offset = state.log_offset
+            data = b""
+            while offset + len(data) < st.st_size:
+                chunk = os.pread(fd, st.st_size - offset - len(data), offset + len(data))
+                if not chunk:
+                    break
+                data += chunk
+        finally:
+            os.close(fd)
+        whole = data.rfind(b"\n") + 1
+        if whole:
+            state.apply_log(data[:whole].decode("utf-8", "surrogateescape"))
+        state.log_offset = offset + whole
+        if whole < len(data):
+            # A torn last line: a process died writing it (writers hold the
+            # lock we hold).  Ignored, and cut off so that the next line
+            # appended starts a line of its own.
+            log.warn("maildir: {path}: ignoring a torn last line of the change log", path=path)
+            try:
+                os.truncate(path, state.log_offset)
+            except OSError:
+                pass
 
     # -- flags --
 
@@ -1056,7 +1237,7 @@ class MaildirPlus:
             given = self._canonical(state, flags)
             changed: list[MessageInfo] = []
             modified: list[int] = []
-            renamed = False
+            renamed: dict[int, _Record] = {}
             lowered = {f.lower() for f in given}
             for uid in sorted(set(uids)):
                 record = state.records.get(uid)
@@ -1083,19 +1264,29 @@ class MaildirPlus:
                         where = self._relocate(path, record)
                         if where is None:
                             break  # gone: the next scan expunges it
-                        renamed = True
+                        renamed[uid] = record
                         state.highest += 1
                         state.rename(record, os.path.basename(os.path.dirname(where)), os.path.basename(where), state.highest)
                         continue
-                    renamed = True
+                    renamed[uid] = record
                     state.highest += 1
                     state.rename(record, "cur", name, state.highest)
                     changed.append(state.info(record))
                     break
             if renamed:
-                fsync_directory(os.path.join(path, "cur"))
-                self._save(state)
+                records = list(renamed.values())
+                if all(r.sub == "cur" for r in records):
+                    # A flag change: renames within cur/ and a line each in
+                    # the log, neither fsynced (see _log; the README says so).
+                    saved = self._log(state, records)
+                else:
+                    # A file found in new/ moved to cur/: durably, with the whole uidlist.
+                    for sub in ("new", "cur"):
+                        fsync_directory(os.path.join(path, sub))
+                    self._save(state)
+                    saved = True
                 state.view = None
+                self._restamp(state, uidlist=saved)
             return StoreResult(tuple(changed), tuple(modified))
 
     def _take(self, path: str, uids: list[int]) -> list[_Record]:
@@ -1344,6 +1535,8 @@ class _Watched:
         self.stamp: Any = None
         self.recent = False
         self.pending = False
+        # The call once more after the last event (see Watcher._changed).
+        self.again: Any = None
 
 
 class Watcher:
@@ -1432,6 +1625,15 @@ class Watcher:
         return event
 
     def _changed(self, watched: _Watched) -> None:
+        if not watched.polled:
+            # Once more a while after the last event: a change by another
+            # program in the clock tick of one of ours is in no mtime, and
+            # the store lists the folder again only after a while (see
+            # _State.trusted); polling calls back after that anyway.
+            if watched.again is not None and watched.again.active():
+                watched.again.reset(_AGAIN)
+            else:
+                watched.again = self.reactor.callLater(_AGAIN, self._fire, watched)
         if watched.pending:
             return
         watched.pending = True
@@ -1457,6 +1659,9 @@ class Watcher:
 
     def _end(self, watched: _Watched) -> None:
         self._folders.pop(watched.path, None)
+        if watched.again is not None and watched.again.active():
+            watched.again.cancel()
+        watched.again = None
         self._unwatch(watched)
         watched.polled = False
 
