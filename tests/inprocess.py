@@ -167,8 +167,8 @@ class MessageStore:
 
     def _changed(self, account: Account, name: str, box: _Box) -> None:
         box.modseq += 1
-        for address, folder, callback in list(self.watchers):
-            if address == account.address and folder == name:
+        for watched, folder, callback in list(self.watchers):
+            if watched == account.address and folder == name:
                 callback()
 
     def folders(self, account: Account) -> list[Folder]:
