@@ -100,7 +100,7 @@ class Maildir(service.Service):
         self._host = _safe_hostname()
         self.committer = GroupCommit(reactor)
         self.store = MaildirPlus(self.unique_name)
-        self.watcher = Watcher(reactor, threads.blocking if threads is not None else None, use_inotify)
+        self.watcher = Watcher(reactor, threads.blocking if threads is not None else None, use_inotify, refresh=self.store.refresh)
 
     def folder(self, account: Account) -> str:
         """The account's maildir; only validated addresses ever become paths."""

@@ -348,7 +348,9 @@ class _State:
     # (or, with ``ours``, after a change of our own since it).
     stamp: Any = None
     checked_ns: int = 0
+    # Since when (time.time_ns) the stamp has been taken after our own changes, not by a listing.
     ours: bool = False
+    ours_since: int = 0
     # How much of the change log has been read (and the log's inode).
     log_offset: int = 0
     log_ino: int | None = None
@@ -374,10 +376,11 @@ class _State:
         # takes no lock (POP3) within the same clock tick would not show in
         # the mtimes.  Trusted meanwhile for a short while, so that a storm
         # of flag changes does not list cur/ after each one; listed again
-        # once the mtimes have settled, or after _RELIST_NS at the latest
-        # (the Watcher calls back again after that long).
+        # once the mtimes have settled, or _RELIST_NS after the first such
+        # change at the latest (and the Watcher has it listed after the
+        # last change of a storm: MaildirPlus.refresh).
         now = time.time_ns()
-        return not _settled(now, newest) and now - self.checked_ns < _RELIST_NS
+        return not _settled(now, newest) and now - self.ours_since < _RELIST_NS
 
     def flags_of(self, name: str) -> frozenset[str]:
         letters = _info_letters(name)
@@ -768,7 +771,25 @@ class MaildirPlus:
             old[3],
             _stat_key(os.path.join(path, UIDLIST_LOG)),
         )
+        if not state.ours:
+            # Listed (or trusted) at the sync before this change: nothing hidden before now.
+            state.ours_since = time.time_ns()
         state.ours = True
+
+    def refresh(self, path: str) -> None:
+        """List a folder again if our own changes were trusted without a listing (the Watcher, a while after a storm).
+
+        So that the next command does not pay for that listing, and a change
+        another program made in the clock tick of one of ours is found.
+        """
+        state = self._cached(path)
+        if state is None or not state.ours or not _is_folder(path):
+            return
+        try:
+            with self._locked(path):
+                pass
+        except (NoSuchFolder, FileNotFoundError):
+            pass
 
     def _reconcile(self, state: _State, found: dict[str, tuple[str, str]], renamed: list[_Record]) -> bool:
         """Apply what the scan found: messages gone, renamed (flags changed), new (given UIDs).
@@ -1549,9 +1570,13 @@ class Watcher:
     thread, at most once per reactor turn per folder.
     """
 
-    def __init__(self, reactor: Any, pool: Any, use_inotify: bool = True, interval: float = 0.5) -> None:
+    def __init__(
+        self, reactor: Any, pool: Any, use_inotify: bool = True, interval: float = 0.5, refresh: Callable[[str], None] | None = None,
+    ) -> None:
         self.reactor = reactor
         self.pool = pool
+        # Called in the pool (MaildirPlus.refresh) before the second call after a change.
+        self.refresh = refresh
         self.interval = interval
         self._folders: dict[str, _Watched] = {}
         self._notifier: Any = None
@@ -1633,11 +1658,20 @@ class Watcher:
             if watched.again is not None and watched.again.active():
                 watched.again.reset(_AGAIN)
             else:
-                watched.again = self.reactor.callLater(_AGAIN, self._fire, watched)
+                watched.again = self.reactor.callLater(_AGAIN, self._again, watched)
         if watched.pending:
             return
         watched.pending = True
         self.reactor.callLater(0, self._fire, watched)
+
+    def _again(self, watched: _Watched) -> None:
+        watched.again = None
+        if self.refresh is None or self.pool is None:
+            self._fire(watched)
+            return
+        d = deferToThreadPool(self.reactor, self.pool, self.refresh, watched.path)
+        d.addErrback(lambda f: log.failure("maildir: listing {path} again", f, path=watched.path))
+        d.addBoth(lambda _: self._fire(watched) if self._folders.get(watched.path) is watched else None)
 
     def _fire(self, watched: _Watched) -> None:
         watched.pending = False
