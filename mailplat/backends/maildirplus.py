@@ -433,13 +433,10 @@ class _State:
             self.infos = None
         return record
 
-    def rename(self, record: _Record, sub: str, name: str, modseq: int, listed: bool = True) -> None:
-        """A message's new file name (and modseq); ``listed``: it is on disk now (not only in another process's log)."""
-        if listed:
-            self.listed(record.sub, record.name, False)
+    def rename(self, record: _Record, sub: str, name: str, modseq: int) -> None:
+        self.listed(record.sub, record.name, False)
         record.sub, record.name, record.modseq, record.info, record.line = sub, name, modseq, None, None
-        if listed:
-            self.listed(sub, name, True)
+        self.listed(sub, name, True)
         if self.infos is not None and self.places is not None:
             self.infos[self.places[record.uid]] = self.info(record)
 
@@ -462,8 +459,10 @@ class _State:
             record = self.records.get(int(uid_text))
             if record is None or modseq <= record.modseq or _base(name) != record.base:
                 continue
-            # Whether the file is there under that name is for the next scan to say.
-            self.rename(record, "cur", name, modseq, listed=False)
+            # Taken as listed: the other process renamed the file before it
+            # wrote the line, so a listing that finds just that needs no
+            # reconciling (and one that does not, does).
+            self.rename(record, "cur", name, modseq)
             self.view = None
 
 
