@@ -8,7 +8,8 @@ file (:attr:`~FetchRequest.needs_message`), its structure
 thread), whether it must set ``\\Seen`` first (:attr:`~FetchRequest.sets_seen`).
 :func:`render` then builds the ``* n FETCH (...)`` response, whose
 :meth:`FetchResponse.chunks` stream the literals from the file in reads of
-at most 64 KiB: a 100 MB BODY[] never sits in memory.
+at most 64 KiB: a 100 MB BODY[] never sits in memory.  A whole message of
+at most :data:`WHOLE_READ` is read in one go and its response is one piece.
 
 For each FETCH the server does, in order::
 
@@ -24,6 +25,7 @@ For each FETCH the server does, in order::
 
 from __future__ import annotations
 
+import io
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -47,6 +49,8 @@ _RFC822 = {
     "RFC822.HEADER": (SectionSpec(kind="HEADER"), False),
     "RFC822.TEXT": (SectionSpec(kind="TEXT"), True),
 }
+# A whole message (BODY[], RFC822) of at most this is read at once and sent in one piece.
+WHOLE_READ = 64 * 1024
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
@@ -233,23 +237,31 @@ class FetchResponse:
     attributes: list[_Attribute] = field(default_factory=list)
 
     def chunks(self) -> Iterator[bytes]:
-        """The response, from ``* n FETCH`` to its final CRLF, in pieces of at most 64 KiB of message data."""
-        buffered = b"* %d FETCH (" % self.msn
+        """The response, from ``* n FETCH`` to its final CRLF, in pieces of at most 64 KiB of message data.
+
+        A response whose literals are small or already in memory (a whole
+        message of at most :data:`WHOLE_READ`) is one piece: one write, where
+        a literal read from the file would be three."""
+        pieces = [b"* %d FETCH (" % self.msn]
         for i, attribute in enumerate(self.attributes):
             if i:
-                buffered += b" "
+                pieces.append(b" ")
             if isinstance(attribute, bytes):
-                buffered += attribute
+                pieces.append(attribute)
                 continue
             label, section, source = attribute
-            buffered += label + b" {%d}\r\n" % section.size
-            if section.size <= 4096:
-                buffered += section.read(source)
+            pieces.append(label + b" {%d}\r\n" % section.size)
+            if section.data is not None:
+                pieces.append(section.data)
                 continue
-            yield buffered
-            buffered = b""
+            if section.size <= 4096:
+                pieces.append(section.read(source))
+                continue
+            yield b"".join(pieces)
+            pieces = []
             yield from section.chunks(source)
-        yield buffered + b")\r\n"
+        pieces.append(b")\r\n")
+        yield b"".join(pieces)
 
     def value(self) -> bytes:
         """All of it at once: for tests and small answers."""
@@ -257,6 +269,20 @@ class FetchResponse:
 
 
 def _whole(source: IO[bytes]) -> Section:
+    """The whole message: its octets when it is small (one read, no seeks: a
+    FETCH of many small messages is mostly this), else its range of the file."""
+    if source.tell() != 0:
+        source.seek(0)
+    data = source.read(WHOLE_READ + 1)
+    if not isinstance(source, io.BufferedIOBase):
+        # A raw file may return less than asked before its end.
+        while 0 < len(data) <= WHOLE_READ:
+            more = source.read(WHOLE_READ + 1 - len(data))
+            if not more:
+                break
+            data += more
+    if len(data) <= WHOLE_READ:
+        return Section(data=data)
     source.seek(0, 2)
     return Section(0, source.tell())
 
