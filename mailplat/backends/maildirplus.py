@@ -130,8 +130,8 @@ _LOCK_TIMEOUT = 30.0
 # uidlist itself (and this): reading it back then costs at most a second
 # reading of the uidlist, and a fold is one rewrite per that many changes.
 _LOG_FOLD_MIN = 64 * 1024
-# After a change of our own, a folder is trusted without listing cur/ again
-# (see _State.trusted) for at most this long since the last listing.
+# After changes of our own, a folder is trusted without listing cur/ again
+# (see _State.trusted) for at most this long after the first of them.
 _RELIST_NS = 500_000_000
 # The Watcher's second call after a change, in seconds: past _RELIST_NS.
 _AGAIN = 0.6
