@@ -893,6 +893,21 @@ def test_a_log_already_folded_changes_nothing_when_read_again(store, alice):
     assert view.messages[0].flags == frozenset()
 
 
+def test_a_flag_change_is_not_fsynced_but_an_added_or_removed_message_is(store, alice, monkeypatch):
+    """As Dovecot's mail_fsync = optimized: a STORE syncs nothing; an append and an expunge still sync the message, cur/ and the uidlist before they return."""
+    synced: list[str] = []
+    real_fsync, real_directory = os.fsync, maildirplus.fsync_directory
+    monkeypatch.setattr(maildirplus.os, "fsync", lambda fd: synced.append("file") or real_fsync(fd))
+    monkeypatch.setattr(maildirplus, "fsync_directory", lambda path: synced.append(os.path.basename(path)) or real_directory(path))
+    uid = append(store, alice)
+    assert "cur" in synced and synced.count("file") >= 2 and "alice" in synced, synced
+    synced.clear()
+    store.store_flags(alice, INBOX, [uid], frozenset({FLAG_DELETED}), "add")
+    assert synced == []
+    assert store.expunge(alice, INBOX, [uid]) == [uid]
+    assert "cur" in synced and "file" in synced and "alice" in synced, synced
+
+
 LOG_WRITER = r"""
 import sys
 from mailplat.backends.maildirplus import MaildirPlus
