@@ -475,8 +475,11 @@ class IMessageStore(Interface):
     Folder names are Unicode with "/" between levels; ``INBOX`` (any case)
     is the inbox, which always exists.  A folder that does not exist raises
     :class:`NoSuchFolder`; a name the store cannot hold raises
-    PermanentFailure with a text saying why.  Every change is durable once
-    its result is returned.  Many sessions (of this process and others, of
+    PermanentFailure with a text saying why.  Every change that adds or
+    removes a message or assigns a UID is durable once its result is
+    returned; a flag change may be left to the system to write (as Dovecot's
+    ``mail_fsync = optimized``): a crash may undo the latest flag changes,
+    never lose a message or reuse a UID.  Many sessions (of this process and others, of
     this node and others) use one account at once: no method locks it for
     longer than the call.  ``deliver`` into a folder makes the message
     visible here with the next UID.  POP3's ``DELE`` and IMAP's EXPUNGE
