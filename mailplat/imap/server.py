@@ -109,10 +109,8 @@ _WRITE_BUFFER = 256 * 1024
 _PUMP_PER_TURN = 256 * 1024
 # Seconds between "* OK Still here" lines during IDLE.
 IDLE_KEEPALIVE = 120.0
-# Messages a FETCH opens ahead of the one it is sending, and how many of
-# those opens (each a trip to the store's thread pool) run at once.
-_OPEN_AHEAD = 16
-_OPENING_AT_ONCE = 2
+# Messages a FETCH opens ahead of the one it is sending.
+_OPEN_AHEAD = 8
 # Messages whose MIME structure a session keeps (a client asks BODYSTRUCTURE, then a part).
 _PARTS_CACHED = 8
 
@@ -1613,36 +1611,19 @@ class IMAPServer(CommandReader, TLSHandshakeDeadline, TimeoutMixin, protocol.Pro
         needs_message = request.needs_message
         # The next few messages are opened while one is sent: a store opens a
         # message in a thread, and waiting for each in turn would leave the
-        # connection idle between messages.  Only a few opens run at once:
-        # each is a thread that wants the GIL the reactor thread holds, and
-        # eight of them at once cost more in handing it over than they save.
+        # connection idle between messages.
         ahead: collections.deque[tuple[int, int, MessageInfo | None, defer.Deferred[IO[bytes] | None] | None]] = collections.deque()
         queue = iter(targets)
-        opening_now = 0
-        over = False
-
-        def landed(result: object) -> object:
-            nonlocal opening_now
-            opening_now -= 1
-            fill()
-            return result
 
         def fill() -> None:
-            nonlocal opening_now
-            while not over and len(ahead) < _OPEN_AHEAD and opening_now < _OPENING_AT_ONCE:
+            while len(ahead) < _OPEN_AHEAD:
                 try:
                     msn, u = next(queue)
                 except StopIteration:
                     return
                 info = present.get(u)
-                if info is None or not needs_message:
-                    ahead.append((msn, u, info, None))
-                    continue
-                opening_now += 1
-                opening = call(self.store.read, account, folder, u).addErrback(_gone)
-                # In the queue before ``landed`` may fill it further (at once, for a store that answers at once).
+                opening = call(self.store.read, account, folder, u).addErrback(_gone) if info is not None and needs_message else None
                 ahead.append((msn, u, info, opening))
-                opening.addBoth(landed)
 
         try:
             fill()
@@ -1675,7 +1656,6 @@ class IMAPServer(CommandReader, TLSHandshakeDeadline, TimeoutMixin, protocol.Pro
                     if source is not None:
                         source.close()
         finally:
-            over = True
             pump.close()
             for _, _, _, opening in ahead:
                 if opening is not None:
