@@ -268,9 +268,20 @@ class FetchResponse:
         return b"".join(self.chunks())
 
 
-def _whole(source: IO[bytes]) -> Section:
+def _whole(source: IO[bytes], size: int) -> Section:
     """The whole message: its octets when it is small (one read, no seeks: a
-    FETCH of many small messages is mostly this), else its range of the file."""
+    FETCH of many small messages is mostly this), else its range of the file.
+    ``size`` is what the store says (RFC822.SIZE): only a hint of which it is."""
+    if size <= WHOLE_READ:
+        data = _read_small(source)
+        if data is not None:
+            return Section(data=data)
+    source.seek(0, 2)
+    return Section(0, source.tell())
+
+
+def _read_small(source: IO[bytes]) -> bytes | None:
+    """The file from its start, when it holds at most :data:`WHOLE_READ` octets."""
     if source.tell() != 0:
         source.seek(0)
     data = source.read(WHOLE_READ + 1)
@@ -281,10 +292,7 @@ def _whole(source: IO[bytes]) -> Section:
             if not more:
                 break
             data += more
-    if len(data) <= WHOLE_READ:
-        return Section(data=data)
-    source.seek(0, 2)
-    return Section(0, source.tell())
+    return data if len(data) <= WHOLE_READ else None
 
 
 def render(
@@ -337,7 +345,7 @@ def render(
             if source is None:
                 raise ValueError(f"{item.label} needs the message")
             if not item.section.part and not item.section.kind:
-                section = _whole(source)
+                section = _whole(source, info.size)
             elif parts is None:
                 raise ValueError(f"{item.label} needs the message's structure")
             else:
