@@ -15,6 +15,7 @@ import types
 from pathlib import Path
 
 import pytest
+from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
@@ -1223,3 +1224,26 @@ def test_to_dovecot_with_the_readmes_steps(doveadm):
         fetched = {int(uid): dovecot_flags(flags) for uid, flags in doveadm("fetch", "uid flags", "mailbox", name, "all")}
         assert fetched == {m.uid: m.flags for m in view.messages}
     assert ["Straße/2024"] in doveadm("mailbox", "list", "-s")
+
+
+def test_a_cached_message_is_opened_on_the_calling_thread(maildir, store, alice, reactor):
+    """read() opens a message of a folder whose listing is cached with one open(2) on the
+    reactor thread (no pool trip); a message renamed since, or a folder not yet read, goes
+    through the pool, and both give the same bytes."""
+    uid = append(store, alice, text=b"hello")
+    store._states.clear()  # as in a new process: nothing cached
+    assert store.open_cached(alice, INBOX, uid) is None
+    through_pool = maildir.read(ALICE, INBOX, uid)
+    assert isinstance(through_pool, Deferred)
+    reactor.wait(through_pool).close()
+    store.view(alice, INBOX)
+    opened = maildir.read(ALICE, INBOX, uid)
+    assert not isinstance(opened, Deferred)
+    with opened:
+        assert opened.read().endswith(b"hello\r\n")
+    [name] = cur_names(alice)
+    os.rename(os.path.join(alice, "cur", name), os.path.join(alice, "cur", name.split(":")[0] + ":2,S"))
+    assert store.open_cached(alice, INBOX, uid) is None
+    with store.open_message(alice, INBOX, uid) as found:
+        assert found.read().endswith(b"hello\r\n")
+    assert store.open_cached(alice, INBOX, 999) is None

@@ -221,9 +221,15 @@ class Maildir(service.Service):
     def view(self, account: Account, folder: str) -> Deferred[FolderView]:
         return self._store(self.store.view, self.folder(account), folder)
 
-    def read(self, account: Account, folder: str, uid: int) -> Deferred[IO[bytes]]:
-        """An open local file: reading it on the reactor thread is the accepted cost (as POP3's)."""
-        return self._store(self.store.open_message, self.folder(account), folder, uid)
+    def read(self, account: Account, folder: str, uid: int) -> IO[bytes] | Deferred[IO[bytes]]:
+        """An open local file: reading it on the reactor thread is the accepted
+        cost (as POP3's), and so is opening it when the folder's listing is
+        cached (one open(2)); otherwise it is found in the pool."""
+        maildir = self.folder(account)
+        opened = self.store.open_cached(maildir, folder, uid)
+        if opened is not None:
+            return opened
+        return self._store(self.store.open_message, maildir, folder, uid)
 
     def append(self, account: Account, folder: str, message: SpooledMessage, flags: frozenset[str], internal_date: float) -> Deferred[tuple[int, int]]:
         return self._store(self.store.append, self.folder(account), folder, message, frozenset(flags), internal_date)

@@ -1190,6 +1190,25 @@ class MaildirPlus:
             # Made here, not at each change: a run of appends or stores builds it once.
             return state.view or state.build_view()
 
+    def open_cached(self, maildir: str, folder: str, uid: int) -> IO[bytes] | None:
+        """The message opened from the folder's cached listing, with one open(2)
+        and no other disk work, on the calling thread (the reactor's: FETCH of
+        many small messages waited on a pool thread for each).  A message's
+        content never changes, only its name: a name that no longer opens, or
+        a folder not cached, is None, and the caller asks :meth:`open_message`."""
+        try:
+            path = folder_path(maildir, folder)
+        except PermanentFailure:
+            return None
+        state = self._cached(path)
+        record = state.records.get(uid) if state is not None else None
+        if state is None or record is None:
+            return None
+        try:
+            return open(state.file(record), "rb")
+        except OSError:
+            return None
+
     def open_message(self, maildir: str, folder: str, uid: int) -> IO[bytes]:
         path = self._path(maildir, folder)
         for attempt in range(2):
