@@ -659,15 +659,22 @@ def _ca_file(table: OptionReader) -> str:
     return path
 
 
+def _session_limits(table: OptionReader, d: POP3Settings | IMAPSettings, idle_at_least: float | None = None, idle_fix: str = "") -> dict[str, Any]:
+    """The limits [pop3] and [imap] both have, read the same way."""
+    return {
+        "idle_timeout": table.number("idle_timeout", d.idle_timeout, unit="of seconds", at_least=idle_at_least, fix=idle_fix),
+        "tls_handshake_timeout": table.number("tls_handshake_timeout", d.tls_handshake_timeout, unit="of seconds"),
+        "max_connections": table.integer("max_connections", d.max_connections),
+        "max_connections_per_ip": table.integer("max_connections_per_ip", d.max_connections_per_ip),
+        "max_errors_before_login": table.integer("max_errors_before_login", d.max_errors_before_login),
+        "max_errors": table.integer("max_errors", d.max_errors),
+    }
+
+
 def _pop3_settings(table: OptionReader) -> POP3Settings:
     d = POP3Settings()
     settings = POP3Settings(
-        idle_timeout=table.number("idle_timeout", d.idle_timeout, unit="of seconds"),
-        tls_handshake_timeout=table.number("tls_handshake_timeout", d.tls_handshake_timeout, unit="of seconds"),
-        max_connections=table.integer("max_connections", d.max_connections),
-        max_connections_per_ip=table.integer("max_connections_per_ip", d.max_connections_per_ip),
-        max_errors_before_login=table.integer("max_errors_before_login", d.max_errors_before_login),
-        max_errors=table.integer("max_errors", d.max_errors),
+        **_session_limits(table, d),
         expire_days=table.number(
             "expire_days", None, unit="of days", fix="leave it out to keep retrieved mail, or e.g. expire_days = 30",
         ),
@@ -681,17 +688,10 @@ def _pop3_settings(table: OptionReader) -> POP3Settings:
 def _imap_settings(table: OptionReader) -> IMAPSettings:
     d = IMAPSettings()
     settings = IMAPSettings(
-        idle_timeout=table.number(
-            "idle_timeout", d.idle_timeout, unit="of seconds", at_least=1800.0, fix="RFC 9051 5.4: at least 30 minutes, e.g. idle_timeout = 1800",
-        ),
-        tls_handshake_timeout=table.number("tls_handshake_timeout", d.tls_handshake_timeout, unit="of seconds"),
-        max_connections=table.integer("max_connections", d.max_connections),
-        max_connections_per_ip=table.integer("max_connections_per_ip", d.max_connections_per_ip),
+        **_session_limits(table, d, idle_at_least=1800.0, idle_fix="RFC 9051 5.4: at least 30 minutes, e.g. idle_timeout = 1800"),
         max_connections_per_user_ip=table.integer("max_connections_per_user_ip", d.max_connections_per_user_ip),
         max_line_length=table.integer("max_line_length", d.max_line_length, at_least=8192, fix="RFC 7162 4: at least 8192, e.g. max_line_length = 65536"),
         max_message_size=table.integer("max_message_size", d.max_message_size, unit="of octets"),
-        max_errors_before_login=table.integer("max_errors_before_login", d.max_errors_before_login),
-        max_errors=table.integer("max_errors", d.max_errors),
         max_commands_per_minute=table.integer(
             "max_commands_per_minute", d.max_commands_per_minute, at_least=0, fix="e.g. max_commands_per_minute = 20000, or 0 for no limit",
         ),

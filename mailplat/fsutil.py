@@ -8,7 +8,7 @@ from typing import Any
 
 from twisted.internet import defer
 
-__all__ = ["GroupCommit", "fsync_directory", "makedirs_durable"]
+__all__ = ["GroupCommit", "fsync_directory", "makedirs_durable", "replace_durably"]
 
 
 def fsync_directory(path: str) -> None:
@@ -18,6 +18,30 @@ def fsync_directory(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def replace_durably(path: str, data: bytes) -> None:
+    """Replace ``path`` (0600) with ``data``: a temporary file beside it
+    (named for this process and thread, so writers never share one),
+    fsynced, renamed over it, and the folder fsynced."""
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    fsync_directory(os.path.dirname(path))
 
 
 def makedirs_durable(path: str, mode: int = 0o700) -> None:

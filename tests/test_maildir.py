@@ -451,6 +451,7 @@ def test_lock_is_released_when_commit_fails(filled, monkeypatch):
 
 # --- the IMAP store's files (the contract itself is tests/test_mailstore.py) -------------
 
+from mailplat import fsutil  # noqa: E402
 from mailplat.backends import maildirplus  # noqa: E402
 from mailplat.backends.maildirplus import MaildirPlus  # noqa: E402
 from mailplat.interfaces import (  # noqa: E402
@@ -899,7 +900,13 @@ def test_a_flag_change_is_not_fsynced_but_an_added_or_removed_message_is(store, 
     synced: list[str] = []
     real_fsync, real_directory = os.fsync, maildirplus.fsync_directory
     monkeypatch.setattr(maildirplus.os, "fsync", lambda fd: synced.append("file") or real_fsync(fd))
-    monkeypatch.setattr(maildirplus, "fsync_directory", lambda path: synced.append(os.path.basename(path)) or real_directory(path))
+
+    def record(path: str) -> None:
+        synced.append(os.path.basename(path))
+        real_directory(path)
+
+    monkeypatch.setattr(maildirplus, "fsync_directory", record)
+    monkeypatch.setattr(fsutil, "fsync_directory", record)  # replace_durably's
     uid = append(store, alice)
     assert "cur" in synced and synced.count("file") >= 2 and "alice" in synced, synced
     synced.clear()

@@ -29,7 +29,7 @@ from zope.interface import implementer
 from mailplat.addresses import AddressError, validate_address
 from mailplat.backends.maildirplus import MaildirPlus, Watcher, folder_path
 from mailplat.config import ConfigError
-from mailplat.fsutil import GroupCommit, fsync_directory, makedirs_durable
+from mailplat.fsutil import GroupCommit, fsync_directory, makedirs_durable, replace_durably
 from mailplat.interfaces import (
     Account,
     BackendContext,
@@ -442,12 +442,7 @@ class MaildirDrop:
         for folder in removed:
             fsync_directory(folder)
         if keep != lines:
-            with open(path + ".tmp", "w", encoding="ascii") as out:
-                out.write("".join(line + "\n" for line in keep))
-                out.flush()
-                os.fsync(out.fileno())
-            os.rename(path + ".tmp", path)
-            fsync_directory(self.folder)
+            replace_durably(path, "".join(line + "\n" for line in keep).encode("ascii"))
         if os.path.join(self.folder, "cur") in removed:
             self._scan()
 

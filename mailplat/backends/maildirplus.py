@@ -55,7 +55,7 @@ from twisted.internet import task
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
-from mailplat.fsutil import fsync_directory, makedirs_durable
+from mailplat.fsutil import fsync_directory, makedirs_durable, replace_durably
 from mailplat.interfaces import (
     FLAG_ANSWERED,
     FLAG_DELETED,
@@ -211,28 +211,6 @@ def _make_maildir(path: str, subfolder: bool) -> None:
 
 
 # --- small durable files ------------------------------------------------------
-
-
-def _write_atomically(path: str, data: bytes) -> None:
-    """Replace ``path`` with ``data``: write a temporary file, fsync, rename, fsync the folder."""
-    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        _unlink(tmp)
-        raise
-    os.close(fd)
-    try:
-        os.rename(tmp, path)
-    except BaseException:
-        _unlink(tmp)
-        raise
-    fsync_directory(os.path.dirname(path))
 
 
 def _unlink(path: str) -> None:
@@ -617,7 +595,7 @@ class MaildirPlus:
         with _flock(counter + ".lock"):
             last = (_read(counter) or "").strip()
             value = max(int(time.time()), int(last) + 1 if is_digits(last) else 1) & 0xFFFFFFFF or 1
-            _write_atomically(counter, b"%d\n" % value)
+            replace_durably(counter, b"%d\n" % value)
         return value
 
     def _load(self, path: str) -> _State:
@@ -876,7 +854,7 @@ class MaildirPlus:
         """Write the whole uidlist (durably), with the log folded in."""
         lines = [f"3 V{state.uidvalidity} N{state.uidnext} M{state.highest}\n"]
         lines.extend(r.uidlist_line() for r in state.records.values())
-        _write_atomically(os.path.join(state.path, UIDLIST), "".join(lines).encode("utf-8", "surrogateescape"))
+        replace_durably(os.path.join(state.path, UIDLIST), "".join(lines).encode("utf-8", "surrogateescape"))
         state.uidlist_key = _stat_key(os.path.join(state.path, UIDLIST))
         # Only once the uidlist holds every line of the log: should this be
         # lost in a crash, reading the log again changes nothing (a line
@@ -984,7 +962,7 @@ class MaildirPlus:
                 letters.append(chr(97 + index))
             if added:
                 text = "".join(f"{i} {name}\n" for i, name in sorted(state.keywords.items()))
-                _write_atomically(os.path.join(state.path, KEYWORDS_FILE), text.encode("utf-8"))
+                replace_durably(os.path.join(state.path, KEYWORDS_FILE), text.encode("utf-8"))
                 state.keywords_key = _stat_key(os.path.join(state.path, KEYWORDS_FILE))
                 state.flag_cache = {}
         return "".join(sorted(set(letters)))
@@ -1025,7 +1003,7 @@ class MaildirPlus:
                         if not _is_folder(path):
                             self._create(maildir, path)
                     self._write_subscriptions(maildir, subscribed | {INBOX, *SPECIAL_USE})
-                    _write_atomically(os.path.join(maildir, _SPECIAL_DONE), b"")
+                    replace_durably(os.path.join(maildir, _SPECIAL_DONE), b"")
         subscribed = self._subscriptions(maildir)
         found = [Folder(INBOX, "", INBOX in subscribed)]
         names = []
@@ -1159,7 +1137,7 @@ class MaildirPlus:
     @staticmethod
     def _write_subscriptions(maildir: str, names: set[str]) -> None:
         lines = ("\t".join(level.encode("imap4-utf-7").decode("ascii") for level in n.split("/")) + "\n" for n in sorted(names))
-        _write_atomically(os.path.join(maildir, SUBSCRIPTIONS), ("V\t2\n\n" + "".join(lines)).encode("ascii"))
+        replace_durably(os.path.join(maildir, SUBSCRIPTIONS), ("V\t2\n\n" + "".join(lines)).encode("ascii"))
 
     def subscribe(self, maildir: str, name: str, subscribed: bool) -> None:
         levels = _levels(name)
