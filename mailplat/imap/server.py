@@ -52,18 +52,16 @@ import collections
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import IO, Any
 
 import twisted.mail.imap4  # noqa: F401  # registers the "imap4-utf-7" codec (RFC 3501 5.1.3)
 from twisted.cred import error
 from twisted.internet import defer, protocol, task
 from twisted.internet.error import ConnectionLost
-from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from mailplat.config import IMAPSettings
 from mailplat.cred import LoginBlocked, LoginGuard
@@ -92,6 +90,7 @@ from mailplat.plugins import call
 from mailplat.wire import sasl
 from mailplat.wire.connections import ConnectionCounter, TLSHandshakeDeadline, set_no_delay
 from mailplat.wire.lines import CommandReader, describe_failure, printable
+from mailplat.wire.pump import OutputPump
 
 __all__ = ["IMAPFactory", "IMAPServer"]
 
@@ -104,9 +103,6 @@ MAX_LITERALS = 32
 # An APPEND literal above this goes to a file as it arrives.
 _SPOOL_ABOVE = 64 * 1024
 _WRITE_BUFFER = 256 * 1024
-# Per turn of the reactor, a streamed reply writes this much, so that other
-# sessions get their share.
-_PUMP_PER_TURN = 256 * 1024
 # Seconds between "* OK Still here" lines during IDLE.
 IDLE_KEEPALIVE = 120.0
 # Messages a FETCH opens ahead of the one it is sending.
@@ -269,101 +265,6 @@ def _upper_atoms(tokens: list[Token], what: str) -> list[str]:
 
 
 # --- output -----------------------------------------------------------------
-
-
-@implementer(IPushProducer)
-class OutputPump:
-    """Writes one command's responses only as fast as the client reads them.
-
-    A push producer on the session's output consumer: while the client's
-    buffer is full it is paused, and so is the reading of the message file
-    behind a FETCH literal (``chunks`` are pulled one at a time).  A client
-    that reads nothing for ``stall_timeout`` seconds is disconnected.
-    """
-
-    def __init__(self, consumer: Any, clock: Any, stall_timeout: float) -> None:
-        self.consumer = consumer
-        self.clock = clock
-        self.stall_timeout = stall_timeout
-        self._paused = False
-        self._gone = False
-        self._chunks: Iterator[bytes] | None = None
-        self._done: defer.Deferred[None] | None = None
-        self._call: Any = None
-        self._stall: Any = None
-        consumer.registerProducer(self, True)
-
-    def send(self, chunks: Iterable[bytes]) -> defer.Deferred[None]:
-        """Write ``chunks``; fires once the last is written (at once when the client keeps up)."""
-        if self._gone:
-            return defer.fail(ConnectionLost("the connection was lost while sending"))
-        self._chunks = iter(chunks)
-        done = self._done = defer.Deferred()
-        if not self._paused:
-            self._pump()
-        return done
-
-    def _pump(self) -> None:
-        self._call = None
-        written = 0
-        while not self._paused and self._chunks is not None:
-            try:
-                chunk = next(self._chunks)
-            except StopIteration:
-                self._finish(None)
-                return
-            except Exception:
-                self._finish(Failure())
-                return
-            self.consumer.write(chunk)
-            written += len(chunk)
-            if written >= _PUMP_PER_TURN and not self._paused:
-                self._call = self.clock.callLater(0, self._pump)
-                return
-
-    def _finish(self, result: Failure | None) -> None:
-        done, self._done, self._chunks = self._done, None, None
-        if done is not None:
-            if result is None:
-                done.callback(None)
-            else:
-                done.errback(result)
-
-    def close(self) -> None:
-        """The command is over: the pump leaves the consumer."""
-        self._cancel_calls()
-        if not self._gone:
-            self._gone = True
-            self.consumer.unregisterProducer()
-
-    def _cancel_calls(self) -> None:
-        for pending in (self._call, self._stall):
-            if pending is not None and pending.active():
-                pending.cancel()
-        self._call = self._stall = None
-
-    def pauseProducing(self) -> None:
-        self._paused = True
-        if self._stall is None:
-            self._stall = self.clock.callLater(self.stall_timeout, self._give_up)
-
-    def resumeProducing(self) -> None:
-        self._paused = False
-        if self._stall is not None:
-            self._stall.cancel()
-            self._stall = None
-        if self._chunks is not None and self._call is None:
-            self._call = self.clock.callLater(0, self._pump)
-
-    def _give_up(self) -> None:
-        self._stall = None
-        self.consumer.abortConnection()
-
-    def stopProducing(self) -> None:
-        """The connection is gone: what is being sent fails, so that no one waits forever."""
-        self._cancel_calls()
-        self._gone = True
-        self._finish(Failure(ConnectionLost("the connection was lost while sending")))
 
 
 class _LiteralSink:

@@ -320,7 +320,7 @@ class _OutputValve:
 
 
 class _StreamConsumer:
-    """The transport as a streamed reply's producer (DotStuffedSender) sees it: it
+    """The transport as a streamed reply's producer (an OutputPump) sees it: it
     registers with the reader, whose valve stays the transport's one producer."""
 
     def __init__(self, reader: CommandReader) -> None:
